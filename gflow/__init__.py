@@ -1,0 +1,38 @@
+"""gflow: gradient descent and gradient flow on homogeneous networks.
+
+Checks the theory of Lyu & Li, "Gradient Descent Maximizes the Margin of Homogeneous
+Neural Networks" (ICLR 2020). Importing gflow turns on JAX's float64 support
+(``jax_enable_x64``): theory work runs in float64 by default; float32 stays selectable
+per model and dataset.
+"""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from gflow import data, losses, models, objective, quantities  # noqa: E402
+from gflow.data import DataError, Dataset  # noqa: E402
+from gflow.losses import CrossEntropy, Exponential, Logistic, get_loss  # noqa: E402
+from gflow.models import build_model, check_homogeneity, split_params  # noqa: E402
+from gflow.objective import Objective, make_objective  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "data",
+    "losses",
+    "models",
+    "objective",
+    "quantities",
+    "Dataset",
+    "DataError",
+    "Exponential",
+    "Logistic",
+    "CrossEntropy",
+    "get_loss",
+    "build_model",
+    "check_homogeneity",
+    "split_params",
+    "Objective",
+    "make_objective",
+]

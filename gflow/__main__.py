@@ -1,0 +1,5 @@
+import sys
+
+from gflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Model structure + loss + data -> pure, jitted functions of the parameter pytree.
+
+``Objective`` is an equinox module: the data are array leaves (passed to compiled code
+as arguments, never baked in as constants) and the model graph and loss are static, so
+``jax.jit``, ``jax.vmap`` and ``jax.grad`` see it as an ordinary pytree. Its methods are
+the un-jitted building blocks used inside larger jitted code (scans, ODE fields); the
+module-level functions ``log_loss``, ``grad_log_loss``, ``margins``, ``quantities`` are
+their jitted forms taking ``(objective, params)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from gflow import quantities as Q
+from gflow.data import Dataset
+from gflow.losses import Loss, get_loss, multiclass_margins
+from gflow.models import Sequential, apply, layer_norms, split_params
+
+__all__ = [
+    "Objective",
+    "make_objective",
+    "log_loss",
+    "grad_log_loss",
+    "value_and_grad",
+    "margins",
+    "quantities",
+]
+
+
+class Objective(eqx.Module):
+    """The training objective of one model on one dataset.
+
+    **Fields:** ``x`` (inputs), ``y`` (signed labels as floats for binary losses,
+    class indices for cross-entropy), ``graphdef`` (the model structure), ``loss``,
+    ``order`` (L used for normalised margins: the declared order, or the depth for a
+    non-homogeneous control), ``homogeneous`` (whether ``order`` is a true order).
+    """
+
+    x: Array
+    y: Array
+    graphdef: Any = eqx.field(static=True)
+    loss: Loss = eqx.field(static=True)
+    order: int = eqx.field(static=True)
+    homogeneous: bool = eqx.field(static=True)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    def outputs(self, params) -> Array:
+        return apply(self.graphdef, params, self.x)
+
+    def margins_of(self, out: Array) -> Array:
+        """Margins ``q_n`` from outputs: ``y_n Phi`` (binary) or ``Phi_y - max_j Phi_j``."""
+        if self.loss.binary:
+            return self.y * out
+        return multiclass_margins(out, self.y)
+
+    def margins(self, params) -> Array:
+        return self.margins_of(self.outputs(params))
+
+    def log_loss(self, params) -> Array:
+        """``log Loss(theta)``, the log of the sum loss."""
+        return self.loss.log_loss(self.outputs(params), self.y)
+
+    def grad_log_loss(self, params):
+        """``grad log Loss = grad Loss / Loss``: finite even when Loss underflows."""
+        return jax.grad(self.log_loss)(params)
+
+    def value_and_grad(self, params):
+        return jax.value_and_grad(self.log_loss)(params)
+
+    def quantities(self, params) -> Q.Quantities:
+        out = self.outputs(params)
+        q = self.margins_of(out)
+        ll = self.loss.log_loss(out, self.y)
+        return Q.compute(self.loss, q, ll, params, self.order, layer_norms(params))
+
+
+def make_objective(
+    model: Sequential,
+    dataset: Dataset,
+    loss: Loss | str,
+) -> tuple[Objective, dict]:
+    """Pair a model with data and a loss; returns ``(objective, initial params)``.
+
+    The data are cast to the model's dtype. Binary losses (exp, logistic) need a
+    two-class dataset and a single-output model; cross-entropy needs one output per class.
+    """
+    loss = get_loss(loss) if isinstance(loss, str) else loss
+    if loss.binary:
+        if not dataset.binary:
+            raise ValueError(
+                f"loss {loss.name!r} is binary but {dataset.name} has {dataset.num_classes} "
+                "classes; keep two classes or use loss 'ce'"
+            )
+        if model.num_outputs != 1:
+            raise ValueError(
+                f"loss {loss.name!r} needs a model with 1 output, got {model.num_outputs}"
+            )
+        y = jnp.asarray(dataset.y_signed, model.dtype)
+    else:
+        if model.num_outputs != dataset.num_classes:
+            raise ValueError(
+                f"loss 'ce' needs {dataset.num_classes} outputs (one per class), "
+                f"the model has {model.num_outputs}"
+            )
+        y = jnp.asarray(dataset.y, jnp.int32)
+    if int(np.prod(dataset.input_shape)) != int(np.prod(model.in_shape)):
+        raise ValueError(
+            f"model expects inputs of shape {model.in_shape}, data have {dataset.input_shape}"
+        )
+    graphdef, params = split_params(model)
+    obj = Objective(
+        x=jnp.asarray(dataset.x, model.dtype),
+        y=y,
+        graphdef=graphdef,
+        loss=loss,
+        order=model.order or model.depth,
+        homogeneous=model.order is not None,
+    )
+    return obj, params
+
+
+# Jitted forms: one compilation per (objective structure, shapes, dtypes).
+log_loss = jax.jit(lambda obj, params: obj.log_loss(params))
+grad_log_loss = jax.jit(lambda obj, params: obj.grad_log_loss(params))
+value_and_grad = jax.jit(lambda obj, params: obj.value_and_grad(params))
+margins = jax.jit(lambda obj, params: obj.margins(params))
+quantities = jax.jit(lambda obj, params: obj.quantities(params))
