@@ -1,0 +1,327 @@
+"""Discrete dynamics on optax: full-batch GD and mini-batch SGD (THEORY.md, "Dynamics").
+
+Schedules:
+
+* ``constant``: ``theta <- theta - h grad Loss``; the step is formed as
+  ``h * e^{log Loss} * grad log Loss`` so the gradient never overflows (it underflows to
+  zero with the loss, which is what float64 GD does).
+* ``loss-based`` (the paper's): ``eta_k = alpha_k / Loss(theta_k)``, so the update is
+  ``alpha_k * grad log Loss`` and never under- or overflows; ``alpha_0 = 0.1``; after an
+  epoch whose loss went down ``alpha <- alpha * 2^(1/5)``; after one whose loss went up
+  or became non-finite ``alpha <- alpha / 2^(1/10)`` and the epoch is rolled back; the run
+  stops once ``alpha < 1e-50``.
+
+The matched clock is ``t = sum of step sizes``, kept as ``log t`` (``logaddexp``) so it
+never overflows. Steps run inside a jitted ``lax.while_loop`` between save points, which
+are spaced evenly in ``log t`` (plus the initial point and the first step). An epoch is
+one step for full-batch GD and ``N // batch_size`` steps for SGD (the remainder of the
+seeded permutation is dropped); SGD uses the unbiased estimate ``(N/B) grad(batch sum
+loss)`` of the sum-loss gradient and, for the loss-based schedule, the loss at the start
+of the epoch as the paper's "frame".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gflow.objective import Objective
+from gflow.trajectory import Trajectory, TrajectoryRecorder
+
+__all__ = ["SCHEDULES", "GDState", "run_gd", "log_t_grid", "UP", "DOWN", "ALPHA_MIN"]
+
+SCHEDULES = ("constant", "loss-based")
+UP = 2.0 ** (1 / 5)
+DOWN = 2.0 ** (1 / 10)
+ALPHA_MIN = 1e-50
+RUNNING, STOP_ALPHA, STOP_NONFINITE = 0, 1, 2
+
+
+class GDState(NamedTuple):
+    params: Any
+    opt_state: Any
+    log_loss: jax.Array  # full-batch log Loss at params
+    grad: Any  # full-batch grad log Loss at params (full-batch GD only)
+    log_t: jax.Array
+    step: jax.Array
+    alpha: jax.Array  # lr for constant, alpha for loss-based
+    log_eta: jax.Array  # log of the last accepted step size
+    key: jax.Array
+    grad_evals: jax.Array  # full-gradient equivalents
+    rejected: jax.Array  # epochs rolled back
+    stop: jax.Array  # RUNNING / STOP_ALPHA / STOP_NONFINITE
+
+
+def log_t_grid(log_t_min: float, log_t_max: float, saves: int) -> np.ndarray:
+    """Save points evenly spaced in log t."""
+    return np.linspace(log_t_min, log_t_max, max(int(saves), 2))
+
+
+def _finite_tree(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+def _tree_select(pred, a, b):
+    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
+def _make_epoch(schedule: str, batch_size: int | None, n: int):
+    """One epoch: (objective, state, optimiser) -> state, with accept / roll-back."""
+    loss_based = schedule == "loss-based"
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+
+    def apply_update(params, opt_state, direction, lr):
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+        updates, opt_state = opt.update(direction, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def full_batch(obj: Objective, s: GDState):
+        ell, g = s.log_loss, s.grad
+        if loss_based:
+            # eta = alpha / Loss: the update alpha * grad log Loss never over/underflows.
+            direction, log_eta = g, jnp.log(s.alpha) - ell
+        else:
+            direction, log_eta = jax.tree.map(lambda v: jnp.exp(ell) * v, g), jnp.log(s.alpha)
+        params, opt_state = apply_update(s.params, s.opt_state, direction, s.alpha)
+        ell_new, g_new = obj.value_and_grad(params)
+        finite = jnp.isfinite(ell_new) & _finite_tree(g_new)
+        return (
+            params,
+            opt_state,
+            ell_new,
+            g_new,
+            finite,
+            log_eta,
+            1,
+            jnp.logaddexp(s.log_t, log_eta),
+        )
+
+    def mini_batch(obj: Objective, s: GDState):
+        b = batch_size
+        nb = n // b
+        key, sub = jax.random.split(s.key)
+        batches = jax.random.permutation(sub, n)[: nb * b].reshape(nb, b)
+        frame = s.log_loss
+        log_scale = math.log(n / b)  # (N/B) * batch sum loss estimates the sum loss
+
+        def one(carry, idx):
+            params, opt_state, log_t = carry
+            sub_obj = eqx.tree_at(lambda o: (o.x, o.y), obj, (obj.x[idx], obj.y[idx]))
+            ell_b, g_b = sub_obj.value_and_grad(params)
+            if loss_based:
+                w, log_eta = jnp.exp(log_scale + ell_b - frame), jnp.log(s.alpha) - frame
+            else:
+                w, log_eta = jnp.exp(log_scale + ell_b), jnp.log(s.alpha)
+            direction = jax.tree.map(lambda v: w * v, g_b)
+            params, opt_state = apply_update(params, opt_state, direction, s.alpha)
+            return (params, opt_state, jnp.logaddexp(log_t, log_eta)), log_eta
+
+        (params, opt_state, log_t), log_etas = jax.lax.scan(
+            one, (s.params, s.opt_state, s.log_t), batches
+        )
+        ell_new = obj.log_loss(params)
+        finite = jnp.isfinite(ell_new) & _finite_tree(params)
+        return params, opt_state, ell_new, s.grad, finite, log_etas[-1], nb, log_t
+
+    body = full_batch if batch_size is None else mini_batch
+
+    def epoch(obj: Objective, s: GDState) -> GDState:
+        params, opt_state, ell_new, g_new, finite, log_eta, steps, log_t = body(obj, s)
+        if loss_based:
+            accept = finite & (ell_new < s.log_loss)
+            alpha = jnp.where(accept, s.alpha * UP, s.alpha / DOWN)
+            stop = jnp.where(alpha < ALPHA_MIN, STOP_ALPHA, RUNNING)
+        else:
+            accept = finite
+            alpha = s.alpha
+            stop = jnp.where(finite, RUNNING, STOP_NONFINITE)
+        moved = GDState(
+            params,
+            opt_state,
+            ell_new,
+            g_new,
+            log_t,
+            s.step + steps,
+            alpha,
+            log_eta,
+            s.key,
+            s.grad_evals + 1,
+            s.rejected,
+            stop,
+        )
+        stayed = s._replace(
+            alpha=alpha, grad_evals=s.grad_evals + 1, rejected=s.rejected + 1, stop=stop
+        )
+        new = _tree_select(accept, moved, stayed)
+        key, _ = jax.random.split(s.key)
+        return new._replace(key=key)
+
+    return opt, epoch
+
+
+def run_gd(
+    objective: Objective,
+    params0,
+    *,
+    schedule: str = "constant",
+    lr: float = 0.01,
+    alpha0: float = 0.1,
+    batch_size: int | None = None,
+    log_t_max: float | None = None,
+    max_steps: int = 100_000,
+    log_loss_min: float | None = None,
+    saves: int = 50,
+    log_t_min: float = 0.0,
+    seed: int = 0,
+    save_params: bool = False,
+    chunk: int = 5_000,
+    config: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> Trajectory:
+    """Train by GD / SGD; returns the ``Trajectory`` on the matched clock ``t = sum eta``.
+
+    **Arguments:**
+
+    - ``schedule``: ``"constant"`` (step ``lr``) or ``"loss-based"`` (``alpha0 / Loss``).
+    - ``batch_size``: ``None`` for full-batch GD, else mini-batch SGD.
+    - ``log_t_max`` / ``max_steps`` / ``log_loss_min``: stop at whichever comes first.
+    - ``saves``: save points evenly spaced in log t on ``[log_t_min, log_t_max]`` (by
+      steps when ``log_t_max`` is None), plus the initial point and the first step.
+    - ``save_params``: keep a parameter snapshot at each save point.
+    - ``progress``: called with the latest row after each chunk and save point.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if not alpha0 > 0:
+        raise ValueError(f"alpha0 must be positive, got {alpha0}")
+    n = objective.num_samples
+    if batch_size is not None and not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
+    if batch_size == n:
+        batch_size = None
+    if log_t_max is not None and log_t_max <= log_t_min:
+        raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+
+    opt, epoch = _make_epoch(schedule, batch_size, n)
+    alpha_init = alpha0 if schedule == "loss-based" else lr
+    dtype = objective.dtype
+
+    @jax.jit
+    def advance(obj, s: GDState, target, step_limit):
+        def cond(s):
+            return (s.log_t < target) & (s.step < step_limit) & (s.stop == RUNNING)
+
+        return jax.lax.while_loop(cond, lambda s: epoch(obj, s), s)
+
+    ell0, g0 = objective.value_and_grad(params0)
+    state = GDState(
+        params=params0,
+        opt_state=opt.init(params0),
+        log_loss=ell0,
+        grad=g0 if batch_size is None else jax.tree.map(jnp.zeros_like, params0),
+        log_t=jnp.asarray(-jnp.inf, dtype),
+        step=jnp.asarray(0),
+        alpha=jnp.asarray(alpha_init, dtype),
+        log_eta=jnp.asarray(-jnp.inf, dtype),
+        key=jax.random.key(seed),
+        grad_evals=jnp.asarray(1),
+        rejected=jnp.asarray(0),
+        stop=jnp.asarray(RUNNING),
+    )
+    cfg = dict(config or {})
+    cfg.update(
+        dynamics="gd" if batch_size is None else "sgd",
+        schedule=schedule,
+        lr=lr,
+        alpha0=alpha0,
+        batch_size=batch_size,
+        log_t_max=log_t_max,
+        max_steps=max_steps,
+        log_loss_min=log_loss_min,
+        saves=saves,
+        log_t_min=log_t_min,
+        seed=seed,
+    )
+    rec = TrajectoryRecorder("gd", cfg, save_params)
+    quantities = jax.jit(lambda o, p: o.quantities(p))
+
+    def record(s: GDState):
+        row = rec.add(
+            int(s.step),
+            float(s.log_t),
+            quantities(objective, s.params),
+            s.params,
+            log_lr=float(s.log_eta),
+            alpha=float(s.alpha),
+            grad_evals=float(s.grad_evals),
+            rejected=float(s.rejected),
+        )
+        if progress is not None:
+            progress(row)
+
+    record(state)
+    if log_t_max is not None:
+        targets = list(log_t_grid(log_t_min, log_t_max, saves))
+    else:
+        targets = []
+        step_marks = np.unique(np.linspace(1, max_steps, max(saves, 2)).astype(int))
+    status, message = "completed", ""
+    first = True
+    try:
+        while True:
+            step = int(state.step)
+            if first:
+                target, limit = np.inf, 1
+            elif log_t_max is not None:
+                target, limit = targets[0], min(max_steps, step + chunk)
+            else:
+                nxt = step_marks[step_marks > step]
+                target, limit = np.inf, int(min(nxt[0] if nxt.size else max_steps, step + chunk))
+            state = advance(objective, state, jnp.asarray(target, dtype), jnp.asarray(limit))
+            log_t, step, stop = float(state.log_t), int(state.step), int(state.stop)
+            hit = first or (log_t >= target) or (log_t_max is None and step in step_marks)
+            first = False
+            done_t = log_t_max is not None and log_t >= log_t_max
+            done_loss = log_loss_min is not None and float(state.log_loss) <= log_loss_min
+            done = done_t or done_loss or step >= max_steps or stop != RUNNING
+            if hit or done:
+                record(state)
+                while targets and targets[0] <= log_t:
+                    targets.pop(0)
+            elif progress is not None:
+                progress({"step": step, "log_t": log_t, "log_loss": float(state.log_loss)})
+            if stop == STOP_ALPHA:
+                status = "stopped"
+                message = (
+                    f"alpha fell below {ALPHA_MIN:g} at step {step}: no step decreases the loss"
+                )
+                break
+            if stop == STOP_NONFINITE:
+                status = "failed"
+                message = (
+                    f"non-finite loss or gradient at step {step + 1} with constant lr {lr:g}; "
+                    "try --schedule loss-based or a smaller --lr"
+                )
+                break
+            if done:
+                if done_t:
+                    message = f"reached log t = {log_t:.6g}"
+                elif done_loss:
+                    message = f"log loss {float(state.log_loss):.6g} <= target {log_loss_min:g}"
+                else:
+                    message = f"reached max steps {max_steps}"
+                break
+    except KeyboardInterrupt:
+        status, message = "stopped", f"interrupted at step {int(state.step)}"
+    return rec.finish(state.params, status, message)

@@ -1,0 +1,273 @@
+"""One record type for both dynamics, and its files.
+
+A ``Trajectory`` holds, per save point, the clock (``log_t`` always, ``t`` where it is
+a finite float64), the step index and the quantities of ``gflow.quantities``, plus the
+config that made it, the final parameters, optional parameter snapshots, and how the
+run ended. GD and gradient flow both produce it; theory checks, comparisons and plots
+read only it.
+
+Files in a run folder (each written atomically: temp file + rename):
+
+* ``config.json``: the config, the run's status and message;
+* ``trajectory.npz``: every column, and snapshots as ``snap/<k>/<leaf path>``;
+* ``trajectory.csv``: columns ``step, t, log_t, log_loss, rho, q_min,
+  normalized_margin, smoothed_margin`` first, extra columns after;
+* ``params_final.npz``: one array per parameter leaf, keyed by its pytree path.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from gflow.quantities import SUPPORT_DECADES, Quantities
+
+__all__ = [
+    "CSV_COLUMNS",
+    "Trajectory",
+    "TrajectoryRecorder",
+    "atomic_write",
+    "flatten_params",
+    "unflatten_params",
+    "load",
+]
+
+CSV_COLUMNS = (
+    "step",
+    "t",
+    "log_t",
+    "log_loss",
+    "rho",
+    "q_min",
+    "normalized_margin",
+    "smoothed_margin",
+)
+QUANTITY_COLUMNS = (
+    "log_loss_mean",
+    "layerwise_margin",
+    "accuracy",
+    *(f"support_{k}" for k in SUPPORT_DECADES),
+)
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _key_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def flatten_params(params) -> dict[str, np.ndarray]:
+    """``{"layers/0/kernel": array, ...}``: one entry per leaf, keyed by its pytree path."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {_key_str(p): np.asarray(v) for p, v in leaves}
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    """Inverse of ``flatten_params`` (integer path parts become int keys)."""
+    out: dict = {}
+    for key, val in flat.items():
+        node = out
+        parts = [int(p) if p.isdigit() else p for p in key.split("/")]
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = val
+    return out
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@dataclass(eq=False)
+class Trajectory:
+    """What a run recorded: columns of equal length, one row per save point.
+
+    **Fields:** ``kind`` ("gd" or "flow"), ``columns`` (name -> 1-D float64 array),
+    ``config`` (JSON-able dict), ``final_params`` (pytree or None), ``snapshots``
+    (list of parameter pytrees, one per save point, or empty), ``status``
+    ("completed", "stopped" or "failed") and ``message``.
+    """
+
+    kind: str
+    columns: dict[str, np.ndarray]
+    config: dict[str, Any] = field(default_factory=dict)
+    final_params: Any = None
+    snapshots: list = field(default_factory=list)
+    status: str = "completed"
+    message: str = ""
+
+    def __post_init__(self):
+        lengths = {k: len(v) for k, v in self.columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"trajectory columns differ in length: {lengths}")
+        for c in CSV_COLUMNS:
+            if c not in self.columns:
+                raise ValueError(f"trajectory lacks column {c!r}")
+
+    def __len__(self) -> int:
+        return len(self.columns["log_t"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(CSV_COLUMNS) + [c for c in self.columns if c not in CSV_COLUMNS]
+
+    def last(self) -> dict[str, float]:
+        return {k: float(v[-1]) for k, v in self.columns.items()} if len(self) else {}
+
+    # ------------------------------------------------------------------ files
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        names = self.column_names
+        w.writerow(names)
+        for i in range(len(self)):
+            w.writerow([repr(float(self.columns[c][i])) for c in names])
+        return buf.getvalue()
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the run folder's files (creating the folder); returns its path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "kind": self.kind,
+            "status": self.status,
+            "message": self.message,
+            "config": self.config,
+            "columns": self.column_names,
+            "num_snapshots": len(self.snapshots),
+        }
+        arrays = {f"col/{k}": np.asarray(v, np.float64) for k, v in self.columns.items()}
+        for i, snap in enumerate(self.snapshots):
+            arrays.update({f"snap/{i}/{k}": v for k, v in flatten_params(snap).items()})
+        atomic_write(folder / "trajectory.npz", _npz_bytes(arrays))
+        atomic_write(folder / "trajectory.csv", self.to_csv().encode())
+        if self.final_params is not None:
+            atomic_write(folder / "params_final.npz", _npz_bytes(flatten_params(self.final_params)))
+        atomic_write(folder / "config.json", (json.dumps(meta, indent=2) + "\n").encode())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Trajectory:
+        folder = Path(folder)
+        cfg = folder / "config.json"
+        if not cfg.is_file():
+            raise ValueError(f"{folder} is not a run folder (no config.json)")
+        try:
+            meta = json.loads(cfg.read_text())
+            with np.load(folder / "trajectory.npz") as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read run folder {folder}: {e}") from None
+        columns = {k[4:]: v for k, v in arrays.items() if k.startswith("col/")}
+        columns = {k: columns[k] for k in meta["columns"]}
+        snaps = []
+        for i in range(meta.get("num_snapshots", 0)):
+            prefix = f"snap/{i}/"
+            snaps.append(
+                unflatten_params(
+                    {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+                )
+            )
+        final = None
+        if (folder / "params_final.npz").is_file():
+            with np.load(folder / "params_final.npz") as z:
+                final = unflatten_params({k: z[k] for k in z.files})
+        return cls(
+            kind=meta["kind"],
+            columns=columns,
+            config=meta["config"],
+            final_params=final,
+            snapshots=snaps,
+            status=meta["status"],
+            message=meta["message"],
+        )
+
+
+def load(folder: str | Path) -> Trajectory:
+    """Load a run folder written by ``Trajectory.save``."""
+    return Trajectory.load(folder)
+
+
+class TrajectoryRecorder:
+    """Accumulates save points on the host; ``finish`` makes the ``Trajectory``."""
+
+    def __init__(self, kind: str, config: dict, save_params: bool = False):
+        self.kind = kind
+        self.config = config
+        self.save_params = save_params
+        self.rows: list[dict[str, float]] = []
+        self.snapshots: list = []
+
+    def add(self, step: int, log_t: float, q: Quantities, params=None, **extra: float) -> dict:
+        log_t = float(log_t)
+        row = {
+            "step": float(step),
+            "t": math.exp(log_t) if log_t < 709.0 else math.nan,
+            "log_t": log_t,
+            "log_loss": float(q.log_loss),
+            "rho": float(q.rho),
+            "q_min": float(q.q_min),
+            "normalized_margin": float(q.normalized_margin),
+            "smoothed_margin": float(q.smoothed_margin),
+            "log_loss_mean": float(q.log_loss_mean),
+            "layerwise_margin": float(q.layerwise_margin),
+            "accuracy": float(q.accuracy),
+        }
+        support = np.asarray(q.support)
+        row.update(
+            {f"support_{k}": float(c) for k, c in zip(SUPPORT_DECADES, support, strict=True)}
+        )
+        row.update({k: float(v) for k, v in extra.items()})
+        self.rows.append(row)
+        if self.save_params and params is not None:
+            self.snapshots.append(jax.tree.map(np.asarray, params))
+        return row
+
+    def finish(self, final_params=None, status: str = "completed", message: str = "") -> Trajectory:
+        names = list(self.rows[0]) if self.rows else list(CSV_COLUMNS)
+        cols = {k: np.asarray([r.get(k, math.nan) for r in self.rows], np.float64) for k in names}
+        return Trajectory(
+            kind=self.kind,
+            columns=cols,
+            config=self.config,
+            final_params=None if final_params is None else jax.tree.map(np.asarray, final_params),
+            snapshots=self.snapshots,
+            status=status,
+            message=message,
+        )
