@@ -37,6 +37,18 @@ def plot_trajectories(trajs: dict[str, Trajectory], path: str | Path, title: str
             x = tr["log_t"]
             keep = np.isfinite(x)
             ax.plot(x[keep], _column(tr, name)[keep], marker=".", ms=3, label=run)
+        if name.endswith("margin"):
+            # the margins start far below zero at t = 0: scale to the part after log t_min
+            late = [
+                v[(tr["log_t"] >= tr.config.get("log_t_min", 0.0)) & np.isfinite(v)]
+                for tr in trajs.values()
+                for v in [_column(tr, name)]
+            ]
+            late = np.concatenate(late) if late else np.array([])
+            if late.size:
+                lo, hi = late.min(), late.max()
+                pad = 0.05 * (hi - lo or abs(hi) or 1.0)
+                ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel("log t")
         ax.set_title(label)
         ax.grid(alpha=0.3)

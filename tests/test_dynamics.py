@@ -1,0 +1,208 @@
+"""GD and gradient flow: one field, two integrators; clocks; long horizons; roll-back."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gflow import data as D
+from gflow.dynamics import run_flow, run_gd
+from gflow.dynamics.flow import vector_field
+from gflow.losses import Exponential
+from gflow.models import build_model
+from gflow.objective import make_objective
+from tests.conftest import rel_err
+
+
+def _tree_rel_err(a, b):
+    fa = np.concatenate([np.ravel(v) for v in jax.tree.leaves(a)])
+    fb = np.concatenate([np.ravel(v) for v in jax.tree.leaves(b)])
+    return float(np.linalg.norm(fa - fb) / np.linalg.norm(fb))
+
+
+@pytest.fixture(scope="module")
+def small():
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    model = build_model("mlp", ds.input_shape, 1, width=8)
+    return make_objective(model, ds, "logistic")
+
+
+@pytest.fixture(scope="module")
+def smooth():
+    # A 2-layer linear-activation network: homogeneous (L = 2) and smooth, so that the
+    # clocks can be compared at tight tolerance (ReLU kinks make tight tolerances slow).
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    model = build_model("mlp", ds.input_shape, 1, width=8, activation="linear")
+    return make_objective(model, ds, "logistic")
+
+
+@pytest.fixture(scope="module")
+def default_problem():
+    ds = D.normalize(D.sample(D.keep_classes(D.mnist5k(), (0, 1)), 300, seed=0), "unit")
+    model = build_model("mlp", ds.input_shape, 1, width=50)
+    return make_objective(model, ds, "logistic")
+
+
+def test_gd_constant_step_equals_diffrax_euler(small):
+    obj, p0 = small
+    h, k = 0.05, 40
+    gd = run_gd(obj, p0, schedule="constant", lr=h, max_steps=k, saves=2)
+    assert gd.status == "completed" and int(gd["step"][-1]) == k
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field("time")),
+        diffrax.Euler(),
+        0.0,
+        k * h,
+        h,
+        p0,
+        obj,
+        saveat=diffrax.SaveAt(t1=True),
+    )
+    euler = jax.tree.map(lambda a: a[-1], sol.ys)
+    assert _tree_rel_err(gd.final_params, euler) <= 1e-12
+    assert abs(gd["log_t"][-1] - np.log(k * h)) <= 1e-12
+
+
+def test_loss_clock_and_time_clock_follow_the_same_path(smooth):
+    obj, p0 = smooth
+    kw = dict(rtol=1e-10, atol=1e-12, log_t_min=-1.0, log_t_max=2.0, saves=4, save_params=True)
+    a = run_flow(obj, p0, clock="time", **kw)
+    b = run_flow(obj, p0, clock="loss", **kw)
+    c = run_flow(obj, p0, clock="logt", **kw)
+    assert a.status == b.status == c.status == "completed"
+    np.testing.assert_allclose(b["log_t"][1:], a["log_t"][1:], rtol=1e-9, atol=1e-12)
+    for i in range(1, len(a)):
+        assert _tree_rel_err(b.snapshots[i], a.snapshots[i]) < 1e-7
+        assert _tree_rel_err(c.snapshots[i], a.snapshots[i]) < 1e-7
+    assert rel_err(b["smoothed_margin"], a["smoothed_margin"]) < 1e-7
+
+
+def _assert_monotone_after_threshold(tr, log_threshold):
+    past = np.nonzero(tr["log_loss"] < log_threshold)[0]
+    assert past.size, "never went below the loss threshold"
+    m = tr["smoothed_margin"][past[0] :]
+    drops = m[:-1] - m[1:]
+    assert np.all(drops <= 1e-10 * np.abs(m[:-1])), f"largest drop {drops.max():.3g}"
+    assert np.all(np.diff(tr["rho"][past[0] :]) > 0)
+
+
+def test_default_problem_flow_reaches_log_t_100(default_problem):
+    obj, p0 = default_problem
+    tr = run_flow(obj, p0, clock="loss", rtol=1e-4, atol=1e-7, log_t_max=100.0, saves=25)
+    assert tr.status == "completed", tr.message
+    assert tr["log_t"][-1] >= 100 - 1e-9
+    assert np.all(np.isfinite(tr["log_loss"])) and tr["log_loss"][-1] < -100
+    g = obj.grad_log_loss(jax.tree.map(jnp.asarray, tr.final_params))
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(g))
+    _assert_monotone_after_threshold(tr, obj.loss.log_threshold)
+
+
+def test_linear_model_reaches_log_t_1000():
+    ds = D.keep_classes(D.digits(), (0, 1))
+    model = build_model("linear", ds.input_shape, 1)
+    obj, p0 = make_objective(model, ds, "exp")
+    tr = run_flow(obj, p0, clock="loss", rtol=1e-6, atol=1e-9, log_t_max=1000.0, saves=30)
+    assert tr.status == "completed", tr.message
+    assert tr["log_t"][-1] >= 1000 - 1e-9
+    assert np.all(np.isfinite(tr["log_loss"])) and tr["log_loss"][-1] < -900
+    assert np.isnan(tr["t"][-1])  # t = e^1000 is no float64; log t carries it
+    g = obj.grad_log_loss(jax.tree.map(jnp.asarray, tr.final_params))
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(g))
+    _assert_monotone_after_threshold(tr, obj.loss.log_threshold)
+
+
+@dataclass(frozen=True)
+class _Trap(Exponential):
+    """Exponential loss that turns NaN once the minimum margin passes a wall."""
+
+    name: ClassVar[str] = "trap"
+    wall: float = 1.0
+
+    def log_terms(self, out, y):
+        q = y * out
+        return jnp.where(jnp.min(q) > self.wall, jnp.nan, -q)
+
+
+def test_loss_based_gd_rolls_back_non_finite_steps_and_stops_cleanly():
+    ds = D.synthetic(40, 3, margin=0.3, seed=0)
+    model = build_model("linear", ds.input_shape, 1, seed=1)
+    obj, p0 = make_objective(model, ds, _Trap(wall=2.0))
+    tr = run_gd(obj, p0, schedule="loss-based", alpha0=0.1, max_steps=100_000, saves=5)
+    # Every step past the wall is non-finite: each is rolled back, alpha shrinks, and the
+    # run ends cleanly once alpha < 1e-50 with finite parameters and loss.
+    assert tr.status == "stopped" and "alpha fell below 1e-50" in tr.message
+    assert tr["rejected"][-1] > 1000
+    assert tr["alpha"][-1] < 1e-50
+    assert np.all(np.isfinite(tr["log_loss"]))
+    assert tr["q_min"][-1] <= 2.0 and tr["q_min"][-1] > 1.0
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(tr.final_params))
+
+
+def test_constant_step_non_finite_stops_with_message():
+    ds = D.synthetic(40, 3, margin=0.3, seed=0)
+    model = build_model("linear", ds.input_shape, 1, seed=1)
+    obj, p0 = make_objective(model, ds, _Trap(wall=2.0))
+    tr = run_gd(obj, p0, schedule="constant", lr=0.5, max_steps=10_000, saves=5)
+    assert tr.status == "failed" and "non-finite loss or gradient at step" in tr.message
+    assert "loss-based" in tr.message
+    assert np.all(np.isfinite(tr["log_loss"]))
+
+
+def test_loss_based_gd_on_default_problem(default_problem):
+    obj, p0 = default_problem
+    tr = run_gd(obj, p0, schedule="loss-based", log_t_max=100.0, saves=20)
+    assert tr.status == "completed" and tr["log_t"][-1] >= 100
+    assert tr["accuracy"][-1] == 1.0 and tr["log_loss"][-1] < -90
+    # save points: initial, first step, then increasing log t
+    assert tr["step"][0] == 0 and tr["step"][1] == 1
+    assert np.all(np.diff(tr["log_t"]) > 0)
+
+
+def test_sgd_runs_and_keeps_time(small):
+    obj, p0 = small
+    tr = run_gd(obj, p0, schedule="constant", lr=0.01, batch_size=20, max_steps=300, saves=4)
+    assert tr.status == "completed"
+    # three batches per epoch: t = 0.01 * steps
+    assert abs(np.exp(tr["log_t"][-1]) - 0.01 * tr["step"][-1]) < 1e-12
+    assert tr["log_loss"][-1] < tr["log_loss"][0]
+    tr = run_gd(obj, p0, schedule="loss-based", batch_size=20, log_t_max=10.0, saves=4)
+    assert tr.status == "completed" and tr["log_t"][-1] >= 10
+
+
+def test_flow_solver_failure_keeps_partial_trajectory(small):
+    obj, p0 = small
+    tr = run_flow(
+        obj, p0, clock="loss", rtol=1e-8, atol=1e-10, log_t_max=50.0, saves=10, max_steps=60
+    )
+    assert tr.status in ("failed", "stopped")
+    assert len(tr) >= 1 and np.all(np.isfinite(tr["log_loss"]))
+    assert tr.message
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(schedule="adam"), "schedule must be one of"),
+        (dict(lr=-1.0), "lr must be a positive number, got -1.0"),
+        (dict(batch_size=1000), "batch_size must be in 1..60"),
+        (dict(log_t_max=-1.0), "log_t_max must exceed"),
+    ],
+)
+def test_gd_bad_arguments(small, kwargs, match):
+    obj, p0 = small
+    with pytest.raises(ValueError, match=match):
+        run_gd(obj, p0, **kwargs)
+
+
+def test_flow_bad_arguments(small):
+    obj, p0 = small
+    with pytest.raises(ValueError, match="unknown solver 'rk45'"):
+        run_flow(obj, p0, solver="rk45")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        run_flow(obj, p0, clock="wall")
+    with pytest.raises(ValueError, match="euler' has no error estimate"):
+        run_flow(obj, p0, solver="euler")
