@@ -425,6 +425,7 @@ def cmd_run(args) -> int:
 
     from gflow.dynamics import run_flow, run_gd
     from gflow.plots import plot_trajectories
+    from gflow.trajectory import atomic_write
 
     _validate_run(args)
     out = (
@@ -452,6 +453,15 @@ def cmd_run(args) -> int:
         bar = _Progress(kind, args.log_t_max, not args.no_progress)
         t0 = time.perf_counter()
         try:
+            common = dict(
+                log_t_max=args.log_t_max,
+                log_loss_min=args.log_loss_min,
+                saves=args.saves,
+                log_t_min=args.log_t_min,
+                save_params=args.save_params,
+                config=config,
+                progress=bar,
+            )
             if kind == "gd":
                 tr = run_gd(
                     obj,
@@ -460,15 +470,9 @@ def cmd_run(args) -> int:
                     lr=args.lr,
                     alpha0=args.alpha0,
                     batch_size=args.batch_size,
-                    log_t_max=args.log_t_max,
                     max_steps=args.steps or 100_000,
-                    log_loss_min=args.log_loss_min,
-                    saves=args.saves,
-                    log_t_min=args.log_t_min,
                     seed=args.seed,
-                    save_params=args.save_params,
-                    config=config,
-                    progress=bar,
+                    **common,
                 )
             else:
                 tr = run_flow(
@@ -479,14 +483,8 @@ def cmd_run(args) -> int:
                     rtol=args.rtol,
                     atol=args.atol,
                     dt=args.dt,
-                    log_t_max=args.log_t_max,
-                    log_loss_min=args.log_loss_min,
-                    saves=args.saves,
-                    log_t_min=args.log_t_min,
                     max_steps=args.steps or 1_000_000,
-                    save_params=args.save_params,
-                    config=config,
-                    progress=bar,
+                    **common,
                 )
         finally:
             bar.close()
@@ -501,18 +499,11 @@ def cmd_run(args) -> int:
         title = f"{ds.name}, {args.model} (L={obj.order}), {args.loss} loss"
         path = plot_trajectories(trajs, out / "plots.png", title)
         print(f"plots: {path}")
-    (out / "summary.json").write_text(
-        json.dumps(
-            {
-                k: trajs[k].last()
-                | {"status": trajs[k].status, "message": trajs[k].message, "wall_seconds": times[k]}
-                for k in trajs
-            },
-            indent=2,
-            default=float,
-        )
-        + "\n"
-    )
+    summary = {
+        kind: {**tr.last(), "status": tr.status, "message": tr.message, "wall_seconds": times[kind]}
+        for kind, tr in trajs.items()
+    }
+    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return 0 if all(t.status != "failed" for t in trajs.values()) else 1
 
 

@@ -52,12 +52,6 @@ CSV_COLUMNS = (
     "normalized_margin",
     "smoothed_margin",
 )
-QUANTITY_COLUMNS = (
-    "log_loss_mean",
-    "layerwise_margin",
-    "accuracy",
-    *(f"support_{k}" for k in SUPPORT_DECADES),
-)
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -226,12 +220,16 @@ def load(folder: str | Path) -> Trajectory:
 
 
 class TrajectoryRecorder:
-    """Accumulates save points on the host; ``finish`` makes the ``Trajectory``."""
+    """Accumulates save points on the host; ``finish`` makes the ``Trajectory``.
 
-    def __init__(self, kind: str, config: dict, save_params: bool = False):
+    ``progress``, if given, is called with each recorded row.
+    """
+
+    def __init__(self, kind: str, config: dict, save_params: bool = False, progress=None):
         self.kind = kind
         self.config = config
         self.save_params = save_params
+        self.progress = progress
         self.rows: list[dict[str, float]] = []
         self.snapshots: list = []
 
@@ -258,6 +256,8 @@ class TrajectoryRecorder:
         self.rows.append(row)
         if self.save_params and params is not None:
             self.snapshots.append(jax.tree.map(np.asarray, params))
+        if self.progress is not None:
+            self.progress(row)
         return row
 
     def finish(self, final_params=None, status: str = "completed", message: str = "") -> Trajectory:

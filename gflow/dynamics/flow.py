@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gflow.dynamics.gd import log_t_grid
-from gflow.objective import Objective
+from gflow.objective import Objective, quantities
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = ["CLOCKS", "SOLVERS", "make_solver", "vector_field", "run_flow", "log_t_of_log1p"]
@@ -158,7 +158,9 @@ def run_flow(
         raise ValueError("solver 'euler' has no error estimate: give a fixed step dt")
 
     dtype = objective.dtype
-    term = diffrax.ODETerm(vector_field(clock))
+    field = vector_field(clock)
+    # args = (objective, z target of the loss clock's save event) for every clock
+    term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
     if dt is None:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
     else:
@@ -179,19 +181,14 @@ def run_flow(
 
     @eqx.filter_jit
     def segment(obj, y0, c0, c1, dt0, z_target):
-        if clock == "loss":
-            term_ = diffrax.ODETerm(lambda tau, y, a: vector_field("loss")(tau, y, a[0]))
-            args = (obj, z_target)
-        else:
-            term_, args = term, obj
         sol = diffrax.diffeqsolve(
-            term_,
+            term,
             the_solver,
             c0,
             c1,
             dt0,
             y0,
-            args,
+            (obj, z_target),
             saveat=diffrax.SaveAt(t1=True),
             stepsize_controller=controller,
             event=event,
@@ -222,8 +219,7 @@ def run_flow(
         log_t_min=log_t_min,
         max_steps=max_steps,
     )
-    rec = TrajectoryRecorder("flow", cfg, save_params)
-    quantities = jax.jit(lambda o, p: o.quantities(p))
+    rec = TrajectoryRecorder("flow", cfg, save_params, progress)
 
     totals = {"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0}
 
@@ -232,7 +228,7 @@ def run_flow(
 
     def record(y, log_t):
         theta = theta_of(y)
-        row = rec.add(
+        return rec.add(
             totals["accepted"],
             log_t,
             quantities(objective, theta),
@@ -241,9 +237,6 @@ def run_flow(
             solver_steps=float(totals["steps"]),
             rejected=float(totals["rejected"]),
         )
-        if progress is not None:
-            progress(row)
-        return row
 
     def _log_t(y, c):
         if clock == "time":
@@ -260,7 +253,6 @@ def run_flow(
     targets = log_t_grid(log_t_min, log_t_max, saves)
     dt0 = dt
     status, message = "completed", f"reached log t = {log_t_max:.6g}"
-    ok = {int(diffrax.RESULTS.successful._value), int(diffrax.RESULTS.event_occurred._value)}
     try:
         for target in targets:
             z_target = _log1p_of_log_t(float(target))
@@ -289,8 +281,10 @@ def run_flow(
                 totals["accepted"] += n_acc
                 totals["rejected"] += n_rej
                 totals["grad_evals"] += n_steps * per_step + per_start + (2 if dt0 is None else 0)
-                code = int(result._value)
-                if code not in ok:
+                ok = (result == diffrax.RESULTS.successful) | (
+                    result == diffrax.RESULTS.event_occurred
+                )
+                if not bool(ok):
                     status = "failed"
                     message = (
                         f"solver {solver} failed before log t = {target:.6g} "

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gflow.objective import Objective
+from gflow.objective import Objective, quantities
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = ["SCHEDULES", "GDState", "run_gd", "log_t_grid", "UP", "DOWN", "ALPHA_MIN"]
@@ -253,11 +253,10 @@ def run_gd(
         log_t_min=log_t_min,
         seed=seed,
     )
-    rec = TrajectoryRecorder("gd", cfg, save_params)
-    quantities = jax.jit(lambda o, p: o.quantities(p))
+    rec = TrajectoryRecorder("gd", cfg, save_params, progress)
 
     def record(s: GDState):
-        row = rec.add(
+        rec.add(
             int(s.step),
             float(s.log_t),
             quantities(objective, s.params),
@@ -267,8 +266,6 @@ def run_gd(
             grad_evals=float(s.grad_evals),
             rejected=float(s.rejected),
         )
-        if progress is not None:
-            progress(row)
 
     record(state)
     if log_t_max is not None:
