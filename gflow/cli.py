@@ -373,12 +373,14 @@ def _apply_config_file(parser: argparse.ArgumentParser, args, argv: list[str]) -
 
 
 def _validate_run(args) -> None:
+    from gflow.dynamics.flow import FIXED_STEP
+
     if args.log_t_max <= args.log_t_min:
         raise ValueError(
             f"--log-t-max must exceed --log-t-min = {args.log_t_min}, got {args.log_t_max}"
         )
-    if args.dynamics != "gd" and args.solver == "euler" and args.dt is None:
-        raise ValueError("--solver euler needs a fixed step --dt")
+    if args.dynamics != "gd" and args.solver in FIXED_STEP and args.dt is None:
+        raise ValueError(f"--solver {args.solver} needs a fixed step --dt")
     if args.dynamics != "gd" and args.clock == "time" and args.log_t_max > 700:
         raise ValueError(
             f"--clock time cannot reach --log-t-max {args.log_t_max:g}; use loss or logt"

@@ -227,6 +227,19 @@ class Sequential(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """Outputs for a batch ``x`` of shape (n, *in_shape): (n,) if one output else (n, C)."""
+        return self._forward(x, None)
+
+    def preactivations(self, x: Array) -> list[Array]:
+        """The input of every activation (hidden layers only), for a batch ``x``.
+
+        Their signs are the network's activation pattern: where one changes, a ReLU
+        network's gradient (the flow's field) jumps.
+        """
+        found: list[Array] = []
+        self._forward(x, found)
+        return found
+
+    def _forward(self, x: Array, collect: list | None) -> Array:
         act = ACTIVATIONS[self.activation]
         n = x.shape[0]
         h = x.astype(self.dtype)
@@ -241,6 +254,8 @@ class Sequential(nnx.Module):
                 h = h.reshape(n, -1)
             h = self.layers[op[1]](h)
             if i != last:
+                if collect is not None:
+                    collect.append(h)
                 h = act(h)
         return h[:, 0] if self.num_outputs == 1 else h
 

@@ -206,3 +206,25 @@ def test_flow_bad_arguments(small):
         run_flow(obj, p0, clock="wall")
     with pytest.raises(ValueError, match="euler' has no error estimate"):
         run_flow(obj, p0, solver="euler")
+
+
+def test_rk4_converges_at_order_4():
+    from gflow.dynamics.flow import RK4
+
+    # dy/dt = -t y, y(0) = 1: y(t) = exp(-t^2 / 2), smooth, known.
+    term = diffrax.ODETerm(lambda t, y, args: -t * y)
+    hs = np.array([1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    errs = []
+    for h in hs:
+        sol = diffrax.diffeqsolve(term, RK4(), 0.0, 2.0, h, jnp.asarray(1.0))
+        errs.append(abs(float(sol.ys[-1]) - np.exp(-2.0)))
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert abs(slope - 4) < 0.2, slope
+
+
+def test_rk4_in_run_flow_needs_dt(small):
+    obj, p0 = small
+    with pytest.raises(ValueError, match="solver 'rk4' has no error estimate"):
+        run_flow(obj, p0, solver="rk4")
+    tr = run_flow(obj, p0, solver="rk4", dt=0.05, clock="logt", log_t_max=1.0, saves=2)
+    assert tr.status == "completed" and tr["grad_evals"][-1] > 0

@@ -154,3 +154,14 @@ def test_he_normal_init_statistics_and_seeding():
     assert abs(k.std() / np.sqrt(2 / 400) - 1) < 0.01 and abs(k.mean()) < 3e-3
     assert np.array_equal(k, np.asarray(b.layers[0].kernel[...]))
     assert not np.array_equal(k, np.asarray(c.layers[0].kernel[...]))
+
+
+def test_preactivations_are_the_hidden_layer_inputs():
+    model = build_model("mlp", (6,), 1, width=4, depth=3)
+    g, p = split_params(model)
+    x = _x((6,), n=3)
+    pre = nnx.merge(g, p).preactivations(x)
+    assert [a.shape for a in pre] == [(3, 4), (3, 4)]
+    w0, w1 = p["layers"][0]["kernel"], p["layers"][1]["kernel"]
+    assert rel_err(pre[0], x @ w0) < 1e-15
+    assert rel_err(pre[1], jax.nn.relu(x @ w0) @ w1) < 1e-15

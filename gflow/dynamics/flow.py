@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import diffrax
 import equinox as eqx
@@ -37,6 +38,26 @@ from gflow.trajectory import Trajectory, TrajectoryRecorder
 __all__ = ["CLOCKS", "SOLVERS", "make_solver", "vector_field", "run_flow", "log_t_of_log1p"]
 
 CLOCKS = ("loss", "time", "logt")
+
+
+class RK4(diffrax.AbstractERK):
+    """The classical 4th-order Runge-Kutta method, fixed step only (no error estimate).
+
+    The baseline of public gradient-flow codes (fixed RK4 at a step of 1 / sharpness).
+    """
+
+    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
+        c=np.array([0.5, 0.5, 1.0]),
+        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        b_error=np.zeros(4),
+        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+    )
+    interpolation_cls: ClassVar[Callable] = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 4
+
+
 SOLVERS = {
     "tsit5": diffrax.Tsit5,
     "dopri5": diffrax.Dopri5,
@@ -46,10 +67,12 @@ SOLVERS = {
     "midpoint": diffrax.Midpoint,
     "ralston": diffrax.Ralston,
     "euler": diffrax.Euler,
+    "rk4": RK4,
     "kvaerno5": diffrax.Kvaerno5,
     "implicit-euler": diffrax.ImplicitEuler,
 }
 IMPLICIT = ("kvaerno5", "implicit-euler")
+FIXED_STEP = ("euler", "rk4")
 
 
 def make_solver(name: str) -> diffrax.AbstractSolver:
@@ -154,8 +177,8 @@ def run_flow(
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    if dt is None and isinstance(the_solver, diffrax.Euler):
-        raise ValueError("solver 'euler' has no error estimate: give a fixed step dt")
+    if dt is None and solver in FIXED_STEP:
+        raise ValueError(f"solver {solver!r} has no error estimate: give a fixed step dt")
 
     dtype = objective.dtype
     field = vector_field(clock)

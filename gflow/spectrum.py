@@ -1,0 +1,102 @@
+"""Top Hessian eigenvalue by Lanczos on Hessian-vector products.
+
+The Jacobian of the gradient-flow field is minus the Hessian (of ``log Loss`` on the loss
+clock, of ``Loss`` on the time clock), symmetric with a real spectrum: an explicit
+solver is stable while ``step * lambda_max`` stays inside its stability region, and GD
+can track the flow only while ``eta * lambda_max < 2`` (THEORY.md, "What integrating the
+flow costs"). Hessian-vector products are ``jax.jvp`` of ``jax.grad``: two gradient
+evaluations each, the Hessian itself is never formed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from gflow.objective import Objective
+
+__all__ = ["Eigen", "lanczos_top", "top_hessian_eigenvalue", "hvp_log_loss"]
+
+
+class Eigen(NamedTuple):
+    """``value``: the top eigenvalue; ``vector``: its unit eigenvector (flat);
+    ``residual``: ``||H v - value v||``; ``matvecs``: Hessian-vector products used."""
+
+    value: float
+    vector: np.ndarray
+    residual: float
+    matvecs: int
+
+
+def lanczos_top(matvec, dim: int, *, iters: int = 30, seed: int = 0, tol: float = 1e-10) -> Eigen:
+    """Largest (algebraic) eigenvalue of the symmetric operator ``matvec`` on R^dim.
+
+    Lanczos with full re-orthogonalisation (in float64 on the host), stopping early when
+    the Ritz value's residual estimate falls below ``tol * |value|``.
+    """
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(dim)
+    q /= np.linalg.norm(q)
+    Q = [q]
+    alphas, betas = [], []
+    value, vec, resid = 0.0, q, np.inf
+    k = min(iters, dim)
+    for j in range(k):
+        w = np.asarray(matvec(Q[j]), np.float64)
+        a = float(Q[j] @ w)
+        alphas.append(a)
+        basis = np.stack(Q)
+        w = w - basis.T @ (basis @ w)  # full re-orthogonalisation
+        w = w - basis.T @ (basis @ w)
+        b = float(np.linalg.norm(w))
+        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        evals, evecs = np.linalg.eigh(T)
+        value = float(evals[-1])
+        s = evecs[:, -1]
+        vec = basis.T @ s
+        resid = abs(b * s[-1])  # ||H v - value v|| for the Ritz pair
+        if resid <= tol * max(abs(value), 1e-300) or b == 0.0 or j == k - 1:
+            return Eigen(value, vec / np.linalg.norm(vec), resid, j + 1)
+        betas.append(b)
+        Q.append(w / b)
+    return Eigen(value, vec, resid, k)
+
+
+def hvp_log_loss(objective: Objective, params):
+    """``v -> H v`` for the Hessian of ``log Loss`` at ``params``, on flat vectors (jitted)."""
+    flat, unravel = ravel_pytree(params)
+
+    @jax.jit
+    def hv(obj, p, v):
+        return ravel_pytree(jax.jvp(obj.grad_log_loss, (p,), (unravel(v),))[1])[0]
+
+    return lambda v: hv(objective, params, jnp.asarray(v, flat.dtype)), flat.size
+
+
+def top_hessian_eigenvalue(
+    objective: Objective,
+    params,
+    *,
+    of: str = "log_loss",
+    iters: int = 30,
+    seed: int = 0,
+    tol: float = 1e-10,
+) -> Eigen:
+    """Top eigenvalue of the Hessian of ``log Loss`` (``of="log_loss"``, the loss clock's
+    Jacobian up to sign) or of ``Loss / Loss(theta)`` (``of="loss"``: ``H_log + g g^T``,
+    which times ``Loss`` is the Hessian of ``Loss``; kept unscaled since ``Loss`` may
+    underflow). For GD with step ``eta`` compare ``eta * Loss * value``; with the
+    loss-based step ``alpha / Loss`` that is ``alpha * value``.
+    """
+    if of not in ("log_loss", "loss"):
+        raise ValueError(f"of must be 'log_loss' or 'loss', got {of!r}")
+    hv, dim = hvp_log_loss(objective, params)
+    if of == "loss":
+        g = np.asarray(ravel_pytree(objective.grad_log_loss(params))[0])
+        base = hv
+        hv = lambda v: np.asarray(base(v)) + g * float(g @ np.asarray(v))
+    return lanczos_top(hv, dim, iters=iters, seed=seed, tol=tol)
