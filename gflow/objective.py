@@ -58,6 +58,15 @@ class Objective(eqx.Module):
     def dtype(self):
         return self.x.dtype
 
+    def describe(self) -> dict:
+        """What a run's config records about the objective (for later checks)."""
+        return dict(
+            loss=self.loss.name,
+            order=self.order,
+            homogeneous=self.homogeneous,
+            num_samples=self.num_samples,
+        )
+
     def outputs(self, params) -> Array:
         return apply(self.graphdef, params, self.x)
 

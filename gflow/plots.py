@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from gflow.trajectory import Trajectory, atomic_write  # noqa: E402
 
-__all__ = ["plot_trajectories"]
+__all__ = ["plot_trajectories", "plot_comparison", "save_figure"]
 
 PANELS = (
     ("log_loss", "log Loss (sum)"),
@@ -57,11 +57,32 @@ def plot_trajectories(trajs: dict[str, Trajectory], path: str | Path, title: str
     axes[0, 0].legend()
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Write ``fig`` as PNG atomically and close it."""
     import io
 
+    path = Path(path)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
     return path
+
+
+def plot_comparison(cmp, path: str | Path, title: str = "") -> Path:
+    """The differences of a ``gflow.compare.Comparison`` against log t, one panel each."""
+    keys = list(cmp.diffs) + (["param_distance"] if np.isfinite(cmp.param_distance).any() else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), constrained_layout=True)
+    for ax, k in zip(np.atleast_1d(axes), keys, strict=True):
+        y = cmp.param_distance if k == "param_distance" else cmp.diffs[k]
+        ax.plot(cmp.log_t, y, marker=".", ms=3)
+        ax.axhline(0.0, color="k", lw=0.5)
+        rel = k in ("rho", "param_distance")
+        ax.set_title(f"{k}{' (relative)' if rel else ''}", fontsize=9)
+        ax.set_xlabel("log t")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or f"{cmp.names[0]} - {cmp.names[1]}", fontsize=10)
+    return save_figure(fig, path)

@@ -32,14 +32,18 @@ class Eigen(NamedTuple):
     matvecs: int
 
 
-def lanczos_top(matvec, dim: int, *, iters: int = 30, seed: int = 0, tol: float = 1e-10) -> Eigen:
+def lanczos_top(
+    matvec, dim: int, *, iters: int = 30, seed: int = 0, tol: float = 1e-10, v0=None
+) -> Eigen:
     """Largest (algebraic) eigenvalue of the symmetric operator ``matvec`` on R^dim.
 
     Lanczos with full re-orthogonalisation (in float64 on the host), stopping early when
-    the Ritz value's residual estimate falls below ``tol * |value|``.
+    the Ritz value's residual estimate falls below ``tol * |value|``. ``v0``: a start
+    vector (a previous eigenvector, to warm-start a slowly changing operator); random if
+    omitted.
     """
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal(dim)
+    q = rng.standard_normal(dim) if v0 is None else np.array(v0, np.float64)
     q /= np.linalg.norm(q)
     Q = [q]
     alphas, betas = [], []

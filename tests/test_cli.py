@@ -185,7 +185,10 @@ def test_run_help_documents_every_option():
     "extra,needle",
     [
         (["--lr", "-0.1"], "expected a positive number, got -0.1"),
-        (["--solver", "rk45"], "invalid choice: 'rk45'"),
+        (["--solver", "rk45"], "unknown solver 'rk45'"),
+        (["--solver", "tsit5", "--cfl", "0.5"], "no stability edge known for solver 'tsit5'"),
+        (["--cfl", "1.5"], "expected a number in (0, 1]"),
+        (["--dt", "0.1", "--cfl", "0.5"], "give --dt or --cfl, not both"),
         (["--log-t-max", "0"], "expected a positive number, got 0"),
         (["--log-t-max", "-5"], "expected a positive number, got -5"),
         (["--clock", "wall"], "invalid choice: 'wall'"),

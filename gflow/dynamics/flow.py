@@ -23,76 +23,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import ClassVar
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from gflow.dynamics.gd import log_t_grid
+from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
+    RK4,
+    SOLVERS,
+    evals_per_step,
+    is_fixed_step,
+    make_solver,
+    stability_edge,
+)
 from gflow.objective import Objective, quantities
+from gflow.spectrum import lanczos_top
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = ["CLOCKS", "SOLVERS", "make_solver", "vector_field", "run_flow", "log_t_of_log1p"]
 
 CLOCKS = ("loss", "time", "logt")
-
-
-class RK4(diffrax.AbstractERK):
-    """The classical 4th-order Runge-Kutta method, fixed step only (no error estimate).
-
-    The baseline of public gradient-flow codes (fixed RK4 at a step of 1 / sharpness).
-    """
-
-    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
-        c=np.array([0.5, 0.5, 1.0]),
-        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-        b_error=np.zeros(4),
-        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
-    )
-    interpolation_cls: ClassVar[Callable] = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
-
-    def order(self, terms):
-        return 4
-
-
-SOLVERS = {
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-    "bosh3": diffrax.Bosh3,
-    "heun": diffrax.Heun,
-    "midpoint": diffrax.Midpoint,
-    "ralston": diffrax.Ralston,
-    "euler": diffrax.Euler,
-    "rk4": RK4,
-    "kvaerno5": diffrax.Kvaerno5,
-    "implicit-euler": diffrax.ImplicitEuler,
-}
-IMPLICIT = ("kvaerno5", "implicit-euler")
-FIXED_STEP = ("euler", "rk4")
-
-
-def make_solver(name: str) -> diffrax.AbstractSolver:
-    """A diffrax solver by name (one of ``SOLVERS``)."""
-    try:
-        return SOLVERS[name]()
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}") from None
-
-
-def _evals_per_step(solver) -> tuple[int, int]:
-    """(gradient evaluations per step, extra evaluations at a segment's start)."""
-    tab = getattr(solver, "tableau", None)
-    if isinstance(solver, diffrax.Euler):
-        return 1, 0
-    if tab is None:
-        return 0, 0  # implicit: not counted
-    if tab.fsal:
-        return tab.num_stages - 1, 1
-    return tab.num_stages, 0
 
 
 def vector_field(clock: str) -> Callable:
@@ -144,10 +98,15 @@ def run_flow(
     rtol: float = 1e-6,
     atol: float = 1e-9,
     dt: float | None = None,
+    cfl: float | None = None,
+    warmup: str = "tsit5",
+    refresh: int = 16,
+    drift: float = 0.05,
     log_t_max: float = 10.0,
     log_loss_min: float | None = None,
     saves: int = 50,
     log_t_min: float = 0.0,
+    log_t0: float | None = None,
     max_steps: int = 1_000_000,
     save_params: bool = False,
     config: dict | None = None,
@@ -158,77 +117,117 @@ def run_flow(
     **Arguments:**
 
     - ``clock``: ``"loss"``, ``"time"`` or ``"logt"`` (module docstring).
-    - ``solver``: a name from ``SOLVERS``; adaptive (PID controller with ``rtol``,
-      ``atol``) unless ``dt`` is given, which fixes the step in the clock's variable.
+    - ``solver``: a name from ``SOLVERS`` (or ``rkcS``); adaptive (PID controller with
+      ``rtol``, ``atol``) unless ``dt`` or ``cfl`` is given.
+    - ``dt``: a fixed step in the clock's variable.
+    - ``cfl``: stability stepping. Until the first save point below the loss threshold
+      the adaptive ``warmup`` solver runs at ``rtol``, ``atol`` (the early fit is
+      fast-changing, and a step set by the Jacobian alone is inaccurate there). Then
+      ``solver`` runs without error control at
+      ``h = min(cfl * edge / lambda_max, drift * |theta| / |f(theta)|)``: ``edge`` is the
+      solver's real stability boundary, ``lambda_max`` the top eigenvalue of minus the
+      field's Jacobian (Lanczos on Jacobian-vector products, warm-started), and the
+      second bound keeps each step's relative parameter change below ``drift``. The
+      step is re-set every ``refresh`` steps and at every save point; each
+      Jacobian-vector product counts as 2 gradient evaluations. Meant for the RKC
+      solvers (``rkcS``), whose stable step grows as S^2 for S evaluations, and RK4.
     - ``log_loss_min``: stop at the first save point whose log loss is at or below it.
     - ``saves``: save points evenly spaced in log t on ``[log_t_min, log_t_max]``,
       plus ``t = 0``.
+    - ``log_t0``: start at ``t = e^log_t0`` rather than ``t = 0`` (continuing a run);
+      save points at or before it are skipped.
     - ``max_steps``: budget of solver steps over the whole run.
     - ``progress``: called with each recorded row.
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    the_solver = make_solver(solver)
+    main_solver = make_solver(solver)
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
     if dt is not None and not dt > 0:
         raise ValueError(f"dt must be positive, got {dt}")
     if not log_t_max > log_t_min:
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
+    if log_t0 is not None and not log_t0 < log_t_max:
+        raise ValueError(f"log_t0 = {log_t0} must be below log_t_max = {log_t_max}")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    if dt is None and solver in FIXED_STEP:
-        raise ValueError(f"solver {solver!r} has no error estimate: give a fixed step dt")
+    if dt is not None and cfl is not None:
+        raise ValueError("give a fixed step dt or a stability fraction cfl, not both")
+    if dt is None and cfl is None and is_fixed_step(solver):
+        raise ValueError(f"solver {solver!r} has no error estimate: give a fixed step dt or a cfl")
+    if cfl is not None:
+        if not 0 < cfl <= 1:
+            raise ValueError(f"cfl must be in (0, 1], got {cfl}")
+        if refresh < 1:
+            raise ValueError(f"refresh must be >= 1, got {refresh}")
+        if not drift > 0:
+            raise ValueError(f"drift must be positive, got {drift}")
+        if is_fixed_step(warmup):
+            raise ValueError(f"warmup solver {warmup!r} has no error estimate")
+        edge = stability_edge(solver)
+        warmup_solver = make_solver(warmup)
 
     dtype = objective.dtype
     field = vector_field(clock)
     # args = (objective, z target of the loss clock's save event) for every clock
     term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
-    if dt is None:
-        controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    else:
-        controller = diffrax.ConstantStepSize()
-    per_step, per_start = _evals_per_step(the_solver)
-    seg_steps = int(min(max_steps, 2**31 - 1))
-
-    def event_fn(t, y, args, **kwargs):
-        obj, z_target = args
-        return y[1] - z_target
+    all_steps = int(min(max_steps, 2**31 - 1))
 
     if clock == "loss":
         import optimistix as optx
 
-        event = diffrax.Event(event_fn, root_finder=optx.Newton(rtol=1e-12, atol=1e-12))
+        def event_fn(t, y, args, **kwargs):
+            # relative: z = log(1 + t) is ~ 1000 at the longest horizons, where an absolute
+            # 1e-13 is below its float64 spacing and no root finder could reach it
+            return (y[1] - args[1]) / (1 + jnp.abs(args[1]))
+
+        # bisection on the step's dense output: always converges (Newton can stall on a
+        # long step's interpolant, seen at log t ~ 360)
+        event = diffrax.Event(event_fn, root_finder=optx.Bisection(rtol=1e-13, atol=1e-13))
     else:
         event = None
 
-    @eqx.filter_jit
-    def segment(obj, y0, c0, c1, dt0, z_target):
-        sol = diffrax.diffeqsolve(
-            term,
-            the_solver,
-            c0,
-            c1,
-            dt0,
-            y0,
-            (obj, z_target),
-            saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=controller,
-            event=event,
-            max_steps=seg_steps,
-            throw=False,
-        )
-        y1 = jax.tree.map(lambda a: a[-1], sol.ys)
-        return (
-            y1,
-            sol.ts[-1],
-            sol.result,
-            sol.stats["num_steps"],
-            sol.stats["num_accepted_steps"],
-            sol.stats["num_rejected_steps"],
+    def make_segment(the_solver, fixed: bool, seg_steps: int):
+        """One jitted ``diffeqsolve`` from ``c0`` towards ``c1`` (or the loss clock's event)."""
+        per_step, per_start = evals_per_step(the_solver)
+        controller = (
+            diffrax.ConstantStepSize() if fixed else diffrax.PIDController(rtol=rtol, atol=atol)
         )
 
-    cfg = dict(config or {})
+        @eqx.filter_jit
+        def segment(obj, y0, c0, c1, dt0, z_target):
+            sol = diffrax.diffeqsolve(
+                term,
+                the_solver,
+                c0,
+                c1,
+                dt0,
+                y0,
+                (obj, z_target),
+                saveat=diffrax.SaveAt(t1=True),
+                stepsize_controller=controller,
+                event=event,
+                max_steps=seg_steps,
+                throw=False,
+            )
+            y1 = jax.tree.map(lambda a: a[-1], sol.ys)
+            st = sol.stats
+            return y1, sol.ts[-1], sol.result, st["num_steps"], st["num_accepted_steps"]
+
+        def evals(n_steps: int) -> int:
+            # an adaptive solve also spends 2 evaluations choosing its first step
+            return n_steps * per_step + per_start + (0 if fixed else 2)
+
+        return segment, evals
+
+    if cfl is None:
+        first = make_segment(main_solver, dt is not None, all_steps)
+    else:
+        first = make_segment(warmup_solver, False, all_steps)
+        stable = make_segment(main_solver, True, int(refresh))
+
+    cfg = {**objective.describe(), **(config or {})}
     cfg.update(
         dynamics="flow",
         clock=clock,
@@ -236,10 +235,15 @@ def run_flow(
         rtol=rtol,
         atol=atol,
         dt=dt,
+        cfl=cfl,
+        warmup=warmup if cfl is not None else None,
+        refresh=refresh,
+        drift=drift,
         log_t_max=log_t_max,
         log_loss_min=log_loss_min,
         saves=saves,
         log_t_min=log_t_min,
+        log_t0=log_t0,
         max_steps=max_steps,
     )
     rec = TrajectoryRecorder("flow", cfg, save_params, progress)
@@ -261,19 +265,59 @@ def run_flow(
             rejected=float(totals["rejected"]),
         )
 
+    if cfl is not None:
+        unravel = ravel_pytree(params0)[1]
+        dim = ravel_pytree(params0)[0].size
+
+        def velocity(obj, c, y, theta):
+            out = field(c, (theta, y[1]) if clock == "loss" else theta, obj)
+            return out[0] if clock == "loss" else out
+
+        @eqx.filter_jit
+        def jac_matvec(obj, c, y, v):
+            _, jv = jax.jvp(lambda th: velocity(obj, c, y, th), (theta_of(y),), (unravel(v),))
+            return -ravel_pytree(jv)[0]
+
+        @eqx.filter_jit
+        def drift_dt(obj, c, y):
+            theta = ravel_pytree(theta_of(y))[0]
+            f = ravel_pytree(velocity(obj, c, y, theta_of(y)))[0]
+            return drift * jnp.linalg.norm(theta) / jnp.linalg.norm(f)
+
+        warm = {"vector": None}
+
+    def stable_dt(y, c) -> float:
+        """The ``cfl`` step (see ``run_flow``'s arguments)."""
+        eig = lanczos_top(
+            lambda v: jac_matvec(objective, jnp.asarray(c, dtype), y, jnp.asarray(v, dtype)),
+            dim,
+            iters=12,
+            tol=1e-3,
+            v0=warm["vector"],
+        )
+        warm["vector"] = eig.vector
+        totals["grad_evals"] += 2 * eig.matvecs + 1
+        bound = float(drift_dt(objective, jnp.asarray(c, dtype), y))
+        return min(cfl * edge / max(eig.value, 1e-300), bound)
+
     def _log_t(y, c):
         if clock == "time":
             return math.log(c) if c > 0 else -math.inf
         return log_t_of_log1p(float(y[1]) if clock == "loss" else c)
 
+    z0 = 0.0 if log_t0 is None else _log1p_of_log_t(log_t0)
     if clock == "loss":
-        y = (params0, jnp.asarray(0.0, dtype))
-        c = 0.0  # tau
+        y = (params0, jnp.asarray(z0, dtype))
+        c = 0.0  # tau: its origin is arbitrary
     else:
         y = params0
-        c = 0.0  # t or s
-    row = record(y, -math.inf)
+        c = {"time": math.expm1(z0), "logt": z0}[clock]
+    row = record(y, -math.inf if log_t0 is None else log_t0)
     targets = log_t_grid(log_t_min, log_t_max, saves)
+    if log_t0 is not None:
+        targets = [x for x in targets if x > log_t0]
+    stabilised = False  # cfl: past the loss threshold, stepping by stability
+    log_threshold = objective.loss.log_threshold
     dt0 = dt
     status, message = "completed", f"reached log t = {log_t_max:.6g}"
     try:
@@ -291,7 +335,10 @@ def run_flow(
                 if clock == "loss":
                     # tau to the event is unknown: integrate over a long span, the event stops it.
                     c1 = c + 1e6
-                y_new, c_new, result, n_steps, n_acc, n_rej = segment(
+                segment, evals = stable if stabilised else first
+                if stabilised:
+                    dt0 = stable_dt(y, c)
+                y_new, c_new, result, n_steps, n_acc = segment(
                     objective,
                     y,
                     jnp.asarray(c, dtype),
@@ -299,26 +346,31 @@ def run_flow(
                     None if dt0 is None else jnp.asarray(dt0, dtype),
                     jnp.asarray(z_target, dtype),
                 )
-                n_steps, n_acc, n_rej = int(n_steps), int(n_acc), int(n_rej)
+                n_steps, n_acc = int(n_steps), int(n_acc)
                 totals["steps"] += n_steps
                 totals["accepted"] += n_acc
-                totals["rejected"] += n_rej
-                totals["grad_evals"] += n_steps * per_step + per_start + (2 if dt0 is None else 0)
-                ok = (result == diffrax.RESULTS.successful) | (
-                    result == diffrax.RESULTS.event_occurred
+                totals["rejected"] += n_steps - n_acc
+                totals["grad_evals"] += evals(n_steps)
+                ok = (
+                    (result == diffrax.RESULTS.successful)
+                    | (result == diffrax.RESULTS.event_occurred)
+                    # stability stepping stops every `refresh` steps to re-set the step
+                    | ((result == diffrax.RESULTS.max_steps_reached) & stabilised)
                 )
-                if not bool(ok):
+                finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(y_new))
+                if not (bool(ok) and finite):
+                    why = diffrax.RESULTS[result] if not bool(ok) else "non-finite state"
                     status = "failed"
                     message = (
                         f"solver {solver} failed before log t = {target:.6g} "
-                        f"({diffrax.RESULTS[result]}) after {totals['steps']} steps"
+                        f"({why}) after {totals['steps']} steps"
                     )
                     # keep what was reached: the last finite state becomes the last row
-                    if np.all([np.all(np.isfinite(a)) for a in jax.tree.leaves(y_new)]):
+                    if finite:
                         y, c = y_new, float(c_new)
                         record(y, _log_t(y, c))
                     break
-                if dt is None and n_acc > 0:
+                if dt is None and not stabilised and n_acc > 0:
                     dt0 = (float(c_new) - c) / n_acc
                 y, c = y_new, float(c_new)
                 z_now = float(y[1]) if clock == "loss" else (c if clock == "logt" else None)
@@ -331,6 +383,8 @@ def run_flow(
                 break
             log_t = _log_t(y, c)
             row = record(y, log_t)
+            if cfl is not None and row["log_loss"] < log_threshold:
+                stabilised = True
             if totals["steps"] >= max_steps:
                 status, message = (
                     "stopped",

@@ -239,7 +239,7 @@ def run_gd(
         rejected=jnp.asarray(0),
         stop=jnp.asarray(RUNNING),
     )
-    cfg = dict(config or {})
+    cfg = {**objective.describe(), **(config or {})}
     cfg.update(
         dynamics="gd" if batch_size is None else "sgd",
         schedule=schedule,

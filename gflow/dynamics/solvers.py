@@ -1,0 +1,221 @@
+"""ODE solvers for the gradient flow: diffrax's, fixed-step RK4, and Runge-Kutta-Chebyshev.
+
+The flow of a ReLU network is only piecewise smooth and slides along the switching
+surfaces (``benchmarks/RESULTS.md``), so every Runge-Kutta method converges at first
+order on it, whatever its classical order. What a method then buys per gradient
+evaluation is the size of a *stable* step: RK4 is stable for ``h * lambda_max <= 2.79``
+at 4 evaluations a step; the s-stage RKC method for ``h * lambda_max <= 0.65 s^2`` at s
+evaluations, because the field's Jacobian is minus a Hessian, with a real spectrum.
+
+``rkcS`` (any S from 2 to 200, e.g. ``rkc5``, ``rkc10``) is the second-order RKC method of
+Sommeijer, Shampine and Verwer (1997), damping 2/13, written as an explicit Butcher
+tableau so that diffrax's ``diffeqsolve``, ``SaveAt`` and events work unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import ClassVar
+
+import diffrax
+import numpy as np
+
+__all__ = [
+    "RK4",
+    "SOLVERS",
+    "FIXED_STEP",
+    "IMPLICIT",
+    "make_solver",
+    "is_fixed_step",
+    "stability_edge",
+    "rkc_tableau",
+    "evals_per_step",
+    "default_cfl",
+]
+
+
+class RK4(diffrax.AbstractERK):
+    """The classical 4th-order Runge-Kutta method, fixed step only (no error estimate).
+
+    The baseline of public gradient-flow codes (fixed RK4 at a step of 1 / sharpness).
+    """
+
+    # F(y1) as a fifth, first-same-as-last stage: free on the next step, and it makes the
+    # dense output (cubic Hermite from F(y0), F(y1)) right, which the loss clock's
+    # save-point events root-find on.
+    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
+        c=np.array([0.5, 0.5, 1.0, 1.0]),
+        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6, 0.0]),
+        b_error=np.zeros(5),
+        a_lower=(
+            np.array([0.5]),
+            np.array([0.0, 0.5]),
+            np.array([0.0, 0.0, 1.0]),
+            np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        ),
+    )
+    interpolation_cls: ClassVar[Callable] = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 4
+
+
+def rkc_tableau(stages: int, damping: float = 2 / 13) -> tuple[np.ndarray, np.ndarray, float]:
+    """The s-stage second-order RKC method as ``(A, c, beta)``.
+
+    ``A[j, k]``: weight of ``h F(Y_k)`` in ``Y_j - y0`` for ``j = 1..s`` (row ``s`` is the
+    solution's weights), ``c``: the row sums, ``beta``: the stability boundary (the method is
+    stable for real ``h * lambda`` in ``[-beta, 0]``). The Chebyshev recurrence of
+    Sommeijer, Shampine & Verwer (1997) is unrolled into Butcher form; the weights stay
+    bounded (about 2 in magnitude) for every ``s``.
+    """
+    s = int(stages)
+    if s < 2:
+        raise ValueError(f"RKC needs at least 2 stages, got {s}")
+    w0 = 1 + damping / s**2
+    T, dT, d2T = np.zeros(s + 1), np.zeros(s + 1), np.zeros(s + 1)
+    T[0], T[1], dT[1] = 1.0, w0, 1.0
+    for j in range(2, s + 1):
+        T[j] = 2 * w0 * T[j - 1] - T[j - 2]
+        dT[j] = 2 * T[j - 1] + 2 * w0 * dT[j - 1] - dT[j - 2]
+        d2T[j] = 4 * dT[j - 1] + 2 * w0 * d2T[j - 1] - d2T[j - 2]
+    w1 = dT[s] / d2T[s]
+    b = np.zeros(s + 1)
+    b[2:] = d2T[2:] / dT[2:] ** 2
+    b[0] = b[1] = b[2]
+    A = np.zeros((s + 1, s + 1))
+    A[1, 0] = b[1] * w1
+    for j in range(2, s + 1):
+        mu = 2 * b[j] * w0 / b[j - 1]
+        nu = -b[j] / b[j - 2]
+        mu_t = 2 * b[j] * w1 / b[j - 1]
+        gamma_t = -(1 - b[j - 1] * T[j - 1]) * mu_t
+        A[j] = mu * A[j - 1] + nu * A[j - 2]
+        A[j, j - 1] += mu_t
+        A[j, 0] += gamma_t
+    beta = (w0 + 1) * d2T[s] / dT[s]
+    return A, A.sum(axis=1), float(beta)
+
+
+@functools.cache
+def _rkc_class(stages: int) -> type:
+    A, c, beta = rkc_tableau(stages)
+    s = stages
+    # s RKC stages, then F(y1) as an (s+1)-th, first-same-as-last stage: free on the next
+    # step, and it gives RKC's error estimate 0.8 (y0 - y1) + 0.4 h (F(y0) + F(y1)).
+    b_sol = np.append(A[s, :s], 0.0)
+    b_err = -0.8 * b_sol
+    b_err[0] += 0.4
+    b_err[s] += 0.4
+    tab = diffrax.ButcherTableau(
+        c=np.append(c[1:s], 1.0),
+        b_sol=b_sol,
+        b_error=b_err,
+        a_lower=tuple(A[j, :j] for j in range(1, s)) + (A[s, :s],),
+    )
+
+    class RKC(diffrax.AbstractERK):
+        __doc__ = f"""{s}-stage second-order Runge-Kutta-Chebyshev with its embedded error
+        estimate, stable for ``h * lambda_max <= {beta:.4g}`` on a real negative spectrum."""
+        tableau: ClassVar[diffrax.ButcherTableau] = tab
+        interpolation_cls: ClassVar[Callable] = (
+            diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+        )
+
+        def order(self, terms):
+            return 2
+
+        def error_order(self, terms):
+            return 3  # the estimate is the O(h^3) local error of a 2nd-order step
+
+    RKC.__name__ = RKC.__qualname__ = f"RKC{s}"
+    return RKC
+
+
+SOLVERS = {
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+    "bosh3": diffrax.Bosh3,
+    "heun": diffrax.Heun,
+    "midpoint": diffrax.Midpoint,
+    "ralston": diffrax.Ralston,
+    "euler": diffrax.Euler,
+    "rk4": RK4,
+    "rkc5": _rkc_class(5),
+    "rkc10": _rkc_class(10),
+    "rkc20": _rkc_class(20),
+    "kvaerno5": diffrax.Kvaerno5,
+    "implicit-euler": diffrax.ImplicitEuler,
+}
+IMPLICIT = ("kvaerno5", "implicit-euler")
+FIXED_STEP = ("euler", "rk4")
+_RKC = re.compile(r"rkc(\d+)")
+
+# real stability boundary: stable for h * lambda_max <= edge when the Jacobian's
+# spectrum is real and non-positive (minus a Hessian)
+_EDGES = {"euler": 2.0, "heun": 2.0, "midpoint": 2.0, "ralston": 2.0, "rk4": 2.785293563}
+
+
+def _rkc_stages(name: str) -> int | None:
+    m = _RKC.fullmatch(name)
+    if m is None:
+        return None
+    s = int(m.group(1))
+    if not 2 <= s <= 200:
+        raise ValueError(f"RKC stages must be in 2..200, got {name!r}")
+    return s
+
+
+def make_solver(name: str) -> diffrax.AbstractSolver:
+    """A solver by name: one of ``SOLVERS``, or ``rkcS`` for any S in 2..200."""
+    s = _rkc_stages(name)
+    if s is not None:
+        return _rkc_class(s)()
+    try:
+        return SOLVERS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown solver {name!r}; expected one of {sorted(SOLVERS)} or rkcS (S = 2..200)"
+        ) from None
+
+
+def is_fixed_step(name: str) -> bool:
+    """Whether the solver has no error estimate (needs a fixed ``dt``)."""
+    return name in FIXED_STEP
+
+
+def stability_edge(name: str) -> float:
+    """Largest stable ``h * lambda_max`` on a real non-positive spectrum."""
+    s = _rkc_stages(name)
+    if s is not None:
+        return rkc_tableau(s)[2]
+    try:
+        return _EDGES[name]
+    except KeyError:
+        raise ValueError(
+            f"no stability edge known for solver {name!r}; use one of {sorted(_EDGES)} or rkcS"
+        ) from None
+
+
+def default_cfl(name: str) -> float | None:
+    """The stability fraction ``gflow run`` uses for ``name`` when given no ``--dt``:
+    0.9 for RK4 / Euler (measured safe and accurate, ``benchmarks/RESULTS.md``), 0.5 for
+    RKC (weakly damped near its edge); ``None`` for error-controlled solvers."""
+    if _rkc_stages(name) is not None:
+        return 0.5
+    return 0.9 if name in FIXED_STEP else None
+
+
+def evals_per_step(solver) -> tuple[int, int]:
+    """(gradient evaluations per step, extra evaluations at a segment's start)."""
+    tab = getattr(solver, "tableau", None)
+    if isinstance(solver, diffrax.Euler):
+        return 1, 0
+    if tab is None:
+        return 0, 0  # implicit: not counted
+    if tab.fsal:
+        return tab.num_stages - 1, 1
+    return tab.num_stages, 0

@@ -1,0 +1,180 @@
+"""The (eps, delta)-KKT residual of THEORY.md item 4.
+
+For ``theta_s = theta / q_min(theta)^(1/L)`` (so ``q_min(theta_s) = 1``) find
+``lambda >= 0`` minimising ``|theta_s - sum_n lambda_n grad q_n(theta_s)|``; then
+
+    eps   = |theta_s - sum_n lambda_n grad q_n(theta_s)|
+    delta = sum_n lambda_n (q_n(theta_s) - 1).
+
+With ``K = J J^T`` the Gram matrix of the margin gradients and Euler's identity
+``<grad q_n, theta_s> = L q_n``, the squared residual is
+``|theta_s|^2 - 2 L lambda.q + lambda^T K lambda``: a non-negative least-squares problem.
+It is solved by SciPy's Lawson-Hanson ``nnls`` on a square root of ``K`` (from its
+eigendecomposition; ``L q`` lies in ``K``'s range, since ``L q = J theta_s``), and the
+result's optimality conditions are checked and returned. ``eps`` itself is then
+recomputed from the residual *vector* ``theta_s - J^T lambda`` (one gradient), not from
+the quadratic form, so it keeps its digits when it is small.
+
+Only near-active samples (``q_n(theta_s) <= 1 + gap``) enter unless ``gap=None``. The
+per-example gradients are built by ``vmap`` in chunks of ``chunk`` samples; when the
+whole ``J`` would exceed ``max_bytes`` the Gram matrix is built block by block instead.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+from jax.flatten_util import ravel_pytree
+
+from gflow.objective import Objective
+
+__all__ = ["KKT", "kkt_residual", "gram_matrix", "nonneg_quadratic", "scaled_params"]
+
+
+class KKT(NamedTuple):
+    """``eps``, ``eps_rel = eps / |theta_s|``, ``delta``; ``lam`` (multipliers of the
+    ``active`` samples), ``q_min`` of ``theta``, ``norm_s = |theta_s|``, and the NNLS
+    optimality check: ``kkt_gap`` (largest violation of ``K lam - L q >= 0`` and of
+    complementarity, relative to ``|L q|``)."""
+
+    eps: float
+    eps_rel: float
+    delta: float
+    lam: np.ndarray
+    active: np.ndarray
+    q_min: float
+    norm_s: float
+    kkt_gap: float
+
+
+def scaled_params(objective: Objective, params):
+    """``(theta_s, q_s)``: params scaled to ``q_min = 1`` and the scaled margins."""
+    q = np.asarray(objective.margins(params), np.float64)
+    q_min = float(q.min())
+    if not q_min > 0:
+        raise ValueError(
+            f"q_min = {q_min:.3g} <= 0: the data are not separated, theta_s is undefined"
+        )
+    c = q_min ** (-1.0 / objective.order)
+    return jax.tree.map(lambda a: a * jnp.asarray(c, a.dtype), params), q / q_min, q_min
+
+
+def _margin_one(obj: Objective, params, x, y):
+    one = eqx.tree_at(lambda o: (o.x, o.y), obj, (x[None], y[None]))
+    return one.margins(params)[0]
+
+
+@jax.jit
+def _rows(obj: Objective, params, xb, yb):
+    """Per-example margin gradients, flattened: one row per sample of the batch."""
+    g = jax.grad(_margin_one, argnums=1)
+    return jax.vmap(lambda x, y: ravel_pytree(g(obj, params, x, y))[0])(xb, yb)
+
+
+def _grad_rows(objective: Objective, params, idx: np.ndarray, chunk: int, dim: int):
+    """Rows ``grad q_n`` (flattened) for the samples ``idx``, ``chunk`` at a time."""
+    out = np.empty((idx.size, dim), np.float64)
+    for s in range(0, idx.size, chunk):
+        b = idx[s : s + chunk]
+        out[s : s + b.size] = np.asarray(_rows(objective, params, objective.x[b], objective.y[b]))
+    return out
+
+
+def gram_matrix(
+    objective: Objective,
+    params,
+    idx: np.ndarray | None = None,
+    *,
+    chunk: int = 64,
+    max_bytes: int = 1 << 30,
+) -> np.ndarray:
+    """``K_nm = <grad q_n, grad q_m>`` at ``params`` over the samples ``idx`` (all if None).
+
+    Holds the per-example gradients of all of ``idx`` at once when they fit in
+    ``max_bytes``; otherwise builds ``K`` block by block, recomputing the gradients of
+    one block per block row (memory: two blocks of ``chunk`` rows).
+    """
+    idx = np.arange(objective.num_samples) if idx is None else np.asarray(idx)
+    dim = ravel_pytree(params)[0].size
+    if idx.size * dim * 8 <= max_bytes:
+        J = _grad_rows(objective, params, idx, chunk, dim)
+        return J @ J.T
+    K = np.empty((idx.size, idx.size))
+    blocks = [idx[s : s + chunk] for s in range(0, idx.size, chunk)]
+    starts = np.cumsum([0] + [b.size for b in blocks])
+    for i, bi in enumerate(blocks):
+        Ji = _grad_rows(objective, params, bi, chunk, dim)
+        for j in range(i, len(blocks)):
+            Jj = Ji if j == i else _grad_rows(objective, params, blocks[j], chunk, dim)
+            blk = Ji @ Jj.T
+            K[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = blk
+            K[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = blk.T
+    return K
+
+
+def nonneg_quadratic(K: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, float]:
+    """``argmin_{lam >= 0} lam^T K lam - 2 c^T lam`` for PSD ``K`` and ``c`` in its range.
+
+    Returns ``(lam, gap)``: ``gap`` is the largest violation of the problem's own
+    optimality conditions (``K lam - c >= 0``, ``lam_n (K lam - c)_n = 0``), relative to
+    ``max(|c|)``.
+    """
+    K = 0.5 * (K + K.T)
+    w, U = np.linalg.eigh(K)
+    keep = w > max(w.max(), 0.0) * K.shape[0] * np.finfo(np.float64).eps
+    if not keep.any():
+        return np.zeros_like(c), 0.0
+    r = np.sqrt(w[keep])
+    A = r[:, None] * U[:, keep].T  # A^T A = K (on its range)
+    b = (U[:, keep].T @ c) / r  # A^T b = c for c in range(K)
+    lam, _ = scipy.optimize.nnls(A, b, maxiter=50 * K.shape[0])
+    g = K @ lam - c
+    scale = max(float(np.abs(c).max()), np.finfo(np.float64).tiny)
+    gap = max(
+        float(np.max(-g, initial=0.0)),
+        float(np.max(np.abs(lam * g), initial=0.0)) / max(float(lam.max(initial=0.0)), 1.0),
+    )
+    return lam, gap / scale
+
+
+def kkt_residual(
+    objective: Objective,
+    params,
+    *,
+    gap: float | None = 1.0,
+    chunk: int = 64,
+    max_bytes: int = 1 << 30,
+) -> KKT:
+    """The (eps, delta)-KKT residual at ``params`` (module docstring).
+
+    ``gap``: samples with ``q_n(theta_s) <= 1 + gap`` enter (all if ``None``); samples
+    left out get ``lam = 0``, which is optimal for them only if their margin is large,
+    so a small ``gap`` can only overstate eps.
+    """
+    if not objective.homogeneous:
+        raise ValueError("the KKT residual needs a homogeneous model (theta_s is undefined)")
+    theta_s, q_s, q_min = scaled_params(objective, jax.tree.map(jnp.asarray, params))
+    active = np.nonzero(q_s <= 1 + gap)[0] if gap is not None else np.arange(q_s.size)
+    K = gram_matrix(objective, theta_s, active, chunk=chunk, max_bytes=max_bytes)
+    L = objective.order
+    lam, opt_gap = nonneg_quadratic(K, L * q_s[active])
+    full = np.zeros(q_s.size)
+    full[active] = lam
+    flat = np.asarray(ravel_pytree(theta_s)[0])
+    r = np.asarray(_residual(objective, theta_s, jnp.asarray(full, flat.dtype)))
+    eps = float(np.linalg.norm(r))
+    norm_s = float(np.linalg.norm(flat))
+    delta = float(np.sum(lam * (q_s[active] - 1.0)))
+    return KKT(eps, eps / norm_s, delta, lam, active, q_min, norm_s, opt_gap)
+
+
+@jax.jit
+def _residual(obj: Objective, theta_s, lam):
+    """``theta_s - sum_n lam_n grad q_n(theta_s)`` = ``theta_s - grad (lam . q)``, flat."""
+    g = jax.grad(lambda p: jnp.dot(lam, obj.margins(p)))(theta_s)
+    return ravel_pytree(theta_s)[0] - ravel_pytree(g)[0]

@@ -1,0 +1,216 @@
+"""Verdicts on the paper's claims from a recorded trajectory (THEORY.md, "Claims to check").
+
+Every check works from the saved columns alone (log quantities, never ``Loss`` itself),
+so it applies to GD and flow runs alike; for GD, ``t`` is the sum of the step sizes,
+which is what the trajectory's ``log_t`` holds.
+
+* ``monotonicity``: past the first save point below the loss threshold (``t0``), the
+  smoothed margin must not decrease and ``rho`` must increase (Theorem 4.1).
+* ``rates``: ``rho^L / log t`` and ``Loss * t * (log t)^(2 - 2/L)`` must stay within a
+  constant band (Theorem 4.3); reported as the band's width (max / min) over the last
+  decade of ``log t`` reached, with the fitted exponents of ``rho`` and
+  ``1 / (Loss t)`` against ``log t`` (``1/L`` and ``2 - 2/L`` in the limit).
+
+A ``Verdict`` has ``passed`` (``True``, ``False``, or ``None`` when the run does not
+reach the regime the claim is about), a one-line ``summary`` and JSON-able ``details``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from gflow.losses import get_loss
+from gflow.trajectory import Trajectory
+
+__all__ = [
+    "Verdict",
+    "threshold_index",
+    "monotonicity",
+    "rates",
+    "check_trajectory",
+]
+
+
+@dataclass
+class Verdict:
+    """One claim's verdict on one run."""
+
+    name: str
+    passed: bool | None
+    summary: str
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[self.passed]
+        return f"[{mark}] {self.name}: {self.summary}"
+
+
+def threshold_index(traj: Trajectory, log_threshold: float) -> int | None:
+    """Index of the first save point whose log loss is below ``log_threshold`` (t0)."""
+    below = np.nonzero(np.asarray(traj["log_loss"]) < log_threshold)[0]
+    return int(below[0]) if below.size else None
+
+
+def _drops(values: np.ndarray, log_t: np.ndarray, rtol: float, increasing_strictly: bool):
+    """Decreases of ``values`` beyond ``rtol`` relative (or any non-increase if strict)."""
+    d = np.diff(values)
+    scale = np.maximum(np.abs(values[:-1]), np.finfo(np.float64).tiny)
+    if increasing_strictly:
+        bad = d <= -rtol * scale if rtol > 0 else d <= 0
+    else:
+        bad = d < -rtol * scale
+    rel = -d / scale
+    out = {"violations": int(bad.sum()), "checked": int(d.size)}
+    if bad.any():
+        i = int(np.argmax(np.where(bad, rel, -np.inf)))
+        out.update(largest_relative_drop=float(rel[i]), at_log_t=float(log_t[i + 1]))
+    return out
+
+
+def monotonicity(
+    traj: Trajectory,
+    log_threshold: float,
+    *,
+    rtol: float = 1e-9,
+    from_start: bool = False,
+) -> list[Verdict]:
+    """Smoothed margin non-decreasing and ``rho`` increasing past ``t0`` (Theorem 4.1).
+
+    A decrease counts when it exceeds ``rtol`` relative to the value (solver noise), a
+    ``rho`` step counts when ``rho`` does not grow by more than ``-rtol`` relative.
+    ``from_start`` checks from the first save point instead, where the theory does not
+    apply (to see it fail before the threshold).
+    """
+    i0 = 0 if from_start else threshold_index(traj, log_threshold)
+    where = "from the start" if from_start else "past the loss threshold"
+    if i0 is None:
+        msg = "never below the loss threshold: the claim does not apply"
+        return [Verdict("margin monotone", None, msg), Verdict("rho increasing", None, msg)]
+    lt = np.asarray(traj["log_t"])[i0:]
+    start = {"t0_index": i0, "t0_log_t": float(lt[0]), "rtol": rtol, "from_start": from_start}
+    out = []
+    for name, col, strict in (
+        ("margin monotone", "smoothed_margin", False),
+        ("rho increasing", "rho", True),
+    ):
+        v = np.asarray(traj[col])[i0:]
+        if v.size < 2:
+            out.append(Verdict(name, None, "fewer than two save points to compare", start))
+            continue
+        det = {**start, **_drops(v, lt, rtol, strict)}
+        if det["violations"]:
+            s = (
+                f"{det['violations']} of {det['checked']} steps {where} go down; largest "
+                f"relative drop {det['largest_relative_drop']:.3g} at log t = "
+                f"{det['at_log_t']:.4g}"
+            )
+        else:
+            s = f"{det['checked']} steps {where} (log t >= {lt[0]:.4g}), none goes down"
+        out.append(Verdict(name, det["violations"] == 0, s, det))
+    return out
+
+
+def _fit_slope(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.polyfit(x, y, 1)[0]) if x.size >= 2 and np.ptp(x) > 0 else math.nan
+
+
+def rates(
+    traj: Trajectory,
+    order: int,
+    log_threshold: float,
+    *,
+    band: float = 3.0,
+    decades: float = 1.0,
+) -> list[Verdict]:
+    """Theorem 4.3's rates: the two ratios' band over the last ``decades`` of log t.
+
+    The window is the save points past ``t0`` with ``log t`` in
+    ``[log_t_end / 10**decades, log_t_end]`` and ``log t > 1``; the claim passes when
+    both ratios stay within a factor ``band``. Fitted exponents (``log rho`` and
+    ``-log(Loss t)`` against ``log log t``) are reported over the same window.
+    """
+    L = int(order)
+    i0 = threshold_index(traj, log_threshold)
+    if i0 is None:
+        msg = "never below the loss threshold: the claim does not apply"
+        return [Verdict("rates", None, msg)]
+    lt = np.asarray(traj["log_t"])[i0:]
+    ll = np.asarray(traj["log_loss"])[i0:]
+    lr = np.log(np.asarray(traj["rho"])[i0:])
+    end = float(lt[-1]) if lt.size else -math.inf
+    keep = (lt > 1) & (lt >= end / 10**decades) & np.isfinite(lt)
+    if keep.sum() < 3:
+        return [
+            Verdict(
+                "rates",
+                None,
+                f"fewer than 3 save points past t0 with log t in [{end / 10**decades:.3g}, "
+                f"{end:.3g}] and log t > 1: run longer or save more often",
+            )
+        ]
+    lt, ll, lr = lt[keep], ll[keep], lr[keep]
+    llt = np.log(lt)
+    log_r1 = L * lr - llt  # log(rho^L / log t)
+    log_r2 = ll + lt + (2 - 2 / L) * llt  # log(Loss t (log t)^(2 - 2/L))
+    w1, w2 = float(np.exp(np.ptp(log_r1))), float(np.exp(np.ptp(log_r2)))
+    det = {
+        "window_log_t": [float(lt[0]), float(lt[-1])],
+        "points": int(lt.size),
+        "rho_L_over_log_t": [float(np.exp(log_r1.min())), float(np.exp(log_r1.max()))],
+        "loss_t_logt_power": [float(np.exp(log_r2.min())), float(np.exp(log_r2.max()))],
+        "band_rho": w1,
+        "band_loss": w2,
+        "band": band,
+        "exponent_rho": _fit_slope(llt, lr),
+        "exponent_rho_theory": 1 / L,
+        "exponent_inverse_loss_t": _fit_slope(llt, -(ll + lt)),
+        "exponent_inverse_loss_t_theory": 2 - 2 / L,
+    }
+    ok = w1 <= band and w2 <= band
+    s = (
+        f"over log t in [{lt[0]:.4g}, {lt[-1]:.4g}] ({lt.size} points): rho^L / log t varies "
+        f"{w1:.3g}x, Loss t (log t)^(2-2/L) {w2:.3g}x (band {band:g}x); exponents: rho "
+        f"{det['exponent_rho']:.3g} (1/L = {1 / L:.3g}), 1/(Loss t) "
+        f"{det['exponent_inverse_loss_t']:.3g} (2-2/L = {2 - 2 / L:.3g})"
+    )
+    return [Verdict("rates", ok, s, det)]
+
+
+def check_trajectory(
+    traj: Trajectory,
+    *,
+    loss: str | None = None,
+    order: int | None = None,
+    rtol: float = 1e-9,
+    band: float = 3.0,
+) -> list[Verdict]:
+    """Monotonicity and rates on one run; ``loss`` and ``order`` default to its config.
+
+    A run of a model that is not homogeneous gets the same checks (with its depth as
+    ``L``), and a note saying the theory does not cover it.
+    """
+    cfg = traj.config
+    loss = loss or cfg.get("loss")
+    order = order or cfg.get("order")
+    if loss is None or order is None:
+        raise ValueError("the run's config names no loss / order: pass loss= and order=")
+    log_threshold = get_loss(loss).log_threshold
+    out = monotonicity(traj, log_threshold, rtol=rtol) + rates(
+        traj, order, log_threshold, band=band
+    )
+    if cfg.get("homogeneous") is False:
+        out.append(
+            Verdict(
+                "homogeneity",
+                False,
+                "the model is not homogeneous (biases in every layer): the theorems do not "
+                "apply, and the verdicts above test them outside their scope",
+            )
+        )
+    return out

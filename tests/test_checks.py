@@ -1,0 +1,139 @@
+"""gflow check / gflow compare, GD against the flow, and the checks failing on purpose."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gflow import data as D
+from gflow.cli import main, run_checks
+from gflow.compare import compare, fit_order, gd_flow_gap, sharpness_along
+from gflow.dynamics import run_flow, run_gd
+from gflow.kkt import kkt_residual
+from gflow.models import build_model
+from gflow.objective import make_objective
+from gflow.theory import check_trajectory
+from gflow.trajectory import Trajectory
+
+SMALL = [
+    "--data", "digits", "--classes", "0,1", "--n", "60", "--scale", "unit", "--width", "8",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _small(bias="none"):
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    model = build_model("mlp", ds.input_shape, 1, width=8, bias=bias)
+    return make_objective(model, ds, "logistic")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    argv = ["run", *SMALL, "--log-t-max", "40", "--saves", "21", "--save-params", "--out", str(out)]
+    assert main(argv + ["--no-plot"]) == 0
+    return out
+
+
+def test_gflow_run_writes_checks_and_the_flow_passes(small_run, capsys):
+    res = json.loads((small_run / "flow" / "checks.json").read_text())
+    verdicts = {v["name"]: v for v in res["verdicts"]}
+    assert verdicts["margin monotone"]["passed"] is True
+    assert verdicts["rho increasing"]["passed"] is True
+    assert verdicts["KKT eps falling"]["passed"] is True
+    eps = [p["eps_rel"] for p in res["kkt"]]
+    assert eps[-1] < eps[0]
+
+
+def test_gflow_check_prints_and_rewrites_checks(small_run, capsys):
+    (small_run / "flow" / "checks.json").unlink()
+    rc = main(["check", str(small_run / "flow")])
+    out = capsys.readouterr().out
+    assert "[PASS] margin monotone" in out and "rates" in out and "KKT" in out
+    assert (small_run / "flow" / "checks.json").is_file()
+    assert rc in (0, 1)  # 1 only if a claim failed; the verdicts say which
+
+
+def test_gflow_check_on_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run folder" in err and "Traceback" not in err
+
+
+def test_gflow_compare_prints_and_plots(small_run, tmp_path, capsys):
+    png = tmp_path / "cmp.png"
+    rc = main(["compare", str(small_run / "gd"), str(small_run / "flow"), "--out", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "log_loss" in out and "smoothed_margin" in out
+    assert png.stat().st_size > 1000
+    summ = json.loads(png.with_suffix(".json").read_text())
+    assert summ["points"] > 5
+
+
+def test_compare_recovers_a_known_difference():
+    lt = np.linspace(0, 10, 41)
+
+    def tr(shift):
+        cols = dict(
+            step=np.arange(41.0), t=np.exp(lt), log_t=lt, log_loss=-lt + shift,
+            rho=1 + lt, q_min=lt, normalized_margin=0.1 + 0 * lt, smoothed_margin=np.sin(lt) / 10,
+        )  # fmt: skip
+        return Trajectory("flow", cols)
+
+    a, b = tr(0.25), tr(0.0)
+    a.columns = {k: v[::4] for k, v in a.columns.items()}  # coarser save points
+    c = compare(a, b)
+    np.testing.assert_allclose(c.diffs["log_loss"], 0.25, atol=1e-12)
+    assert np.max(np.abs(c.diffs["smoothed_margin"])) < 1e-12  # same curve, at a's points
+    assert np.max(np.abs(c.diffs["rho"])) < 1e-12
+
+
+def test_fit_order():
+    h = np.array([0.1, 0.05, 0.025])
+    assert fit_order(h, 3 * h**2) == pytest.approx(2.0)
+    assert math.isnan(fit_order(h, [1.0, 0.0, 1.0]))
+
+
+def test_gd_against_the_flow_is_first_order():
+    obj, p0 = _small()
+    r = gd_flow_gap(obj, p0, [0.005, 0.01, 0.02, 0.04], t_end=4.0)
+    for k in ("order_param", "order_log_loss", "order_margin"):
+        assert 0.8 <= r[k] <= 1.2, (k, r[k])
+
+
+# ---------------------------------------------------------------- failing on purpose
+
+
+def test_gd_beyond_the_edge_of_stability_fails_the_checks():
+    obj, p0 = _small()
+    # the paper's loss-based schedule grows alpha after every good epoch, so that
+    # eta * lambda_max (= alpha * lambda_max of H_log + g g^T) climbs far above 2
+    tr = run_gd(obj, p0, schedule="loss-based", log_t_max=40, saves=21, save_params=True)
+    verdicts = {v.name: v for v in check_trajectory(tr)}
+    assert verdicts["margin monotone"].passed is False
+    assert verdicts["margin monotone"].details["largest_relative_drop"] > 1e-3
+    assert np.nanmax(sharpness_along(obj, tr)) > 10
+    # the same problem with a constant step well inside the edge passes
+    ok = run_gd(obj, p0, schedule="constant", lr=0.02, max_steps=20000, saves=30)
+    assert {v.name: v for v in check_trajectory(ok)}["margin monotone"].passed is True
+
+
+def test_biases_in_every_layer_are_flagged_and_have_no_kkt_point():
+    obj, p0 = _small(bias="all")
+    assert not obj.homogeneous
+    tr = run_flow(obj, p0, solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7, log_t_max=30, saves=16)
+    verdicts = {v.name: v for v in check_trajectory(tr)}
+    assert verdicts["homogeneity"].passed is False
+    with pytest.raises(ValueError, match="homogeneous"):
+        kkt_residual(obj, tr.final_params)
+    res = run_checks(tr, obj)
+    assert all(v["name"] != "KKT eps falling" for v in res["verdicts"])
+
+
+def test_checks_before_the_threshold_do_not_apply():
+    obj, p0 = _small()
+    tr = run_flow(obj, p0, rtol=1e-4, atol=1e-7, log_t_max=-1.0, log_t_min=-6.0, saves=6)
+    assert tr["log_loss"][-1] > obj.loss.log_threshold
+    verdicts = check_trajectory(tr)
+    assert all(v.passed is None for v in verdicts)

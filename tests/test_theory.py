@@ -1,0 +1,188 @@
+"""Theory checks (monotonicity, rates) and the KKT residual: each shown passing where the
+theory applies and failing where it does not."""
+
+import itertools
+import math
+
+import jax
+import numpy as np
+import pytest
+import scipy.optimize
+
+from gflow import data as D
+from gflow.kkt import gram_matrix, kkt_residual, nonneg_quadratic
+from gflow.models import build_model
+from gflow.objective import make_objective
+from gflow.theory import monotonicity, rates, threshold_index
+from gflow.trajectory import Trajectory
+
+
+def _traj(log_t, log_loss, rho, margin, **config):
+    n = len(log_t)
+    cols = dict(
+        step=np.arange(n, dtype=float),
+        t=np.exp(np.minimum(log_t, 700.0)),
+        log_t=np.asarray(log_t, float),
+        log_loss=np.asarray(log_loss, float),
+        rho=np.asarray(rho, float),
+        q_min=np.ones(n),
+        normalized_margin=np.asarray(margin, float),
+        smoothed_margin=np.asarray(margin, float),
+    )
+    return Trajectory("flow", cols, config=config)
+
+
+def _exact_rates(L, log_t, c_rho=2.0, c_loss=0.5):
+    """Columns that follow Theorem 4.3's rates exactly."""
+    log_t = np.asarray(log_t, float)
+    rho = (c_rho * log_t) ** (1 / L)
+    log_loss = math.log(c_loss) - log_t - (2 - 2 / L) * np.log(log_t)
+    return rho, log_loss
+
+
+# ------------------------------------------------------------------ monotonicity
+
+
+def test_monotonicity_passes_a_rising_margin_and_finds_a_planted_drop():
+    lt = np.linspace(1, 50, 30)
+    rho, ll = _exact_rates(2, lt)
+    m = 0.1 - 0.05 / lt
+    ok = monotonicity(_traj(lt, ll, rho, m), 0.0)
+    assert [v.passed for v in ok] == [True, True]
+    m_bad = m.copy()
+    m_bad[17] = m[16] * (1 - 1e-3)
+    bad = monotonicity(_traj(lt, ll, rho, m_bad), 0.0)[0]
+    assert bad.passed is False and bad.details["violations"] == 1
+    assert bad.details["at_log_t"] == pytest.approx(lt[17])
+    assert bad.details["largest_relative_drop"] == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_monotonicity_ignores_points_before_the_threshold_unless_asked():
+    lt = np.linspace(0.5, 20, 20)
+    rho, _ = _exact_rates(2, lt)
+    ll = np.linspace(2.0, -20.0, 20)  # threshold (log 1 = 0) crossed at index 2
+    m = 0.1 - 0.05 / lt
+    m[0], m[1] = 0.5, -0.2  # falls before t0
+    tr = _traj(lt, ll, rho, m)
+    assert threshold_index(tr, 0.0) == 2
+    assert monotonicity(tr, 0.0)[0].passed is True
+    assert monotonicity(tr, 0.0, from_start=True)[0].passed is False
+
+
+def test_monotonicity_not_applicable_without_the_threshold():
+    lt = np.linspace(0, 5, 6)
+    v = monotonicity(_traj(lt, np.ones(6), np.ones(6), np.ones(6)), 0.0)
+    assert [x.passed for x in v] == [None, None]
+
+
+# ------------------------------------------------------------------ rates
+
+
+@pytest.mark.parametrize("L", [1, 2, 4])
+def test_rates_pass_exact_rates_and_recover_the_exponents(L):
+    lt = np.geomspace(5, 1000, 40)
+    rho, ll = _exact_rates(L, lt)
+    v = rates(_traj(lt, ll, rho, np.full(40, 0.1)), L, 0.0)[0]
+    assert v.passed is True
+    assert v.details["band_rho"] == pytest.approx(1.0)
+    assert v.details["exponent_rho"] == pytest.approx(1 / L, abs=1e-9)
+    # 1/(Loss t) = (log t)^(2-2/L) / c exactly
+    assert v.details["exponent_inverse_loss_t"] == pytest.approx(2 - 2 / L, abs=1e-9)
+
+
+def test_rates_fail_when_the_norm_grows_too_fast():
+    lt = np.geomspace(5, 1000, 40)
+    rho, ll = _exact_rates(2, lt)
+    v = rates(_traj(lt, ll, rho * lt**0.5, np.full(40, 0.1)), 2, 0.0)[0]
+    assert v.passed is False and v.details["band_rho"] > 3
+
+
+def test_rates_need_points_in_the_last_decade():
+    lt = np.array([0.5, 1.5, 2.0])
+    rho, ll = _exact_rates(2, np.maximum(lt, 1.01))
+    assert rates(_traj(lt, ll - 10, rho, np.ones(3)), 2, 0.0)[0].passed is None
+
+
+# ------------------------------------------------------------------ KKT
+
+
+def _brute_force(K, c):
+    """min lam^T K lam - 2 c^T lam over lam >= 0 by enumerating supports."""
+    best, arg = 0.0, np.zeros_like(c)
+    for k in range(1, len(c) + 1):
+        for S in itertools.combinations(range(len(c)), k):
+            S = list(S)
+            lam_S = np.linalg.lstsq(K[np.ix_(S, S)], c[S], rcond=None)[0]
+            if np.all(lam_S >= -1e-12):
+                lam = np.zeros_like(c)
+                lam[S] = np.maximum(lam_S, 0)
+                f = lam @ K @ lam - 2 * c @ lam
+                if f < best - 1e-12:
+                    best, arg = f, lam
+    return best, arg
+
+
+@pytest.mark.parametrize("rank", [3, 7])
+def test_nonneg_quadratic_matches_brute_force_and_its_own_optimality(rng, rank):
+    n = 7
+    J = rng.standard_normal((n, rank))
+    K = J @ J.T
+    c = J @ rng.standard_normal(rank)  # in K's range, like L q = J theta_s
+    lam, gap = nonneg_quadratic(K, c)
+    best, lam_bf = _brute_force(K, c)
+    assert lam.min() >= 0 and gap < 1e-10
+    f = lam @ K @ lam - 2 * c @ lam
+    assert f == pytest.approx(best, rel=1e-9, abs=1e-12)
+    if rank == n:  # strictly convex: the minimiser is unique
+        np.testing.assert_allclose(lam, lam_bf, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def linear_problem():
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=1), "unit")
+    model = build_model("linear", ds.input_shape, 1, seed=0)
+    return ds, make_objective(model, ds, "exp")
+
+
+def test_kkt_residual_is_zero_at_the_svm_solution_and_not_elsewhere(linear_problem):
+    ds, (obj, p0) = linear_problem
+    X, y = np.asarray(ds.x).reshape(len(ds), -1), ds.y_signed
+    # hard-margin SVM without bias by SLSQP on the primal (independent of the NNLS path)
+    res = scipy.optimize.minimize(
+        lambda w: 0.5 * w @ w,
+        np.zeros(X.shape[1]),
+        jac=lambda w: w,
+        constraints=[
+            {"type": "ineq", "fun": lambda w: y * (X @ w) - 1, "jac": lambda w: y[:, None] * X}
+        ],
+        method="SLSQP",
+        options=dict(ftol=1e-14, maxiter=500),
+    )
+    assert res.success, res.message
+    w = res.x
+    params = jax.tree.map(lambda a: a, p0)
+    params["layers"][0]["kernel"] = np.asarray(w[:, None] * 3.0)  # any positive scale
+    at_svm = kkt_residual(obj, params, gap=None)
+    assert at_svm.eps_rel < 1e-6 and abs(at_svm.delta) < 1e-6 and at_svm.kkt_gap < 1e-9
+    assert at_svm.q_min == pytest.approx(3.0, rel=1e-6)
+    # the initial direction is no KKT point
+    off = kkt_residual(obj, p0, gap=None) if obj.margins(p0).min() > 0 else None
+    if off is not None:
+        assert off.eps_rel > 1e-2
+
+
+def test_gram_matrix_blockwise_equals_whole(linear_problem):
+    ds, (obj, p0) = linear_problem
+    K1 = gram_matrix(obj, p0)
+    K2 = gram_matrix(obj, p0, chunk=7, max_bytes=1)
+    np.testing.assert_allclose(K2, K1, rtol=0, atol=1e-13 * np.abs(K1).max())
+    X, y = np.asarray(ds.x).reshape(len(ds), -1), ds.y_signed
+    np.testing.assert_allclose(K1, (y[:, None] * X) @ (y[:, None] * X).T, atol=1e-12)
+
+
+def test_kkt_refuses_non_separated_data(linear_problem):
+    _, (obj, p0) = linear_problem
+    flipped = jax.tree.map(lambda a: -a, p0)
+    bad = p0 if obj.margins(p0).min() <= 0 else flipped
+    with pytest.raises(ValueError, match="not separated"):
+        kkt_residual(obj, bad)
