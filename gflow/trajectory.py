@@ -113,7 +113,8 @@ class Trajectory:
     **Fields:** ``kind`` ("gd" or "flow"), ``columns`` (name -> 1-D float64 array),
     ``config`` (JSON-able dict), ``final_params`` (pytree or None), ``snapshots``
     (list of parameter pytrees, one per save point, or empty), ``status``
-    ("completed", "stopped" or "failed") and ``message``.
+    ("completed", "stopped" or "failed"), ``message``, and ``checkpoints``
+    (label -> ``{"params", "step", "log_t"}``, e.g. at loss marks).
     """
 
     kind: str
@@ -123,6 +124,7 @@ class Trajectory:
     snapshots: list = field(default_factory=list)
     status: str = "completed"
     message: str = ""
+    checkpoints: dict = field(default_factory=dict)
 
     def __post_init__(self):
         lengths = {k: len(v) for k, v in self.columns.items()}
@@ -166,6 +168,9 @@ class Trajectory:
             "config": self.config,
             "columns": self.column_names,
             "num_snapshots": len(self.snapshots),
+            "checkpoints": {
+                k: {"step": v["step"], "log_t": v["log_t"]} for k, v in self.checkpoints.items()
+            },
         }
         arrays = {f"col/{k}": np.asarray(v, np.float64) for k, v in self.columns.items()}
         for i, snap in enumerate(self.snapshots):
@@ -174,6 +179,11 @@ class Trajectory:
         atomic_write(folder / "trajectory.csv", self.to_csv().encode())
         if self.final_params is not None:
             atomic_write(folder / "params_final.npz", _npz_bytes(flatten_params(self.final_params)))
+        if self.checkpoints:
+            ck = {}
+            for i, v in enumerate(self.checkpoints.values()):
+                ck.update({f"{i}/{k}": a for k, a in flatten_params(v["params"]).items()})
+            atomic_write(folder / "checkpoints.npz", _npz_bytes(ck))
         atomic_write(folder / "config.json", (json.dumps(meta, indent=2) + "\n").encode())
         return folder
 
@@ -199,6 +209,17 @@ class Trajectory:
                     {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
                 )
             )
+        checkpoints = {}
+        marks = meta.get("checkpoints", {})
+        if marks:
+            with np.load(folder / "checkpoints.npz") as z:
+                arrays_ck = {k: z[k] for k in z.files}
+            for i, (label, info) in enumerate(marks.items()):
+                prefix = f"{i}/"
+                params = unflatten_params(
+                    {k[len(prefix) :]: v for k, v in arrays_ck.items() if k.startswith(prefix)}
+                )
+                checkpoints[label] = {"params": params, **info}
         final = None
         if (folder / "params_final.npz").is_file():
             with np.load(folder / "params_final.npz") as z:
@@ -211,6 +232,7 @@ class Trajectory:
             snapshots=snaps,
             status=meta["status"],
             message=meta["message"],
+            checkpoints=checkpoints,
         )
 
 
@@ -232,6 +254,15 @@ class TrajectoryRecorder:
         self.progress = progress
         self.rows: list[dict[str, float]] = []
         self.snapshots: list = []
+        self.checkpoints: dict = {}
+
+    def checkpoint(self, label: str, params, *, step: int, log_t: float) -> None:
+        """Keep ``params`` under ``label`` (copied to the host)."""
+        self.checkpoints[label] = {
+            "params": jax.tree.map(np.asarray, params),
+            "step": int(step),
+            "log_t": float(log_t),
+        }
 
     def add(self, step: int, log_t: float, q: Quantities, params=None, **extra: float) -> dict:
         log_t = float(log_t)
@@ -271,4 +302,5 @@ class TrajectoryRecorder:
             snapshots=self.snapshots,
             status=status,
             message=message,
+            checkpoints=self.checkpoints,
         )

@@ -137,3 +137,15 @@ def test_checks_before_the_threshold_do_not_apply():
     assert tr["log_loss"][-1] > obj.loss.log_threshold
     verdicts = check_trajectory(tr)
     assert all(v.passed is None for v in verdicts)
+
+
+def test_gflow_attack_writes_robustness(small_run, capsys):
+    rc = main(["attack", str(small_run / "flow"), "--n", "10", "--steps", "10", "--eps-max", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "median minimal eps" in out
+    res = json.loads((small_run / "flow" / "robustness.json").read_text())
+    assert res["norm"] == "l2" and res["n"] == 10
+    ends = res["end"]
+    assert len(ends["min_eps"]) == 10 and ends["robust_accuracy"][0] <= 1.0
+    # robust accuracy never rises with eps
+    assert np.all(np.diff(ends["robust_accuracy"]) <= 0)

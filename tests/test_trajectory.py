@@ -55,3 +55,31 @@ def test_load_rejects_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(ValueError, match="is not a run folder"):
         Trajectory.load(tmp_path)
+
+
+def test_gd_checkpoints_at_loss_marks_round_trip(tmp_path):
+    from gflow import data as D
+    from gflow.dynamics import run_gd
+    from gflow.models import build_model
+    from gflow.objective import make_objective
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=8), ds, "logistic")
+    marks = (-5.0, -20.0, -1e6)  # the last is never reached
+    tr = run_gd(obj, p0, schedule="loss-based", log_t_max=30, saves=5, checkpoint_log_losses=marks)
+    assert list(tr.checkpoints) == ["-5", "-20"]
+    for label, ck in tr.checkpoints.items():
+        ll = float(obj.log_loss(ck["params"]))
+        assert ll <= float(label)  # at or below its mark ...
+    # ... and the first such step: the step before was above (checked by re-running to it)
+    before = run_gd(obj, p0, schedule="loss-based", max_steps=tr.checkpoints["-5"]["step"] - 1,
+                    log_t_max=None, saves=2)  # fmt: skip
+    assert before["log_loss"][-1] > -5.0
+    tr.save(tmp_path / "r")
+    back = Trajectory.load(tmp_path / "r")
+    assert list(back.checkpoints) == ["-5", "-20"]
+    for k in back.checkpoints:
+        a = jax.tree.leaves(back.checkpoints[k]["params"])
+        b = jax.tree.leaves(tr.checkpoints[k]["params"])
+        assert len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+        assert back.checkpoints[k]["step"] == tr.checkpoints[k]["step"]

@@ -21,6 +21,7 @@ failure ends the run with the partial trajectory and a message.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -89,6 +90,87 @@ def _log1p_of_log_t(log_t: float) -> float:
     return float(np.logaddexp(0.0, log_t))
 
 
+@functools.cache
+def _segment_fn(clock: str, solver: str, fixed: bool, rtol: float, atol: float, steps: int):
+    """``(segment, evals)``: one jitted ``diffeqsolve`` from ``c0`` towards ``c1`` (or the
+    loss clock's save event), cached so that later runs of the same kind compile nothing;
+    ``evals(n_steps)`` counts its gradient evaluations."""
+    field = vector_field(clock)
+    # args = (objective, z target of the loss clock's save event) for every clock
+    term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
+    the_solver = make_solver(solver)
+    per_step, per_start = evals_per_step(the_solver)
+    controller = (
+        diffrax.ConstantStepSize() if fixed else diffrax.PIDController(rtol=rtol, atol=atol)
+    )
+    event = None
+    if clock == "loss":
+        import optimistix as optx
+
+        def event_fn(t, y, args, **kwargs):
+            # relative: z = log(1 + t) is ~ 1000 at the longest horizons, where an absolute
+            # 1e-13 is below its float64 spacing and no root finder could reach it
+            return (y[1] - args[1]) / (1 + jnp.abs(args[1]))
+
+        # bisection on the step's dense output: always converges (Newton can stall on a
+        # long step's interpolant, seen at log t ~ 360)
+        event = diffrax.Event(event_fn, root_finder=optx.Bisection(rtol=1e-13, atol=1e-13))
+
+    @eqx.filter_jit
+    def segment(obj, y0, c0, c1, dt0, z_target):
+        sol = diffrax.diffeqsolve(
+            term,
+            the_solver,
+            c0,
+            c1,
+            dt0,
+            y0,
+            (obj, z_target),
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=controller,
+            event=event,
+            max_steps=steps,
+            throw=False,
+        )
+        y1 = jax.tree.map(lambda a: a[-1], sol.ys)
+        st = sol.stats
+        return y1, sol.ts[-1], sol.result, st["num_steps"], st["num_accepted_steps"]
+
+    def evals(n_steps: int) -> int:
+        # an adaptive solve also spends 2 evaluations choosing its first step
+        return n_steps * per_step + per_start + (0 if fixed else 2)
+
+    return segment, evals
+
+
+@functools.cache
+def _stiffness_fns(clock: str):
+    """Jitted ``(jac_matvec, drift_dt)`` for stability stepping on ``clock``:
+    ``v -> -J v`` (J: the field's Jacobian in theta, v a parameter pytree) and
+    ``|theta| / |f(theta)|``."""
+    field = vector_field(clock)
+
+    def velocity(obj, c, y, theta):
+        out = field(c, (theta, y[1]) if clock == "loss" else theta, obj)
+        return out[0] if clock == "loss" else out
+
+    def theta_of(y):
+        return y[0] if clock == "loss" else y
+
+    @eqx.filter_jit
+    def jac_matvec(obj, c, y, v):
+        _, jv = jax.jvp(lambda th: velocity(obj, c, y, th), (theta_of(y),), (v,))
+        return jax.tree.map(jnp.negative, jv)
+
+    @eqx.filter_jit
+    def drift_dt(obj, c, y):
+        theta = ravel_pytree(theta_of(y))[0]
+        f = ravel_pytree(velocity(obj, c, y, theta_of(y)))[0]
+        return jnp.linalg.norm(theta) / jnp.linalg.norm(f)
+
+    return jac_matvec, drift_dt
+
+
 def run_flow(
     objective: Objective,
     params0,
@@ -141,7 +223,7 @@ def run_flow(
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    main_solver = make_solver(solver)
+    make_solver(solver)  # validates the name
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
     if dt is not None and not dt > 0:
@@ -166,66 +248,15 @@ def run_flow(
         if is_fixed_step(warmup):
             raise ValueError(f"warmup solver {warmup!r} has no error estimate")
         edge = stability_edge(solver)
-        warmup_solver = make_solver(warmup)
+        make_solver(warmup)
 
     dtype = objective.dtype
-    field = vector_field(clock)
-    # args = (objective, z target of the loss clock's save event) for every clock
-    term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
     all_steps = int(min(max_steps, 2**31 - 1))
-
-    if clock == "loss":
-        import optimistix as optx
-
-        def event_fn(t, y, args, **kwargs):
-            # relative: z = log(1 + t) is ~ 1000 at the longest horizons, where an absolute
-            # 1e-13 is below its float64 spacing and no root finder could reach it
-            return (y[1] - args[1]) / (1 + jnp.abs(args[1]))
-
-        # bisection on the step's dense output: always converges (Newton can stall on a
-        # long step's interpolant, seen at log t ~ 360)
-        event = diffrax.Event(event_fn, root_finder=optx.Bisection(rtol=1e-13, atol=1e-13))
-    else:
-        event = None
-
-    def make_segment(the_solver, fixed: bool, seg_steps: int):
-        """One jitted ``diffeqsolve`` from ``c0`` towards ``c1`` (or the loss clock's event)."""
-        per_step, per_start = evals_per_step(the_solver)
-        controller = (
-            diffrax.ConstantStepSize() if fixed else diffrax.PIDController(rtol=rtol, atol=atol)
-        )
-
-        @eqx.filter_jit
-        def segment(obj, y0, c0, c1, dt0, z_target):
-            sol = diffrax.diffeqsolve(
-                term,
-                the_solver,
-                c0,
-                c1,
-                dt0,
-                y0,
-                (obj, z_target),
-                saveat=diffrax.SaveAt(t1=True),
-                stepsize_controller=controller,
-                event=event,
-                max_steps=seg_steps,
-                throw=False,
-            )
-            y1 = jax.tree.map(lambda a: a[-1], sol.ys)
-            st = sol.stats
-            return y1, sol.ts[-1], sol.result, st["num_steps"], st["num_accepted_steps"]
-
-        def evals(n_steps: int) -> int:
-            # an adaptive solve also spends 2 evaluations choosing its first step
-            return n_steps * per_step + per_start + (0 if fixed else 2)
-
-        return segment, evals
-
     if cfl is None:
-        first = make_segment(main_solver, dt is not None, all_steps)
+        first = _segment_fn(clock, solver, dt is not None, rtol, atol, all_steps)
     else:
-        first = make_segment(warmup_solver, False, all_steps)
-        stable = make_segment(main_solver, True, int(refresh))
+        first = _segment_fn(clock, warmup, False, rtol, atol, all_steps)
+        stable = _segment_fn(clock, solver, True, rtol, atol, int(refresh))
 
     cfg = {**objective.describe(), **(config or {})}
     cfg.update(
@@ -268,28 +299,14 @@ def run_flow(
     if cfl is not None:
         unravel = ravel_pytree(params0)[1]
         dim = ravel_pytree(params0)[0].size
-
-        def velocity(obj, c, y, theta):
-            out = field(c, (theta, y[1]) if clock == "loss" else theta, obj)
-            return out[0] if clock == "loss" else out
-
-        @eqx.filter_jit
-        def jac_matvec(obj, c, y, v):
-            _, jv = jax.jvp(lambda th: velocity(obj, c, y, th), (theta_of(y),), (unravel(v),))
-            return -ravel_pytree(jv)[0]
-
-        @eqx.filter_jit
-        def drift_dt(obj, c, y):
-            theta = ravel_pytree(theta_of(y))[0]
-            f = ravel_pytree(velocity(obj, c, y, theta_of(y)))[0]
-            return drift * jnp.linalg.norm(theta) / jnp.linalg.norm(f)
-
+        jac_matvec, drift_dt = _stiffness_fns(clock)
         warm = {"vector": None}
 
     def stable_dt(y, c) -> float:
         """The ``cfl`` step (see ``run_flow``'s arguments)."""
+        c_ = jnp.asarray(c, dtype)
         eig = lanczos_top(
-            lambda v: jac_matvec(objective, jnp.asarray(c, dtype), y, jnp.asarray(v, dtype)),
+            lambda v: ravel_pytree(jac_matvec(objective, c_, y, unravel(jnp.asarray(v, dtype))))[0],
             dim,
             iters=12,
             tol=1e-3,
@@ -297,7 +314,7 @@ def run_flow(
         )
         warm["vector"] = eig.vector
         totals["grad_evals"] += 2 * eig.matvecs + 1
-        bound = float(drift_dt(objective, jnp.asarray(c, dtype), y))
+        bound = drift * float(drift_dt(objective, c_, y))
         return min(cfl * edge / max(eig.value, 1e-300), bound)
 
     def _log_t(y, c):

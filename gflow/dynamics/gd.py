@@ -182,6 +182,7 @@ def run_gd(
     seed: int = 0,
     save_params: bool = False,
     chunk: int = 5_000,
+    checkpoint_log_losses=(),
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> Trajectory:
@@ -195,6 +196,9 @@ def run_gd(
     - ``saves``: save points evenly spaced in log t on ``[log_t_min, log_t_max]`` (by
       steps when ``log_t_max`` is None), plus the initial point and the first step.
     - ``save_params``: keep a parameter snapshot at each save point.
+    - ``checkpoint_log_losses``: log-loss marks; the parameters of the first step (for
+      SGD: epoch) whose log loss falls to each mark are kept as the trajectory's
+      checkpoint ``f"{mark:.6g}"`` (the paper's checkpoints at Loss < 1e-10, ...).
     - ``progress``: called with the latest row after each chunk and save point.
     """
     if schedule not in SCHEDULES:
@@ -218,9 +222,14 @@ def run_gd(
     dtype = objective.dtype
 
     @jax.jit
-    def advance(obj, s: GDState, target, step_limit):
+    def advance(obj, s: GDState, target, step_limit, loss_floor):
         def cond(s):
-            return (s.log_t < target) & (s.step < step_limit) & (s.stop == RUNNING)
+            return (
+                (s.log_t < target)
+                & (s.step < step_limit)
+                & (s.stop == RUNNING)
+                & (s.log_loss > loss_floor)
+            )
 
         return jax.lax.while_loop(cond, lambda s: epoch(obj, s), s)
 
@@ -268,6 +277,7 @@ def run_gd(
         )
 
     record(state)
+    pending = sorted((float(v) for v in checkpoint_log_losses), reverse=True)
     if log_t_max is not None:
         targets = list(log_t_grid(log_t_min, log_t_max, saves))
     else:
@@ -285,12 +295,23 @@ def run_gd(
             else:
                 nxt = step_marks[step_marks > step]
                 target, limit = np.inf, int(min(nxt[0] if nxt.size else max_steps, step + chunk))
-            state = advance(objective, state, jnp.asarray(target, dtype), jnp.asarray(limit))
+            floor = pending[0] if pending else -np.inf
+            state = advance(
+                objective,
+                state,
+                jnp.asarray(target, dtype),
+                jnp.asarray(limit),
+                jnp.asarray(floor, dtype),
+            )
             log_t, step, stop = float(state.log_t), int(state.step), int(state.stop)
             hit = first or (log_t >= target) or (log_t_max is None and step in step_marks)
             first = False
             done_t = log_t_max is not None and log_t >= log_t_max
             done_loss = log_loss_min is not None and float(state.log_loss) <= log_loss_min
+            while pending and float(state.log_loss) <= pending[0]:
+                # the first step (epoch, for SGD) whose log loss is at or below a mark
+                label = f"{pending.pop(0):.6g}"
+                rec.checkpoint(label, state.params, step=step, log_t=log_t)
             done = done_t or done_loss or step >= max_steps or stop != RUNNING
             if hit or done:
                 record(state)
