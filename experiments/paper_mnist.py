@@ -17,8 +17,8 @@ figure.
 
 Scales:
 
-- ``--scale cpu`` (default): 1,000 training images from mnist5k, channels 16/32/256
-  instead of 32/64/1024, 300 epochs, float32. About 20-25 minutes on 2 cores.
+- ``--scale cpu`` (default): 500 training images from mnist5k, channels 16/32/256
+  instead of 32/64/1024, 300 epochs, float32. About 15-20 minutes on 2 cores.
 - ``--scale paper``: 60,000 images (``--data mnist-idx:DIR``), the paper's widths,
   10,000 epochs: an accelerator's job.
 
@@ -52,7 +52,7 @@ from gflow.objective import make_objective  # noqa: E402
 from gflow.plots import save_figure  # noqa: E402
 
 SCALES = {
-    "cpu": dict(data="mnist5k", train=1000, test=1000, channels="16,32,256", epochs=300),
+    "cpu": dict(data="mnist5k", train=500, test=1000, channels="16,32,256", epochs=300),
     "paper": dict(data=None, train=60000, test=10000, channels="32,64,1024", epochs=10000),
 }
 MEAN_LOSS_MARKS = (1e-10, 1e-15, 1e-20, 1e-120)

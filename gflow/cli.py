@@ -200,8 +200,8 @@ digits 0 vs 1 from mnist5k, each image scaled to unit norm, logistic loss, float
 GD with the paper's loss-based schedule and the gradient flow on the loss clock, both to
 log t = 100 (t = e^100). The flow runs adaptive Tsit5 (rtol 1e-4) until the loss threshold,
 then RK4 at 0.9 of its stability edge over the top Hessian eigenvalue (stability
-stepping: about 4x fewer gradient evaluations than Tsit5 throughout, at equal accuracy;
-benchmarks/RESULTS.md). Under a minute on a 2-core CPU. At the end the theory checks
+stepping: about 4x fewer gradient evaluations than Tsit5 throughout, at equal parameter
+accuracy; benchmarks/RESULTS.md). Under a minute on a 2-core CPU. At the end the theory checks
 run (gflow check). Files go to --out: gd/ and flow/ run folders (config.json,
 trajectory.npz, trajectory.csv, params_final.npz, checks.json) and plots.png."""
 

@@ -20,3 +20,29 @@ def rel_err(a, b) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def small():
+    """60 unit-norm digits 0/1, a width-8 ReLU MLP (L = 2), logistic loss."""
+    from gflow import data as D
+    from gflow.models import build_model
+    from gflow.objective import make_objective
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    model = build_model("mlp", ds.input_shape, 1, width=8)
+    return make_objective(model, ds, "logistic")
+
+
+@pytest.fixture(scope="session")
+def smooth():
+    """The same with linear activations: homogeneous (L = 2) and smooth, so that tight
+    tolerances are cheap (on ReLU networks the flow slides along kinks and tight
+    tolerances never end)."""
+    from gflow import data as D
+    from gflow.models import build_model
+    from gflow.objective import make_objective
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    model = build_model("mlp", ds.input_shape, 1, width=8, activation="linear")
+    return make_objective(model, ds, "logistic")

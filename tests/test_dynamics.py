@@ -25,22 +25,6 @@ def _tree_rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def small():
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    model = build_model("mlp", ds.input_shape, 1, width=8)
-    return make_objective(model, ds, "logistic")
-
-
-@pytest.fixture(scope="module")
-def smooth():
-    # A 2-layer linear-activation network: homogeneous (L = 2) and smooth, so that the
-    # clocks can be compared at tight tolerance (ReLU kinks make tight tolerances slow).
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    model = build_model("mlp", ds.input_shape, 1, width=8, activation="linear")
-    return make_objective(model, ds, "logistic")
-
-
-@pytest.fixture(scope="module")
 def default_problem():
     ds = D.normalize(D.sample(D.keep_classes(D.mnist5k(), (0, 1)), 300, seed=0), "unit")
     model = build_model("mlp", ds.input_shape, 1, width=50)

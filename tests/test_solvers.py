@@ -7,11 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gflow import data as D
 from gflow.dynamics import run_flow
 from gflow.dynamics.solvers import make_solver, rkc_tableau, stability_edge
-from gflow.models import build_model
-from gflow.objective import make_objective
 from gflow.spectrum import top_hessian_eigenvalue
 from tests.conftest import rel_err
 
@@ -88,24 +85,8 @@ def test_rkc_names():
         stability_edge("tsit5")
 
 
-@pytest.fixture(scope="module")
-def small():
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    model = build_model("mlp", ds.input_shape, 1, width=8)
-    return make_objective(model, ds, "logistic")
-
-
 def _flat(p):
     return np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)])
-
-
-@pytest.fixture(scope="module")
-def smooth():
-    # linear activations: homogeneous (L = 2) and smooth, so a tight Tsit5 reference is
-    # cheap; on ReLU networks the flow slides along kinks and tight tolerances never end
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    model = build_model("mlp", ds.input_shape, 1, width=8, activation="linear")
-    return make_objective(model, ds, "logistic")
 
 
 def _rel(a, b):
