@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from common import FIGURES, out_dir, problem, write_json  # noqa: E402
 
-from gflow.cli import run_checks  # noqa: E402
 from gflow.dynamics import run_flow  # noqa: E402
 from gflow.plots import save_figure  # noqa: E402
+from gflow.theory import check_run, checks_json  # noqa: E402
 
 CASES = {"exp": dict(loss="exp"), "logistic": dict(loss="logistic"),
          "ce": dict(loss="ce", classes=(0, 1, 2))}  # fmt: skip
@@ -43,9 +43,8 @@ def main():
                       log_t_max=args.log_t_max, saves=51, save_params=True)  # fmt: skip
         wall = time.perf_counter() - t
         tr.save(out / name)
-        res = run_checks(tr, obj)
-        verdicts = res.pop("_verdicts")
-        write_json(out / name / "checks.json", res)
+        verdicts = check_run(tr, obj)
+        (out / name / "checks.json").write_text(checks_json(verdicts))
         summary[name] = dict(wall_s=wall, verdicts={v.name: v.passed for v in verdicts},
                              summaries={v.name: v.summary for v in verdicts})  # fmt: skip
         print(f"{name}: {tr.status}, {wall:.0f} s")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -48,8 +49,13 @@ def main():
     kernel = np.asarray(tr.final_params["layers"][0]["kernel"])
     dtype = jnp.float32 if kernel.dtype == np.float32 else jnp.float64
     graphdef, _ = split_params(cnn(channels, dtype, 0))
-    points = {k: v["params"] for k, v in tr.checkpoints.items()}
-    points["end"] = tr.final_params
+    # checkpoint labels are log marks on the sum loss: show them as mean-loss marks
+    n_train = len(train)
+    points = {
+        f"loss < {math.exp(float(k) - math.log(n_train)):.0e}": v["params"]
+        for k, v in tr.checkpoints.items()
+    }
+    points[f"end (epoch {int(tr['step'][-1]) // (n_train // 100)})"] = tr.final_params
     sets = {"train": train, "test": test}
     res = {}
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
@@ -65,7 +71,7 @@ def main():
                 res.setdefault(norm, {}).setdefault(sname, {})[label] = dict(
                     grid=grid.tolist(), accuracy=acc.tolist(), median_min_eps=float(np.median(me))
                 )
-                axes[i, j].plot(grid, acc, label=f"loss < {label}" if label != "end" else "end")
+                axes[i, j].plot(grid, acc, label=label)
                 print(f"{norm} {sname} {label}: median minimal eps {np.median(me):.4g}")
             axes[i, j].set_title(f"{sname}, {norm}")
             axes[i, j].set_xlabel("eps")

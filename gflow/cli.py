@@ -463,6 +463,7 @@ def cmd_run(args) -> int:
 
     from gflow.dynamics import run_flow, run_gd
     from gflow.plots import plot_trajectories
+    from gflow.theory import check_run, checks_json
     from gflow.trajectory import atomic_write
 
     _validate_run(args)
@@ -533,9 +534,8 @@ def cmd_run(args) -> int:
         tr.config["wall_seconds"] = times[kind]
         tr.save(folder)
         print(f"{kind}: {tr.status}: {tr.message} ({times[kind]:.1f} s) -> {folder}")
-        res = run_checks(tr, obj)
-        checks[kind] = res.pop("_verdicts")
-        atomic_write(folder / "checks.json", (json.dumps(res, indent=2) + "\n").encode())
+        checks[kind] = check_run(tr, obj)
+        atomic_write(folder / "checks.json", checks_json(checks[kind]).encode())
     _print_summary(trajs, times, checks)
     if not args.no_plot:
         title = f"{ds.name}, {args.model} (L={obj.order}), {args.loss} loss"
@@ -563,52 +563,6 @@ def _problem_from_config(cfg: dict):
     return build_problem(ns)
 
 
-def run_checks(tr, objective=None, *, kkt: bool = True) -> dict:
-    """Theory verdicts on one run, plus the KKT residual where parameters were saved."""
-    from gflow.kkt import kkt_residual
-    from gflow.theory import Verdict, check_trajectory
-
-    verdicts = check_trajectory(tr)
-    out = {"kkt": []}
-    points = list(enumerate(tr.snapshots))
-    if not points and tr.final_params is not None:
-        points = [(len(tr) - 1, tr.final_params)]
-    if kkt and objective is not None and objective.homogeneous and points:
-        for i, p in points:
-            try:
-                r = kkt_residual(objective, p, gap=None if objective.num_samples <= 2000 else 1.0)
-            except ValueError:
-                continue  # not separated yet
-            out["kkt"].append(
-                dict(log_t=float(tr["log_t"][i]), eps_rel=r.eps_rel, eps=r.eps, delta=r.delta)
-            )
-        ks = out["kkt"]
-        if len(ks) >= 2:
-            early, late = ks[0]["eps_rel"], ks[-1]["eps_rel"]
-            verdicts.append(
-                Verdict(
-                    "KKT eps falling",
-                    late < early,
-                    f"relative eps {early:.3g} at log t = {ks[0]['log_t']:.4g} -> {late:.3g} "
-                    f"at log t = {ks[-1]['log_t']:.4g} ({len(ks)} snapshots)",
-                    dict(points=ks),
-                )
-            )
-        elif ks:
-            verdicts.append(
-                Verdict(
-                    "KKT eps falling",
-                    None,
-                    f"relative eps {ks[0]['eps_rel']:.3g}, delta {ks[0]['delta']:.3g} at the end "
-                    "(save parameters, --save-params, to see it fall)",
-                    dict(points=ks),
-                )
-            )
-    out["verdicts"] = [v.to_dict() for v in verdicts]
-    out["_verdicts"] = verdicts
-    return out
-
-
 def _run_folders(path) -> list:
     from pathlib import Path
 
@@ -624,20 +578,19 @@ def _run_folders(path) -> list:
 
 
 def cmd_check(args) -> int:
-    import json
-
+    from gflow.theory import check_run, checks_json
     from gflow.trajectory import Trajectory, atomic_write
 
     status = 0
     for folder in _run_folders(args.run_dir):
         tr = Trajectory.load(folder)
         problem = None if args.no_kkt else _problem_from_config(tr.config)
-        res = run_checks(tr, None if problem is None else problem[2], kkt=not args.no_kkt)
+        verdicts = check_run(tr, None if problem is None else problem[2], kkt=not args.no_kkt)
         print(f"{folder} ({tr.kind}, {tr.status}, log t up to {tr['log_t'][-1]:.4g}):")
-        for v in res.pop("_verdicts"):
+        for v in verdicts:
             print(f"  {v}")
             status = 1 if v.passed is False else status
-        atomic_write(folder / "checks.json", (json.dumps(res, indent=2) + "\n").encode())
+        atomic_write(folder / "checks.json", checks_json(verdicts).encode())
         print(f"  -> {folder / 'checks.json'}")
     return status
 

@@ -17,6 +17,7 @@ reach the regime the claim is about), a one-line ``summary`` and JSON-able ``det
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +32,9 @@ __all__ = [
     "monotonicity",
     "rates",
     "check_trajectory",
+    "kkt_along",
+    "check_run",
+    "checks_json",
 ]
 
 
@@ -214,3 +218,57 @@ def check_trajectory(
             )
         )
     return out
+
+
+def kkt_along(traj: Trajectory, objective) -> list[dict]:
+    """The KKT residual at each parameter snapshot of a run (at its final parameters if it
+    saved none), skipping points where the data are not yet separated."""
+    from gflow.kkt import kkt_residual
+
+    points = list(enumerate(traj.snapshots))
+    if not points and traj.final_params is not None:
+        points = [(len(traj) - 1, traj.final_params)]
+    out = []
+    for i, p in points:
+        try:
+            r = kkt_residual(objective, p, gap=None if objective.num_samples <= 2000 else 1.0)
+        except ValueError:
+            continue  # not separated yet
+        out.append(dict(log_t=float(traj["log_t"][i]), eps_rel=r.eps_rel, eps=r.eps, delta=r.delta))
+    return out
+
+
+def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Verdict]:
+    """``check_trajectory`` plus, for a homogeneous ``objective``, the KKT residual along
+    the run's saved parameters: it must fall from the first to the last (Theorem 4.4)."""
+    verdicts = check_trajectory(traj)
+    if not (kkt and objective is not None and objective.homogeneous):
+        return verdicts
+    ks = kkt_along(traj, objective)
+    if len(ks) >= 2:
+        early, late = ks[0]["eps_rel"], ks[-1]["eps_rel"]
+        verdicts.append(
+            Verdict(
+                "KKT eps falling",
+                late < early,
+                f"relative eps {early:.3g} at log t = {ks[0]['log_t']:.4g} -> {late:.3g} "
+                f"at log t = {ks[-1]['log_t']:.4g} ({len(ks)} snapshots)",
+                dict(points=ks),
+            )
+        )
+    elif ks:
+        verdicts.append(
+            Verdict(
+                "KKT eps falling",
+                None,
+                f"relative eps {ks[0]['eps_rel']:.3g}, delta {ks[0]['delta']:.3g} at the end "
+                "(save parameters, --save-params, to see it fall)",
+                dict(points=ks),
+            )
+        )
+    return verdicts
+
+
+def checks_json(verdicts: list[Verdict]) -> str:
+    """The ``checks.json`` of a run folder."""
+    return json.dumps({"verdicts": [v.to_dict() for v in verdicts]}, indent=2) + "\n"
