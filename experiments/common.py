@@ -25,5 +25,61 @@ def out_dir(name: str, given: str | None) -> Path:
     return out
 
 
+MEAN_LOSS_MARKS = (1e-10, 1e-15, 1e-20, 1e-120)  # the paper's checkpoints
+
+
+def train_schedule(
+    obj,
+    p0,
+    schedule: str,
+    *,
+    lr_mean: float,
+    alpha0: float,
+    batch: int,
+    epochs: int,
+    saves: int,
+    seed: int,
+    config: dict,
+):
+    """SGD with the paper's protocol: ``schedule`` "constant" (``lr_mean`` on the
+    batch-mean loss, so ``lr_mean / N`` on gflow's sum loss) or "loss-based"; checkpoints
+    at the first epochs whose mean loss falls below ``MEAN_LOSS_MARKS``. Returns
+    ``(trajectory, wall seconds)``."""
+    import math
+    import time
+
+    from gflow.dynamics import run_gd
+
+    n = obj.num_samples
+    marks = [math.log(m) + math.log(n) for m in MEAN_LOSS_MARKS]  # on the sum loss
+    t = time.perf_counter()
+    tr = run_gd(
+        obj,
+        p0,
+        schedule=schedule,
+        lr=lr_mean / n,
+        alpha0=alpha0,
+        batch_size=batch,
+        max_steps=epochs * (n // batch),
+        log_t_max=None,
+        saves=saves,
+        seed=seed,
+        checkpoint_log_losses=marks,
+        config=config,
+    )
+    return tr, time.perf_counter() - t
+
+
+def held_out_accuracy(obj, params, ds) -> float:
+    """Accuracy of ``params`` on the dataset ``ds`` (the objective's model and dtype)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    x, y = jnp.asarray(ds.x, obj.dtype), jnp.asarray(ds.y, jnp.int32)
+    out = eqx.tree_at(lambda o: (o.x, o.y), obj, (x, y)).outputs(jax.tree.map(jnp.asarray, params))
+    return float(jnp.mean(jnp.argmax(out, axis=1).astype(y.dtype) == y))
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")

@@ -17,21 +17,14 @@ per schedule and ``summary.json``.
 from __future__ import annotations
 
 import argparse
-import math
-import time
 
-import equinox as eqx
-import jax
 import jax.numpy as jnp
-from common import out_dir, write_json
+from common import held_out_accuracy, out_dir, train_schedule, write_json
 from flax import nnx
 
 from gflow import data as D
-from gflow.dynamics import run_gd
 from gflow.models import VGG16_PLAN, Sequential
 from gflow.objective import make_objective
-
-MEAN_LOSS_MARKS = (1e-10, 1e-15, 1e-20, 1e-120)
 
 
 def vgg(width: float, dtype, seed: int) -> Sequential:
@@ -67,7 +60,6 @@ def main(argv=None):
     batch = min(args.batch, n)
     per_epoch = n // batch
     out = out_dir("paper_cifar", args.out)
-    marks = [math.log(m) + math.log(n) for m in MEAN_LOSS_MARKS]
     print(
         f"{train.name}, {test.name}, VGG-16 x{args.width:g} (L = 14), {args.epochs} epochs, "
         f"batch {batch}, {args.dtype}"
@@ -76,30 +68,20 @@ def main(argv=None):
     for schedule in ("constant", "loss-based"):
         model = vgg(args.width, dtype, args.seed)
         obj, p0 = make_objective(model, train, "ce")
-        t = time.perf_counter()
-        tr = run_gd(
+        tr, wall = train_schedule(
             obj,
             p0,
-            schedule=schedule,
-            lr=args.lr / n,
+            schedule,
+            lr_mean=args.lr,
             alpha0=args.alpha0,
-            batch_size=batch,
-            max_steps=args.epochs * per_epoch,
-            log_t_max=None,
+            batch=batch,
+            epochs=args.epochs,
             saves=args.saves,
             seed=args.seed,
-            checkpoint_log_losses=marks,
             config=dict(experiment="paper_cifar", **vars(args)),
         )
-        wall = time.perf_counter() - t
         tr.save(out / schedule)
-        test_obj = eqx.tree_at(
-            lambda o: (o.x, o.y), obj, (jnp.asarray(test.x, dtype), jnp.asarray(test.y, jnp.int32))
-        )
-        logits = test_obj.outputs(jax.tree.map(jnp.asarray, tr.final_params))
-        test_acc = float(
-            jnp.mean(jnp.argmax(logits, axis=1).astype(test_obj.y.dtype) == test_obj.y)
-        )
+        test_acc = held_out_accuracy(obj, tr.final_params, test)
         summary["runs"][schedule] = dict(
             wall_s=wall,
             status=tr.status,

@@ -32,21 +32,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
-import equinox as eqx
-import jax
 import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from common import FIGURES, out_dir, write_json  # noqa: E402
+from common import FIGURES, held_out_accuracy, out_dir, train_schedule, write_json  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from gflow import data as D  # noqa: E402
-from gflow.dynamics import run_gd  # noqa: E402
 from gflow.models import Sequential  # noqa: E402
 from gflow.objective import make_objective  # noqa: E402
 from gflow.plots import save_figure  # noqa: E402
@@ -55,7 +51,6 @@ SCALES = {
     "cpu": dict(data="mnist5k", train=500, test=1000, channels="16,32,256", epochs=300),
     "paper": dict(data=None, train=60000, test=10000, channels="32,64,1024", epochs=10000),
 }
-MEAN_LOSS_MARKS = (1e-10, 1e-15, 1e-20, 1e-120)
 
 
 def split(spec: str, n_train: int, n_test: int, seed: int):
@@ -78,14 +73,6 @@ def cnn(channels, dtype, seed):
     c1, c2, f = channels
     plan = (("C", c1, 5), ("P",), ("C", c2, 3), ("P",), ("F", f))
     return Sequential((28, 28, 1), plan, 10, bias="first", rngs=nnx.Rngs(params=seed), dtype=dtype)
-
-
-def accuracy(obj, params, ds) -> float:
-    test_obj = eqx.tree_at(
-        lambda o: (o.x, o.y), obj, (jnp.asarray(ds.x, obj.dtype), jnp.asarray(ds.y, jnp.int32))
-    )
-    out = test_obj.outputs(jax.tree.map(jnp.asarray, params))
-    return float(jnp.mean(jnp.argmax(out, axis=1).astype(test_obj.y.dtype) == test_obj.y))
 
 
 def main():
@@ -122,37 +109,35 @@ def main():
         f"scale {args.scale}: {train.name}, {test.name}, channels {channels}, "
         f"{sc['epochs']} epochs, batch {args.batch}, {args.dtype}"
     )
-    marks = [math.log(m) + math.log(n) for m in MEAN_LOSS_MARKS]  # on the sum loss
     summary = dict(scale=args.scale, settings=sc, channels=channels, dtype=args.dtype, runs={})
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
     for schedule in ("constant", "loss-based"):
         model = cnn(channels, dtype, args.seed)
         obj, p0 = make_objective(model, train, "ce")
-        t = time.perf_counter()
-        tr = run_gd(
+        tr, wall = train_schedule(
             obj,
             p0,
-            schedule=schedule,
-            lr=args.lr / n,
+            schedule,
+            lr_mean=args.lr,
             alpha0=args.alpha0,
-            batch_size=args.batch,
-            max_steps=sc["epochs"] * per_epoch,
-            log_t_max=None,
+            batch=args.batch,
+            epochs=sc["epochs"],
             saves=args.saves,
             seed=args.seed,
-            checkpoint_log_losses=marks,
             config=dict(experiment="paper_mnist", scale=args.scale, **sc),
         )
-        wall = time.perf_counter() - t
         tr.save(out / schedule)
         cks = {}
         for label, ck in tr.checkpoints.items():
             mean_mark = math.exp(float(label) - math.log(n))
             cks[f"{mean_mark:.0e}"] = dict(
-                epoch=ck["step"] // per_epoch, test_accuracy=accuracy(obj, ck["params"], test)
+                epoch=ck["step"] // per_epoch,
+                test_accuracy=held_out_accuracy(obj, ck["params"], test),
             )
         ep = tr["step"] / per_epoch
-        cks["end"] = dict(epoch=int(ep[-1]), test_accuracy=accuracy(obj, tr.final_params, test))
+        cks["end"] = dict(
+            epoch=int(ep[-1]), test_accuracy=held_out_accuracy(obj, tr.final_params, test)
+        )
         fitted = np.nonzero(tr["accuracy"] >= 1.0)[0]
         summary["runs"][schedule] = dict(
             wall_s=wall,
