@@ -297,8 +297,8 @@ def run_flow(
         )
 
     if cfl is not None:
-        unravel = ravel_pytree(params0)[1]
-        dim = ravel_pytree(params0)[0].size
+        flat0, unravel = ravel_pytree(params0)
+        dim = flat0.size
         jac_matvec, drift_dt = _stiffness_fns(clock)
         warm = {"vector": None}
 
