@@ -106,8 +106,48 @@ def classification_data(n, shape, classes, dtype, seed=0):
     return D.Dataset(x=x, y=y, num_classes=classes, name=f"random{shape}")
 
 
-def torch_step(kind, x_np, y_np, reps):
-    """PyTorch's equivalent full-batch step time (float32, TF32 off), or None."""
+def torch_net(kind: str, in_features: int = 784, width: int = 50):
+    """PyTorch's twin of a gflow model: "paper-cnn", "vgg16" or "mlp" (bias-free MLP)."""
+    import torch
+
+    nn = torch.nn
+    if kind == "paper-cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(7 * 7 * 64, 1024, bias=False),
+            nn.ReLU(),
+            nn.Linear(1024, 10, bias=False),
+        )
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, width, bias=False),
+            nn.ReLU(),
+            nn.Linear(width, 1, bias=False),
+        )
+    layers, c = [], 3
+    for i, v in enumerate(
+        (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
+    ):
+        if v == "P":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1, bias=i == 0), nn.ReLU()]
+            c = v
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, 10, bias=False))
+
+
+def torch_step_fn(kind, x_np, y_np, dtype="float32"):
+    """A closure running PyTorch's equivalent full-batch SGD step (TF32 off), or None.
+
+    Cross-entropy (sum) for the classifiers; the logistic loss (sum) for the MLP with
+    labels in {-1, +1}."""
     try:
         import torch
     except ImportError:
@@ -115,45 +155,43 @@ def torch_step(kind, x_np, y_np, reps):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    nn = torch.nn
-    if kind == "paper-cnn":
-        net = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(7 * 7 * 64, 1024, bias=False), nn.ReLU(),
-            nn.Linear(1024, 10, bias=False),
-        )  # fmt: skip
-    else:
-        layers, c = [], 3
-        for i, v in enumerate((64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512,
-                               "P", 512, 512, 512, "P")):  # fmt: skip
-            if v == "P":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1, bias=i == 0), nn.ReLU()]
-                c = v
-        net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, 10, bias=False))
-    net = net.to(dev)
-    x = torch.tensor(np.moveaxis(x_np, -1, 1), dtype=torch.float32, device=dev)
-    y = torch.tensor(y_np, dtype=torch.long, device=dev)
+    tdt = torch.float32 if dtype == "float32" else torch.float64
+    net = torch_net(kind, int(np.prod(x_np.shape[1:]))).to(dev, tdt)
+    xs = np.moveaxis(x_np, -1, 1) if x_np.ndim == 4 else x_np
+    x = torch.tensor(xs, dtype=tdt, device=dev)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    if kind == "mlp":
+        y = torch.tensor(y_np, dtype=tdt, device=dev)
+
+        def loss_fn(out):
+            return torch.nn.functional.softplus(-y * out[:, 0]).sum()
+    else:
+        y = torch.tensor(y_np, dtype=torch.long, device=dev)
+        ce = torch.nn.CrossEntropyLoss(reduction="sum")
+
+        def loss_fn(out):
+            return ce(out, y)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
-        loss.backward()
+        loss_fn(net(x)).backward()
         opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
+    return step
+
+
+def torch_step(kind, x_np, y_np, reps, dtype="float32"):
+    """Median time of PyTorch's equivalent step, or None without torch."""
+    step = torch_step_fn(kind, x_np, y_np, dtype)
+    if step is None:
+        return None
     step()
     ts = []
     for _ in range(reps):
-        if dev == "cuda":
-            torch.cuda.synchronize()
         t = time.perf_counter()
         step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
 
@@ -177,8 +215,14 @@ def network_steps(section, build, n, shape, ceil, reps, torch_kind):
                 jax.block_until_ready(ell)
                 ts.append(time.perf_counter() - t)
             name = jnp.dtype(dt).name
-            row(section, f"gflow {impl} {name} batch {n}", float(np.median(ts)), fl,
-                ceil.get(name, float("nan")), first_call_s=round(compile_s, 2))  # fmt: skip
+            row(
+                section,
+                f"gflow {impl} {name} batch {n}",
+                float(np.median(ts)),
+                fl,
+                ceil.get(name, float("nan")),
+                first_call_s=round(compile_s, 2),
+            )
             if dt == jnp.float32 and impl == "im2col":
                 ts_torch = torch_step(torch_kind, np.asarray(ds.x, np.float32), ds.y, reps)
                 if ts_torch is not None:
@@ -189,8 +233,9 @@ def seeds(k, steps, ceil):
     ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 300, seed=0), "unit")
     from gflow.models import build_model
 
-    inits = [split_params(build_model("mlp", ds.input_shape, 1, width=50, seed=s))[1]
-             for s in range(k)]  # fmt: skip
+    inits = [
+        split_params(build_model("mlp", ds.input_shape, 1, width=50, seed=s))[1] for s in range(k)
+    ]
     obj, _ = make_objective(build_model("mlp", ds.input_shape, 1, width=50), ds, "logistic")
 
     def train(p):
@@ -215,13 +260,20 @@ def flow(log_t_max):
 
     ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 300, seed=0), "unit")
     obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=50), ds, "logistic")
-    for solver, kw in (("rk4", dict(cfl=0.9, rtol=1e-4, atol=1e-7)),
-                       ("tsit5", dict(rtol=1e-4, atol=1e-7))):  # fmt: skip
+    for solver, kw in (
+        ("rk4", dict(cfl=0.9, rtol=1e-4, atol=1e-7)),
+        ("tsit5", dict(rtol=1e-4, atol=1e-7)),
+    ):
         t = time.perf_counter()
         tr = run_flow(obj, p0, solver=solver, log_t_max=log_t_max, saves=26, **kw)
         s = time.perf_counter() - t
-        row("flow", f"{solver} {kw.get('cfl', '')} to log t {log_t_max:g}", s,
-            evals=int(tr["grad_evals"][-1]), status=tr.status)  # fmt: skip
+        row(
+            "flow",
+            f"{solver} {kw.get('cfl', '')} to log t {log_t_max:g}",
+            s,
+            evals=int(tr["grad_evals"][-1]),
+            status=tr.status,
+        )
 
 
 def main():
@@ -236,7 +288,7 @@ def main():
         "ceiling": lambda: None,
         "paper-cnn": lambda: network_steps(
             "cnn", paper_cnn, 256 if q else 60_000, (28, 28, 1), ceil, 3 if q else 10, "paper-cnn"
-        ),  # fmt: skip
+        ),
         "vgg16": lambda: network_steps(
             "vgg16", vgg16, 8 if q else 256, (32, 32, 3), ceil, 3 if q else 10, "vgg16"
         ),
@@ -256,8 +308,15 @@ def main():
             except Exception:
                 print(f"section {name} failed:")
                 traceback.print_exc()
-    rec = dict(device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-               date=time.strftime("%Y-%m-%d"), quick=q, ceiling_gflops=ceil, rows=ROWS)  # fmt: skip
+    rec = dict(
+        device=dev.device_kind,
+        backend=jax.default_backend(),
+        jax=jax.__version__,
+        date=time.strftime("%Y-%m-%d"),
+        quick=q,
+        ceiling_gflops=ceil,
+        rows=ROWS,
+    )
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() else "-" for c in dev.device_kind.lower())
