@@ -148,3 +148,13 @@ def test_gflow_attack_writes_robustness(small_run, capsys):
     assert len(ends["min_eps"]) == 10 and ends["robust_accuracy"][0] <= 1.0
     # robust accuracy never rises with eps
     assert np.all(np.diff(ends["robust_accuracy"]) <= 0)
+
+
+def test_same_config_and_seed_give_a_byte_identical_trajectory_csv(tmp_path):
+    argv = ["run", *SMALL, "--log-t-max", "20", "--saves", "11", "--no-plot"]
+    for name in ("a", "b"):
+        assert main(argv + ["--out", str(tmp_path / name)]) == 0
+    for kind in ("gd", "flow"):
+        a = (tmp_path / "a" / kind / "trajectory.csv").read_bytes()
+        b = (tmp_path / "b" / kind / "trajectory.csv").read_bytes()
+        assert a == b, kind
