@@ -81,5 +81,24 @@ def held_out_accuracy(obj, params, ds) -> float:
     return float(jnp.mean(jnp.argmax(out, axis=1).astype(y.dtype) == y))
 
 
+def add_sgd_options(ap: argparse.ArgumentParser, lr: float) -> None:
+    """The options of the paper's SGD protocol, shared by the MNIST and CIFAR scripts."""
+    ap.add_argument("--lr", type=float, default=lr, help="constant step on the batch-mean loss")
+    ap.add_argument("--alpha0", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--saves", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+
+
+def save_experiment_figure(fig, name: str) -> Path:
+    """Write ``fig`` as ``experiments/figures/<name>`` and return the path."""
+    from gflow.plots import save_figure
+
+    FIGURES.mkdir(exist_ok=True)
+    return save_figure(fig, FIGURES / name)
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")

@@ -19,11 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from common import FIGURES, out_dir, problem, write_json  # noqa: E402
+from common import out_dir, problem, save_experiment_figure, write_json  # noqa: E402
 
 from gflow.compare import gd_flow_gap, sharpness_along  # noqa: E402
 from gflow.dynamics import run_gd  # noqa: E402
-from gflow.plots import save_figure  # noqa: E402
 
 
 def main():
@@ -61,10 +60,9 @@ def main():
     ax.set_title(f"order {res['order_param']:.2f} (params)")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    FIGURES.mkdir(exist_ok=True)
-    save_figure(fig, FIGURES / "gd_vs_flow.png")
+    fig_path = save_experiment_figure(fig, "gd_vs_flow.png")
     write_json(out / "gd_vs_flow.json", res)
-    print(f"-> {out / 'gd_vs_flow.json'}, {FIGURES / 'gd_vs_flow.png'}")
+    print(f"-> {out / 'gd_vs_flow.json'}, {fig_path}")
 
 
 if __name__ == "__main__":

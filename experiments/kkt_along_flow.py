@@ -17,11 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from common import FIGURES, out_dir, problem, write_json  # noqa: E402
+from common import out_dir, problem, save_experiment_figure, write_json  # noqa: E402
 
 from gflow.dynamics import run_flow  # noqa: E402
 from gflow.kkt import kkt_residual  # noqa: E402
-from gflow.plots import save_figure  # noqa: E402
 
 
 def main():
@@ -57,9 +56,8 @@ def main():
     ax.set_title("KKT residual along the flow")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    FIGURES.mkdir(exist_ok=True)
-    save_figure(fig, FIGURES / "kkt_along_flow.png")
-    print(f"-> {out}, {FIGURES / 'kkt_along_flow.png'}")
+    fig_path = save_experiment_figure(fig, "kkt_along_flow.png")
+    print(f"-> {out}, {fig_path}")
 
 
 if __name__ == "__main__":

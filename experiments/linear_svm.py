@@ -20,10 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.optimize  # noqa: E402
-from common import FIGURES, out_dir, problem, write_json  # noqa: E402
+from common import out_dir, problem, save_experiment_figure, write_json  # noqa: E402
 
 from gflow.dynamics import run_flow  # noqa: E402
-from gflow.plots import save_figure  # noqa: E402
 
 
 def svm_direction(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -80,9 +79,8 @@ def main():
     ax.set_xlabel("log t")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    FIGURES.mkdir(exist_ok=True)
-    save_figure(fig, FIGURES / "linear_svm.png")
-    print(f"-> {out}, {FIGURES / 'linear_svm.png'}")
+    fig_path = save_experiment_figure(fig, "linear_svm.png")
+    print(f"-> {out}, {fig_path}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from common import FIGURES, out_dir, problem, write_json  # noqa: E402
+from common import out_dir, problem, save_experiment_figure, write_json  # noqa: E402
 
 from gflow.dynamics import run_flow  # noqa: E402
-from gflow.plots import save_figure  # noqa: E402
 from gflow.theory import check_run, checks_json  # noqa: E402
 
 CASES = {"exp": dict(loss="exp"), "logistic": dict(loss="logistic"),
@@ -63,10 +62,9 @@ def main():
         ax.set_xlabel("log t")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    FIGURES.mkdir(exist_ok=True)
-    save_figure(fig, FIGURES / "monotone_rates.png")
+    fig_path = save_experiment_figure(fig, "monotone_rates.png")
     write_json(out / "summary.json", summary)
-    print(f"-> {out}, {FIGURES / 'monotone_rates.png'}")
+    print(f"-> {out}, {fig_path}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import jax.numpy as jnp
-from common import held_out_accuracy, out_dir, train_schedule, write_json
+from common import add_sgd_options, held_out_accuracy, out_dir, train_schedule, write_json
 from flax import nnx
 
 from gflow import data as D
@@ -43,13 +43,7 @@ def main(argv=None):
     ap.add_argument("--test", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=10_000)
     ap.add_argument("--width", type=float, default=1.0, help="fraction of VGG-16's channels")
-    ap.add_argument("--lr", type=float, default=0.1, help="constant step on the batch-mean loss")
-    ap.add_argument("--alpha0", type=float, default=0.1)
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--saves", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    add_sgd_options(ap, lr=0.1)
     args = ap.parse_args(argv)
     if not args.data.startswith("cifar10:"):
         raise SystemExit("--data must be cifar10:DIR")

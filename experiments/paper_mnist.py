@@ -39,13 +39,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from common import FIGURES, held_out_accuracy, out_dir, train_schedule, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_sgd_options,
+    held_out_accuracy,
+    out_dir,
+    save_experiment_figure,
+    train_schedule,
+    write_json,
+)
 from flax import nnx  # noqa: E402
 
 from gflow import data as D  # noqa: E402
 from gflow.models import Sequential  # noqa: E402
 from gflow.objective import make_objective  # noqa: E402
-from gflow.plots import save_figure  # noqa: E402
 
 SCALES = {
     "cpu": dict(data="mnist5k", train=500, test=1000, channels="16,32,256", epochs=300),
@@ -85,13 +91,7 @@ def main():
     ap.add_argument("--test", type=int, default=None)
     ap.add_argument("--channels", default=None, help="conv1,conv2,dense widths")
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=0.01, help="constant step on the batch-mean loss")
-    ap.add_argument("--alpha0", type=float, default=0.1)
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--saves", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    add_sgd_options(ap, lr=0.01)
     args = ap.parse_args()
     sc = dict(SCALES[args.scale])
     for k in ("data", "train", "test", "channels", "epochs"):
@@ -179,10 +179,9 @@ def main():
     axes[2].set_yscale("symlog", linthresh=1e-8)
     axes[0].legend()
     fig.suptitle(f"paper CNN on {train.name}, channels {channels}, {args.dtype}", fontsize=10)
-    FIGURES.mkdir(exist_ok=True)
-    save_figure(fig, FIGURES / f"paper_mnist-{args.scale}.png")
+    fig_path = save_experiment_figure(fig, f"paper_mnist-{args.scale}.png")
     write_json(out / "summary.json", summary)
-    print(f"-> {out}, {FIGURES / f'paper_mnist-{args.scale}.png'}")
+    print(f"-> {out}, {fig_path}")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from common import FIGURES, write_json  # noqa: E402
+from common import save_experiment_figure, write_json  # noqa: E402
 from paper_mnist import cnn, split  # noqa: E402
 
 from gflow.models import split_params  # noqa: E402
-from gflow.plots import save_figure  # noqa: E402
 from gflow.robustness import Attack, minimal_eps, robust_accuracy  # noqa: E402
 from gflow.trajectory import Trajectory  # noqa: E402
 
@@ -79,10 +78,9 @@ def main():
             axes[i, j].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     write_json(folder / "robustness.json", res)
-    FIGURES.mkdir(exist_ok=True)
-    save_figure(fig, FIGURES / "paper_robustness.png")
+    fig_path = save_experiment_figure(fig, "paper_robustness.png")
     print(json.dumps({k: list(v) for k, v in res.items()}))
-    print(f"-> {folder / 'robustness.json'}, {FIGURES / 'paper_robustness.png'}")
+    print(f"-> {folder / 'robustness.json'}, {fig_path}")
 
 
 if __name__ == "__main__":
