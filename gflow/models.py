@@ -132,6 +132,12 @@ class Conv(nnx.Module):
         self.bias = _bias(rngs, c_out, dtype) if bias else None
         self.impl = impl
 
+    def patches(self, x):
+        """The rows this layer multiplies by its kernel: (n, h*w, kh*kw*c_in)."""
+        kh, kw = self.kernel.shape[:2]
+        p = _im2col_same(x, kh, kw)
+        return p.reshape(p.shape[0], -1, p.shape[-1])
+
     def __call__(self, x):
         k = self.kernel[...]
         kh, kw, c_in, c_out = k.shape
@@ -239,7 +245,26 @@ class Sequential(nnx.Module):
         self._forward(x, found)
         return found
 
-    def _forward(self, x: Array, collect: list | None) -> Array:
+    def layer_io(self, x: Array, offsets: Sequence[Array]) -> tuple[Array, list[Array]]:
+        """A forward pass with ``offsets[l]`` added to parameterised layer l's output.
+
+        Returns ``(outputs, inputs)``; ``inputs[l]`` (n, rows, fan_in) is what layer l
+        multiplies by its weight matrix (rows = 1 for a dense layer, h*w patches for a
+        convolution). The gradient of a per-example quantity with respect to
+        ``offsets[l]`` (zeros of layer l's output shape) is its back-propagated error
+        there, so each weight gradient is ``inputs[l]^T error`` per example: the
+        layer-wise Gram matrix of ``gflow.kkt`` is built from these.
+        """
+        inputs: list[Array] = []
+        return self._forward(x, None, offsets, inputs), inputs
+
+    def _forward(
+        self,
+        x: Array,
+        collect: list | None,
+        offsets: Sequence[Array] | None = None,
+        inputs: list | None = None,
+    ) -> Array:
         act = ACTIVATIONS[self.activation]
         n = x.shape[0]
         h = x.astype(self.dtype)
@@ -252,7 +277,12 @@ class Sequential(nnx.Module):
                 continue
             if op[0] == "F" and h.ndim > 2:
                 h = h.reshape(n, -1)
-            h = self.layers[op[1]](h)
+            layer = self.layers[op[1]]
+            if inputs is not None:
+                inputs.append(layer.patches(h) if isinstance(layer, Conv) else h[:, None, :])
+            h = layer(h)
+            if offsets is not None:
+                h = h + offsets[op[1]]
             if i != last:
                 if collect is not None:
                     collect.append(h)

@@ -186,3 +186,22 @@ def test_kkt_refuses_non_separated_data(linear_problem):
     bad = p0 if obj.margins(p0).min() <= 0 else flipped
     with pytest.raises(ValueError, match="not separated"):
         kkt_residual(obj, bad)
+
+
+@pytest.mark.parametrize(
+    "name, kw, classes, loss",
+    [
+        ("mlp", dict(width=7, depth=3, bias="first"), (0, 1), "logistic"),
+        ("cnn", dict(width=3, depth=2, bias="all"), (0, 1, 2), "ce"),
+        ("paper-cnn", dict(bias="first"), (0, 1, 2), "ce"),
+    ],
+)
+def test_layerwise_gram_equals_per_example_gradients(name, kw, classes, loss):
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), classes), 30, seed=1), "unit")
+    model = build_model(name, ds.input_shape, 1 if len(classes) == 2 else 3, seed=0, **kw)
+    obj, p = make_objective(model, ds, loss)
+    idx = np.arange(0, 30, 2)  # 15 samples in chunks of 4: the last chunk is padded
+    K_rows = gram_matrix(obj, p, idx, method="rows")
+    K_layers = gram_matrix(obj, p, idx, method="layers", chunk=4)
+    np.testing.assert_allclose(K_layers, K_rows, rtol=0, atol=1e-12 * np.abs(K_rows).max())
+    assert np.abs(K_rows).max() > 0
