@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from datetime import date
 from pathlib import Path
 
 import jax
+import numpy as np
+
+from gflow import data as D
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -28,9 +32,45 @@ def machine() -> str:
 
 
 def write_result(name: str, record: dict) -> Path:
-    """Write ``results/<name>.json`` tagged with the date and machine; returns the path."""
+    """Append ``record``, tagged with the date and machine, to ``results/<name>.json``.
+
+    The file holds a JSON list of runs, oldest first (a file from before this format,
+    one record, becomes the list's first entry). Written to a temporary file and renamed,
+    so an interrupted run never leaves a half-written file. Returns the path.
+    """
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    record = {"date": date.today().isoformat(), "machine": machine(), **record}
-    path.write_text(json.dumps(record, indent=1, default=float) + "\n")
+    runs = []
+    if path.exists():
+        old = json.loads(path.read_text())
+        runs = old if isinstance(old, list) else [old]
+    runs.append({"date": date.today().isoformat(), "machine": machine(), **record})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+def timeit(fn, *args, reps=5):
+    """Median wall time of ``fn(*args)`` (blocked), after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def flops_of(jitted, *args) -> float:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def classification_data(n, shape, classes, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *shape)).astype(np.float64)
+    y = np.arange(n) % classes
+    return D.Dataset(x=x, y=y, num_classes=classes, name=f"random{shape}")

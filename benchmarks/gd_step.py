@@ -24,8 +24,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine, write_result
-from gpu_bench import classification_data, flops_of, torch_step_fn
+from common import classification_data, flops_of, machine, write_result
+from torch_reference import torch_step_fn
 
 from gflow import data as D
 from gflow.models import build_model, paper_cnn

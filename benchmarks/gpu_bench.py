@@ -42,26 +42,12 @@ from gflow import data as D  # noqa: E402
 from gflow.models import paper_cnn, split_params, vgg16  # noqa: E402
 from gflow.objective import make_objective  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import classification_data, flops_of, timeit  # noqa: E402
+from torch_reference import torch_step  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 ROWS: list[dict] = []
-
-
-def timeit(fn, *args, reps=5):
-    """Median wall time of ``fn(*args)`` (blocked), after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def flops_of(jitted, *args) -> float:
-    cost = jitted.lower(*args).compile().cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def row(section, name, seconds, flops=float("nan"), ceiling=float("nan"), **extra):
@@ -97,103 +83,6 @@ def gd_step_fn(obj, lr=1e-3):
         return jax.tree.map(lambda p, v: p - lr * v, params, g), ell
 
     return jax.jit(step, donate_argnums=0)
-
-
-def classification_data(n, shape, classes, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, *shape)).astype(np.float64)
-    y = np.arange(n) % classes
-    return D.Dataset(x=x, y=y, num_classes=classes, name=f"random{shape}")
-
-
-def torch_net(kind: str, in_features: int = 784, width: int = 50):
-    """PyTorch's twin of a gflow model: "paper-cnn", "vgg16" or "mlp" (bias-free MLP)."""
-    import torch
-
-    nn = torch.nn
-    if kind == "paper-cnn":
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1, bias=False),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(7 * 7 * 64, 1024, bias=False),
-            nn.ReLU(),
-            nn.Linear(1024, 10, bias=False),
-        )
-    if kind == "mlp":
-        return nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, width, bias=False),
-            nn.ReLU(),
-            nn.Linear(width, 1, bias=False),
-        )
-    layers, c = [], 3
-    for i, v in enumerate(
-        (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
-    ):
-        if v == "P":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(c, v, 3, padding=1, bias=i == 0), nn.ReLU()]
-            c = v
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, 10, bias=False))
-
-
-def torch_step_fn(kind, x_np, y_np, dtype="float32"):
-    """A closure running PyTorch's equivalent full-batch SGD step (TF32 off), or None.
-
-    Cross-entropy (sum) for the classifiers; the logistic loss (sum) for the MLP with
-    labels in {-1, +1}."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tdt = torch.float32 if dtype == "float32" else torch.float64
-    net = torch_net(kind, int(np.prod(x_np.shape[1:]))).to(dev, tdt)
-    xs = np.moveaxis(x_np, -1, 1) if x_np.ndim == 4 else x_np
-    x = torch.tensor(xs, dtype=tdt, device=dev)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    if kind == "mlp":
-        y = torch.tensor(y_np, dtype=tdt, device=dev)
-
-        def loss_fn(out):
-            return torch.nn.functional.softplus(-y * out[:, 0]).sum()
-    else:
-        y = torch.tensor(y_np, dtype=torch.long, device=dev)
-        ce = torch.nn.CrossEntropyLoss(reduction="sum")
-
-        def loss_fn(out):
-            return ce(out, y)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(net(x)).backward()
-        opt.step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    return step
-
-
-def torch_step(kind, x_np, y_np, reps, dtype="float32"):
-    """Median time of PyTorch's equivalent step, or None without torch."""
-    step = torch_step_fn(kind, x_np, y_np, dtype)
-    if step is None:
-        return None
-    step()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def network_steps(section, build, n, shape, ceil, reps, torch_kind):
