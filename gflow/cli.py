@@ -105,6 +105,14 @@ def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
         "--activation", choices=sorted(ACTIVATIONS), default=defaults.get("activation", "relu")
     )
     g.add_argument(
+        "--order",
+        type=_positive_int,
+        default=None,
+        metavar="L",
+        help="declare the homogeneity order L: an error unless the model is L-homogeneous, "
+        "checked numerically on the data (default: the model's own)",
+    )
+    g.add_argument(
         "--loss",
         choices=sorted(LOSSES),
         default=defaults.get("loss", "logistic"),
@@ -139,7 +147,7 @@ def build_problem(args):
         seed=args.seed,
         dtype=jnp.float64 if args.dtype == "float64" else jnp.float32,
     )
-    obj, params = make_objective(model, ds, args.loss)
+    obj, params = make_objective(model, ds, args.loss, order=getattr(args, "order", None))
     return ds, model, obj, params
 
 

@@ -11,7 +11,9 @@ Sources (``load(spec)``):
 * ``synthetic`` / ``synthetic-nonsep``: seeded binary Gaussian clouds in ``d`` dimensions,
   linearly separable with a margin, or with a fraction of labels flipped;
 * ``mnist-idx:DIR``: the standard MNIST IDX files (raw or .gz) in a folder;
-* ``cifar10:DIR``: the standard CIFAR-10 python batches in a folder.
+* ``cifar10:DIR``: the standard CIFAR-10 python batches in a folder;
+* ``npz:FILE``: your own arrays, ``x`` (n, ...) and integer labels ``y`` in one ``.npz``
+  (``np.savez(FILE, x=x, y=y)``; optional ``num_classes``, else ``max(y) + 1``).
 
 Every problem with the input raises ``DataError`` (a ``ValueError``) with a one-line
 message that names it.
@@ -23,6 +25,7 @@ import gzip
 import io
 import pickle
 import struct
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -409,7 +412,37 @@ def normalize(ds: Dataset, mode: str = "unit") -> Dataset:
     return replace(ds, x=ds.x / norms.reshape((-1,) + (1,) * (ds.x.ndim - 1)))
 
 
-SOURCES = ("mnist5k", "digits", "synthetic", "synthetic-nonsep", "mnist-idx:DIR", "cifar10:DIR")
+def npz(path: str | Path) -> Dataset:
+    """A dataset from an ``.npz`` file holding ``x``, ``y`` and optionally ``num_classes``."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"corrupt npz file {path}: {e}") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(f"npz file {path}: no {' / '.join(missing)} array (has {sorted(arrays)})")
+    x, y = arrays["x"], arrays["y"]
+    if y.size and not np.issubdtype(y.dtype, np.number):
+        raise DataError(f"npz file {path}: labels y must be numbers, got dtype {y.dtype}")
+    if "num_classes" in arrays:
+        c = int(arrays["num_classes"])
+    else:
+        c = int(np.max(y)) + 1 if y.size else 0
+    return Dataset(x, y, c, f"npz:{path}")
+
+
+SOURCES = (
+    "mnist5k",
+    "digits",
+    "synthetic",
+    "synthetic-nonsep",
+    "mnist-idx:DIR",
+    "cifar10:DIR",
+    "npz:FILE",
+)
 
 
 def load(spec: str, *, split: str = "train", seed: int = 0, n: int = 200, d: int = 2) -> Dataset:
@@ -429,4 +462,6 @@ def load(spec: str, *, split: str = "train", seed: int = 0, n: int = 200, d: int
             return mnist_idx(rest, split)
         if kind == "cifar10":
             return cifar10(rest, split)
+        if kind == "npz":
+            return npz(rest)
     raise DataError(f"unknown data source {spec!r}; expected one of {SOURCES}")

@@ -73,15 +73,24 @@ class Objective(eqx.Module):
     def margins_of(self, out: Array) -> Array:
         """Margins ``q_n`` from outputs: ``y_n Phi`` (binary) or ``Phi_y - max_j Phi_j``."""
         if self.loss.binary:
-            return self.y * out
+            return self.y.astype(out.dtype) * out
         return multiclass_margins(out, self.y)
+
+    def _labels(self, out: Array) -> Array:
+        return self.y.astype(out.dtype) if self.loss.binary else self.y
 
     def margins(self, params) -> Array:
         return self.margins_of(self.outputs(params))
 
     def log_loss(self, params) -> Array:
-        """``log Loss(theta)``, the log of the sum loss."""
-        return self.loss.log_loss(self.outputs(params), self.y)
+        """``log Loss(theta)``, the log of the sum loss.
+
+        Always computed in float64 when x64 is on (the default): a float32 model's
+        outputs are cast up before the loss, which costs O(N C) and keeps the
+        log-sum-exp over the samples exact; the gradient still flows in float32.
+        """
+        out = _wide(self.outputs(params))
+        return self.loss.log_loss(out, self._labels(out))
 
     def grad_log_loss(self, params):
         """``grad log Loss = grad Loss / Loss``: finite even when Loss underflows."""
@@ -91,23 +100,34 @@ class Objective(eqx.Module):
         return jax.value_and_grad(self.log_loss)(params)
 
     def quantities(self, params) -> Q.Quantities:
-        out = self.outputs(params)
+        out = _wide(self.outputs(params))
         q = self.margins_of(out)
-        ll = self.loss.log_loss(out, self.y)
+        ll = self.loss.log_loss(out, self._labels(out))
         return Q.compute(self.loss, q, ll, params, self.order, layer_norms(params))
+
+
+def _wide(out: Array) -> Array:
+    """Outputs in float64 (when x64 is on), for the loss and the margins."""
+    return out.astype(jnp.float64) if jax.config.jax_enable_x64 else out
 
 
 def make_objective(
     model: Sequential,
     dataset: Dataset,
     loss: Loss | str,
+    *,
+    order: int | None = None,
 ) -> tuple[Objective, dict]:
     """Pair a model with data and a loss; returns ``(objective, initial params)``.
 
     The data are cast to the model's dtype. Binary losses (exp, logistic) need a
     two-class dataset and a single-output model; cross-entropy needs one output per class.
+    ``order``: a declared homogeneity order L, checked numerically on the data
+    (``Phi(c theta) = c^L Phi(theta)``); a wrong one raises ``ValueError``.
     """
     loss = get_loss(loss) if isinstance(loss, str) else loss
+    if order is not None:
+        _check_declared_order(model, dataset, order)
     if loss.binary:
         if not dataset.binary:
             raise ValueError(
@@ -140,6 +160,21 @@ def make_objective(
         homogeneous=model.order is not None,
     )
     return obj, params
+
+
+def _check_declared_order(model: Sequential, dataset: Dataset, order: int) -> None:
+    from gflow.models import check_homogeneity
+
+    if isinstance(order, bool) or not isinstance(order, int | np.integer) or order < 1:
+        raise ValueError(f"declared homogeneity order must be an integer >= 1, got {order!r}")
+    x = np.asarray(dataset.x[:16], model.dtype).reshape(-1, *model.in_shape)
+    rep = check_homogeneity(model, x, order=int(order))
+    if not rep.homogeneous:
+        actual = f"L = {model.order}" if model.order else "not homogeneous (bias in every layer)"
+        raise ValueError(
+            f"declared homogeneity order {order} is wrong: Phi(c theta) differs from "
+            f"c^{order} Phi(theta) by {rep.max_rel_error:.2g} (relative); the model is {actual}"
+        )
 
 
 # Jitted forms: one compilation per (objective structure, shapes, dtypes).

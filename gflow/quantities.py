@@ -81,9 +81,12 @@ class Quantities(NamedTuple):
 def compute(
     loss: Loss, q: Float[Array, " n"], log_loss: Array, params, order: int, norms
 ) -> Quantities:
-    """All quantities from the margins ``q``, ``log Loss``, the parameters and the order L."""
+    """All quantities from the margins ``q``, ``log Loss``, the parameters and the order L.
+
+    Norms are taken in ``q``'s precision (float64 for a float32 model's float64 loss)."""
     q_min = jnp.min(q)
-    r = rho(params)
+    r = rho(jax.tree.map(lambda a: a.astype(q.dtype), params))
+    norms = norms.astype(q.dtype)
     return Quantities(
         log_loss=log_loss,
         log_loss_mean=log_loss - jnp.log(q.shape[0]),
