@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from gflow.checkpoint import Checkpointer, pack, recorder_state, restore_recorder, unpack
 from gflow.dynamics.gd import log_t_grid
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
@@ -193,6 +194,8 @@ def run_flow(
     save_params: bool = False,
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume: bool = False,
 ) -> Trajectory:
     """Integrate the gradient flow from ``params0`` up to ``log t = log_t_max``.
 
@@ -220,6 +223,8 @@ def run_flow(
       save points at or before it are skipped.
     - ``max_steps``: budget of solver steps over the whole run.
     - ``progress``: called with each recorded row.
+    - ``checkpoint`` / ``resume``: as in ``run_gd``; the ODE state, clock, step size,
+      Lanczos vector and counters are saved at every save point.
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
@@ -329,16 +334,41 @@ def run_flow(
     else:
         y = params0
         c = {"time": math.expm1(z0), "logt": z0}[clock]
-    row = record(y, -math.inf if log_t0 is None else log_t0)
-    targets = log_t_grid(log_t_min, log_t_max, saves)
+    targets = [float(x) for x in log_t_grid(log_t_min, log_t_max, saves)]
     if log_t0 is not None:
         targets = [x for x in targets if x > log_t0]
     stabilised = False  # cfl: past the loss threshold, stepping by stability
     log_threshold = objective.loss.log_threshold
     dt0 = dt
     status, message = "completed", f"reached log t = {log_t_max:.6g}"
+    done = 0  # targets reached
+    got = checkpoint.restore() if (checkpoint is not None and resume) else None
+    if got is None:
+        row = record(y, -math.inf if log_t0 is None else log_t0)
+    else:
+        arrays, meta = got
+        restore_recorder(rec, arrays, meta)
+        y = unpack("y/", y, arrays)
+        c, dt0, stabilised, done = meta["c"], meta["dt0"], meta["stabilised"], meta["done"]
+        totals.update(meta["totals"])
+        if cfl is not None and meta["warm"]:
+            warm["vector"] = jnp.asarray(arrays["warm"])
+
+    def save_checkpoint():
+        if checkpoint is not None:
+            arrays, meta = recorder_state(rec)
+            arrays.update(pack("y/", y))
+            w = warm["vector"] if cfl is not None else None
+            if w is not None:
+                arrays["warm"] = np.asarray(w)
+            meta.update(
+                c=float(c), dt0=None if dt0 is None else float(dt0), stabilised=stabilised,
+                done=done, totals=totals, warm=w is not None,
+            )  # fmt: skip
+            checkpoint.save(len(rec.rows), arrays, meta)
+
     try:
-        for target in targets:
+        for target in targets[done:]:
             z_target = _log1p_of_log_t(float(target))
             if clock == "time":
                 c1 = math.exp(float(target))
@@ -402,6 +432,8 @@ def run_flow(
             row = record(y, log_t)
             if cfl is not None and row["log_loss"] < log_threshold:
                 stabilised = True
+            done += 1
+            save_checkpoint()
             if totals["steps"] >= max_steps:
                 status, message = (
                     "stopped",

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gflow.checkpoint import Checkpointer, pack, recorder_state, restore_recorder, unpack
 from gflow.objective import Objective, quantities
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
@@ -185,6 +186,8 @@ def run_gd(
     checkpoint_log_losses=(),
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume: bool = False,
 ) -> Trajectory:
     """Train by GD / SGD; returns the ``Trajectory`` on the matched clock ``t = sum eta``.
 
@@ -200,6 +203,10 @@ def run_gd(
       SGD: epoch) whose log loss falls to each mark are kept as the trajectory's
       checkpoint ``f"{mark:.6g}"`` (the paper's checkpoints at Loss < 1e-10, ...).
     - ``progress``: called with the latest row after each chunk and save point.
+    - ``checkpoint``: a ``gflow.checkpoint.Checkpointer``; the whole loop state is saved
+      there at every save point (also the last good state of a run stopped by a
+      non-finite loss). With ``resume=True`` the run continues from the latest one,
+      reproducing the uninterrupted run exactly.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -276,15 +283,29 @@ def run_gd(
             rejected=float(s.rejected),
         )
 
-    record(state)
     pending = sorted((float(v) for v in checkpoint_log_losses), reverse=True)
     if log_t_max is not None:
-        targets = list(log_t_grid(log_t_min, log_t_max, saves))
+        targets = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
     else:
         targets = []
         step_marks = np.unique(np.linspace(1, max_steps, max(saves, 2)).astype(int))
     status, message = "completed", ""
     first = True
+    got = checkpoint.restore() if (checkpoint is not None and resume) else None
+    if got is None:
+        record(state)
+    else:
+        arrays, meta = got
+        state = unpack("gd/", state, arrays)
+        restore_recorder(rec, arrays, meta)
+        pending, targets, first = meta["pending"], meta["targets"], False
+
+    def save_checkpoint():
+        if checkpoint is not None:
+            arrays, meta = recorder_state(rec)
+            arrays.update(pack("gd/", state))
+            checkpoint.save(len(rec.rows), arrays, {**meta, "pending": pending, "targets": targets})
+
     try:
         while True:
             step = int(state.step)
@@ -317,6 +338,7 @@ def run_gd(
                 record(state)
                 while targets and targets[0] <= log_t:
                     targets.pop(0)
+                save_checkpoint()
             elif progress is not None:
                 progress({"step": step, "log_t": log_t, "log_loss": float(state.log_loss)})
             if stop == STOP_ALPHA:
