@@ -106,6 +106,7 @@ def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
     )
     g.add_argument(
         "--order",
+        dest="declared_order",
         type=_positive_int,
         default=None,
         metavar="L",
@@ -128,7 +129,7 @@ def build_problem(args):
 
     from gflow import data as D
     from gflow.models import build_model
-    from gflow.objective import make_objective
+    from gflow.objective import make_objective, shard
 
     ds = D.load(args.data, seed=args.seed, n=max(args.n, 2))
     if args.classes != "all":
@@ -147,8 +148,22 @@ def build_problem(args):
         seed=args.seed,
         dtype=jnp.float64 if args.dtype == "float64" else jnp.float32,
     )
-    obj, params = make_objective(model, ds, args.loss, order=getattr(args, "order", None))
+    obj, params = make_objective(model, ds, args.loss, order=getattr(args, "declared_order", None))
+    if hasattr(args, "devices"):
+        obj = shard(obj, _device_count(args.devices, obj.num_samples))
     return ds, model, obj, params
+
+
+def _device_count(requested: int | None, n: int) -> int:
+    """``--devices``: as requested, else all devices or the most that divide ``n``."""
+    import jax
+
+    if requested is not None:
+        return requested
+    k = jax.device_count()
+    while n % k:
+        k -= 1
+    return k
 
 
 def _format_table(rows: list[tuple[str, str]]) -> str:
@@ -350,9 +365,44 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--save-params", action="store_true", help="keep a parameter snapshot at every save point"
     )
+    d = p.add_argument_group("devices and hosts")
+    d.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="split the samples over N devices, data parallel (default: all devices, or "
+        "the most that divide the sample count evenly)",
+    )
+    d.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-host: address of process 0 for jax.distributed (default: "
+        "$JAX_COORDINATOR_ADDRESS; none: one host)",
+    )
+    d.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        default=None,
+        help="multi-host: number of processes (default: $JAX_NUM_PROCESSES)",
+    )
+    d.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="multi-host: this process's index, 0 writes the files (default: $JAX_PROCESS_ID)",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "--out", default=None, help="run folder to create (default: runs/run-YYYYmmdd-HHMMSS)"
+    )
+    o.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a killed or interrupted run from its last save point (its own "
+        "options are used; finished parts are kept)",
     )
     o.add_argument(
         "--config",
@@ -464,30 +514,82 @@ class _Progress:
             self.bar.close()
 
 
+def _resumed_args(args, out) -> argparse.Namespace:
+    """The options a run folder was made with (its ``run.json``), for ``--resume``."""
+    import json
+
+    path = out / "run.json"
+    if not out.is_dir():
+        raise ValueError(f"--resume {out}: no such folder")
+    if not path.is_file():
+        raise ValueError(f"--resume {out}: not a gflow run folder (no run.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume {out}: cannot read run.json: {e}") from None
+    merged = argparse.Namespace(**{**vars(args), **saved})
+    merged.resume, merged.out = str(out), str(out)
+    merged.no_progress, merged.no_plot = args.no_progress, args.no_plot
+    if isinstance(merged.classes, list):
+        merged.classes = tuple(merged.classes)
+    return merged
+
+
 def cmd_run(args) -> int:
     import json
+    import shutil
+    import tempfile
     from datetime import datetime
     from pathlib import Path
 
+    import jax
+
+    from gflow.checkpoint import Checkpointer
+    from gflow.distributed import is_writer
     from gflow.dynamics import run_flow, run_gd
     from gflow.plots import plot_trajectories
     from gflow.theory import check_run, checks_json
-    from gflow.trajectory import atomic_write
+    from gflow.trajectory import Trajectory, atomic_write
 
+    resume = args.resume is not None
+    hosts = jax.process_count()
+    if hosts > 1 and resume:
+        raise ValueError("--resume of a multi-host run is not supported; rerun it")
+    scratch = None
+    if not is_writer():  # process 0 writes the run folder; the others compute only
+        scratch = tempfile.TemporaryDirectory(prefix="gflow-worker-")
+        args.out = str(Path(scratch.name) / "run")
+    if resume:
+        out = Path(args.resume)
+        args = _resumed_args(args, out)
+    else:
+        out = (
+            Path(args.out)
+            if args.out
+            else Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        )
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is a file")
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     _validate_run(args)
-    out = (
-        Path(args.out) if args.out else Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    )
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     ds, model, obj, params0 = build_problem(args)
     config = {
-        k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in vars(args).items()
+        if k not in ("func", "resume")
     }
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write(out / "run.json", (json.dumps(config, indent=2) + "\n").encode())
     config.update(
-        order=obj.order, homogeneous=obj.homogeneous, dataset=ds.name, num_samples=len(ds)
+        order=obj.order,
+        homogeneous=obj.homogeneous,
+        dataset=ds.name,
+        num_samples=len(ds),
+        num_devices=len(getattr(obj.x, "sharding", None).device_set),
+        num_processes=hosts,
     )
     print(ds.describe())
     print(
@@ -497,6 +599,17 @@ def cmd_run(args) -> int:
     which = ["gd", "flow"] if args.dynamics == "both" else [args.dynamics]
     trajs, times, checks = {}, {}, {}
     for kind in which:
+        folder = out / kind if len(which) > 1 else out
+        ck = Checkpointer(folder) if hosts == 1 else None
+        if resume and (folder / "config.json").is_file():
+            done = Trajectory.load(folder)
+            if done.status == "completed":
+                print(f"{kind}: already completed -> {folder}")
+                trajs[kind], times[kind] = done, done.config.get("wall_seconds", float("nan"))
+                checks[kind] = check_run(done, obj)
+                continue
+        if resume and ck is not None and ck.exists():
+            print(f"{kind}: resuming from the checkpoint in {ck.path}")
         bar = _Progress(kind, args.log_t_max, not args.no_progress)
         t0 = time.perf_counter()
         try:
@@ -508,6 +621,8 @@ def cmd_run(args) -> int:
                 save_params=args.save_params,
                 config=config,
                 progress=bar,
+                checkpoint=ck,
+                resume=resume,
             )
             if kind == "gd":
                 tr = run_gd(
@@ -534,13 +649,22 @@ def cmd_run(args) -> int:
                     max_steps=args.steps or 1_000_000,
                     **common,
                 )
+        except ValueError:
+            if created and not trajs and not (ck is not None and ck.exists()):
+                shutil.rmtree(out, ignore_errors=True)  # bad input: leave no folder
+            raise
         finally:
             bar.close()
         times[kind] = time.perf_counter() - t0
         trajs[kind] = tr
-        folder = out / kind if len(which) > 1 else out
         tr.config["wall_seconds"] = times[kind]
         tr.save(folder)
+        if ck is None:
+            pass
+        elif tr.status == "completed":
+            ck.clear()
+        else:
+            print(f"{kind}: the last good state is checkpointed; gflow run --resume {out}")
         print(f"{kind}: {tr.status}: {tr.message} ({times[kind]:.1f} s) -> {folder}")
         checks[kind] = check_run(tr, obj)
         atomic_write(folder / "checks.json", checks_json(checks[kind]).encode())
@@ -818,6 +942,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start_distributed(args) -> None:
+    """``jax.distributed.initialize`` from the flags or the JAX_* environment variables."""
+    import os
+
+    addr = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not addr:
+        return
+    env_n, env_i = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    n = args.num_processes or (int(env_n) if env_n else None)
+    i = args.process_id if args.process_id is not None else (int(env_i) if env_i else None)
+    if n is None or i is None:
+        raise ValueError(
+            f"multi-host run with coordinator {addr}: give --num-processes and --process-id "
+            "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        )
+    if not 0 <= i < n:
+        raise ValueError(f"--process-id must be in 0..{n - 1}, got {i}")
+    from gflow.distributed import initialize
+
+    initialize(addr, n, i)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -827,6 +973,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "config", None):
             _apply_config_file(parser, args, argv)
+        if hasattr(args, "coordinator"):
+            _start_distributed(args)
         return args.func(args)
     except (DataError, ValueError) as e:
         print(f"gflow: error: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ import scipy.optimize
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from gflow.distributed import local
 from gflow.objective import Objective
 
 __all__ = ["KKT", "kkt_residual", "gram_matrix", "nonneg_quadratic", "scaled_params"]
@@ -240,6 +241,7 @@ def kkt_residual(
     """
     if not objective.homogeneous:
         raise ValueError("the KKT residual needs a homogeneous model (theta_s is undefined)")
+    objective = local(objective)  # multi-host: gather the samples onto this process
     theta_s, q_s, q_min = scaled_params(objective, jax.tree.map(jnp.asarray, params))
     active = np.nonzero(q_s <= 1 + gap)[0] if gap is not None else np.arange(q_s.size)
     K = gram_matrix(objective, theta_s, active, chunk=chunk, max_bytes=max_bytes)

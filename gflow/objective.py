@@ -26,6 +26,7 @@ from gflow.models import Sequential, apply, layer_norms, split_params
 __all__ = [
     "Objective",
     "make_objective",
+    "shard",
     "log_loss",
     "grad_log_loss",
     "value_and_grad",
@@ -117,6 +118,7 @@ def make_objective(
     loss: Loss | str,
     *,
     order: int | None = None,
+    devices=None,
 ) -> tuple[Objective, dict]:
     """Pair a model with data and a loss; returns ``(objective, initial params)``.
 
@@ -124,6 +126,7 @@ def make_objective(
     two-class dataset and a single-output model; cross-entropy needs one output per class.
     ``order``: a declared homogeneity order L, checked numerically on the data
     (``Phi(c theta) = c^L Phi(theta)``); a wrong one raises ``ValueError``.
+    ``devices``: shard the data over these devices (or this many; see ``shard``).
     """
     loss = get_loss(loss) if isinstance(loss, str) else loss
     if order is not None:
@@ -159,7 +162,48 @@ def make_objective(
         order=model.order or model.depth,
         homogeneous=model.order is not None,
     )
-    return obj, params
+    return (obj if devices is None else shard(obj, devices)), params
+
+
+def shard(objective: Objective, devices=None) -> Objective:
+    """The same objective with its samples split over ``devices`` (data parallel).
+
+    ``devices``: a list of devices, a count (the first that many of ``jax.devices()``),
+    or None for all of them, across every process of a ``jax.distributed`` run. The
+    inputs and labels are laid out along a one-axis mesh ``("data",)``; the parameters
+    stay replicated. Every jitted computation on the objective (log-loss and its
+    gradient, margins, quantities, the GD and flow loops, Hessian products) is then
+    partitioned by XLA, with all-reductions where the sums over samples meet. On one
+    device this returns ``objective`` unchanged. The number of samples must be a
+    multiple of the number of devices.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    every = jax.devices()
+    if devices is None:
+        devices = every
+    elif isinstance(devices, int | np.integer):
+        if not 1 <= devices <= len(every):
+            raise ValueError(f"devices must be in 1..{len(every)} here, got {devices}")
+        devices = every[: int(devices)]
+    devices = list(devices)
+    if len(devices) == 1:
+        return objective
+    n, k = objective.num_samples, len(devices)
+    if n % k:
+        raise ValueError(
+            f"{n} samples do not split evenly over {k} devices; use a sample count that "
+            f"is a multiple of {k} (e.g. {n - n % k}) or fewer devices"
+        )
+    mesh = Mesh(np.asarray(devices), ("data",))
+
+    def place(a):
+        a_host = np.asarray(a)
+        spec = PartitionSpec("data", *([None] * (a_host.ndim - 1)))
+        sharding = NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(a_host.shape, sharding, lambda idx: a_host[idx])
+
+    return eqx.tree_at(lambda o: (o.x, o.y), objective, (place(objective.x), place(objective.y)))
 
 
 def _check_declared_order(model: Sequential, dataset: Dataset, order: int) -> None:

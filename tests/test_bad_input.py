@@ -65,6 +65,8 @@ def _cases(tmp):
         ("out-is-a-file", ["--out", str(tmp / "a_file")], "a_file"),
         ("binary-loss-many-classes", ["--classes", "all", "--loss", "exp"], "'exp'"),
         ("log-t-range", ["--log-t-max", "1", "--log-t-min", "2"], "--log-t-max"),
+        ("resume-not-a-run", ["--resume", str(tmp / "notarun")], "notarun"),
+        ("resume-missing", ["--resume", str(tmp / "gone")], "gone"),
     ]
 
 
@@ -72,7 +74,7 @@ def test_the_table_has_at_least_fifteen_cases(tmp_path):
     assert len(_cases(tmp_path)) >= 15
 
 
-@pytest.mark.parametrize("case", range(21))
+@pytest.mark.parametrize("case", range(23))
 def test_cli_bad_input_is_one_line_exit_2_and_no_folder(case, tmp_path, capsys):
     name, argv, needle = _cases(tmp_path)[case]
     out = tmp_path / "run"

@@ -26,6 +26,16 @@ def _crash_after(rows: int):
     return progress
 
 
+def _counter():
+    rows = []
+
+    def progress(row):
+        if "q_min" in row:
+            rows.append(row)
+
+    return rows, progress
+
+
 def _same(a, b):
     assert a.status == b.status and a.message == b.message
     assert a.column_names == b.column_names and len(a) == len(b)
@@ -59,8 +69,10 @@ def test_gd_resumed_after_a_crash_equals_the_uninterrupted_run(case, small, tmp_
     with pytest.raises(_Crash):
         run_gd(obj, p0, **kw, checkpoint=ck, progress=_crash_after(5))
     assert ck.exists()
-    resumed = run_gd(obj, p0, **kw, checkpoint=Checkpointer(tmp_path), resume=True)
+    rows, count = _counter()
+    resumed = run_gd(obj, p0, **kw, checkpoint=Checkpointer(tmp_path), resume=True, progress=count)
     _same(resumed, whole)
+    assert 0 < len(rows) == len(whole) - 5  # it went on from the 5th save point
     assert len(resumed.snapshots) == len(whole.snapshots) == len(whole)
 
 
@@ -80,8 +92,10 @@ def test_flow_resumed_after_a_crash_equals_the_uninterrupted_run(kw, small, tmp_
         ck = Checkpointer(tmp_path / str(cut))
         with pytest.raises(_Crash):
             run_flow(obj, p0, **kw, checkpoint=ck, progress=_crash_after(cut))
-        resumed = run_flow(obj, p0, **kw, checkpoint=ck, resume=True)
+        rows, count = _counter()
+        resumed = run_flow(obj, p0, **kw, checkpoint=ck, resume=True, progress=count)
         _same(resumed, whole)
+        assert 0 < len(rows) == len(whole) - cut
 
 
 def test_resume_without_a_checkpoint_starts_from_the_beginning(small, tmp_path):
