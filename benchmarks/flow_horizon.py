@@ -142,7 +142,13 @@ def main():
         cands = tsit5 + [("rk4", dict(dt=1 / float(ref["lam_max"])))] + cands
     if args.quick:
         cands = cands[:1] + cands[-5:-3]
-    cands = [(s, dict(kw, clock=c)) for c in args.clocks.split(",") for s, kw in cands]
+    # a fixed step in t cannot reach t = e^100: the fixed-step baseline runs on the others
+    cands = [
+        (s, dict(kw, clock=c))
+        for c in args.clocks.split(",")
+        for s, kw in cands
+        if not (c == "time" and "dt" in kw)
+    ]
     rows = []
     for solver, kw in cands:
         kw = dict(kw)

@@ -16,6 +16,6 @@ def test_eight_devices_equal_one_to_1e12():
     got = json.loads(p.stdout.strip().splitlines()[-1])
     uneven = got.pop("uneven")
     assert "64 samples do not split evenly over 5 devices" in uneven
-    assert len(got) == 18
+    assert len(got) == 16
     bad = {k: v for k, v in got.items() if not v <= 1e-12}
     assert not bad, bad

@@ -36,7 +36,16 @@ from gflow.checkpoint import Checkpointer, pack, recorder_state, restore_recorde
 from gflow.objective import Objective, quantities
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
-__all__ = ["SCHEDULES", "GDState", "run_gd", "log_t_grid", "UP", "DOWN", "ALPHA_MIN"]
+__all__ = [
+    "SCHEDULES",
+    "GDState",
+    "run_gd",
+    "run_gd_seeds",
+    "log_t_grid",
+    "UP",
+    "DOWN",
+    "ALPHA_MIN",
+]
 
 SCHEDULES = ("constant", "loss-based")
 UP = 2.0 ** (1 / 5)
@@ -365,3 +374,160 @@ def run_gd(
     except KeyboardInterrupt:
         status, message = "stopped", f"interrupted at step {int(state.step)}"
     return rec.finish(state.params, status, message)
+
+
+def run_gd_seeds(
+    objective: Objective,
+    params0: list,
+    *,
+    seeds: list[int],
+    schedule: str = "constant",
+    lr: float = 0.01,
+    alpha0: float = 0.1,
+    batch_size: int | None = None,
+    log_t_max: float = 10.0,
+    max_steps: int = 100_000,
+    saves: int = 50,
+    log_t_min: float = 0.0,
+    chunk: int = 5_000,
+    config: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> list[Trajectory]:
+    """K runs of ``run_gd`` in one jitted, vmapped loop: one initialisation and one seed
+    (SGD's shuffling) per run; returns their K trajectories.
+
+    Each run follows exactly the steps its own ``run_gd(params0[k], seed=seeds[k])``
+    takes (up to the rounding of batched matrix products): every run stops at its own
+    save points, and ``lax.while_loop`` under ``vmap`` holds a finished run while the
+    others go on. Horizons are in log t only (``log_t_max``); there are no loss-mark
+    checkpoints and no resume.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if not alpha0 > 0:
+        raise ValueError(f"alpha0 must be positive, got {alpha0}")
+    if len(params0) != len(seeds) or not seeds:
+        raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
+    n = objective.num_samples
+    if batch_size is not None and not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
+    if batch_size == n:
+        batch_size = None
+    if not log_t_max > log_t_min:
+        raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
+    k = len(seeds)
+    opt, epoch = _make_epoch(schedule, batch_size, n)
+    dtype = objective.dtype
+    alpha_init = alpha0 if schedule == "loss-based" else lr
+
+    def init(p, seed):
+        ell, g = objective.value_and_grad(p)
+        return GDState(
+            params=p,
+            opt_state=opt.init(p),
+            log_loss=ell,
+            grad=g if batch_size is None else jax.tree.map(jnp.zeros_like, p),
+            log_t=jnp.asarray(-jnp.inf, dtype),
+            step=jnp.asarray(0),
+            alpha=jnp.asarray(alpha_init, dtype),
+            log_eta=jnp.asarray(-jnp.inf, dtype),
+            key=jax.random.key(seed),
+            grad_evals=jnp.asarray(1),
+            rejected=jnp.asarray(0),
+            stop=jnp.asarray(RUNNING),
+        )
+
+    @jax.jit
+    def advance(obj, states: GDState, target, limits):
+        def one(s, limit):
+            def cond(s):
+                return (s.log_t < target) & (s.step < limit) & (s.stop == RUNNING)
+
+            return jax.lax.while_loop(cond, lambda s: epoch(obj, s), s)
+
+        return jax.vmap(one)(states, limits)
+
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *params0)
+    state = jax.jit(jax.vmap(init))(stacked, jnp.asarray(seeds))
+    many_q = jax.jit(jax.vmap(lambda obj, p: obj.quantities(p), in_axes=(None, 0)))
+    recs = []
+    for s in seeds:
+        cfg = {**objective.describe(), **(config or {})}
+        cfg.update(
+            dynamics="gd" if batch_size is None else "sgd", schedule=schedule, lr=lr,
+            alpha0=alpha0, batch_size=batch_size, log_t_max=log_t_max, max_steps=max_steps,
+            saves=saves, log_t_min=log_t_min, seed=int(s), seeds=[int(v) for v in seeds],
+        )  # fmt: skip
+        recs.append(TrajectoryRecorder("gd", cfg, False, None))
+
+    def record(state, which):
+        q = many_q(objective, state.params)
+        host = jax.device_get((q, state.step, state.log_t, state.log_eta, state.alpha,
+                               state.grad_evals, state.rejected))  # fmt: skip
+        q, step, log_t, log_eta, alpha, evals, rejected = host
+        for i in which:
+            row = recs[i].add(
+                int(step[i]), float(log_t[i]), jax.tree.map(lambda a, i=i: a[i], q),
+                log_lr=float(log_eta[i]), alpha=float(alpha[i]), grad_evals=float(evals[i]),
+                rejected=float(rejected[i]),
+            )  # fmt: skip
+            if progress is not None:
+                progress({**row, "seed": int(seeds[i])})
+
+    record(state, range(k))
+    grid = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
+    targets = [list(grid) for _ in range(k)]
+    status = ["completed"] * k
+    message = [""] * k
+    finished = [False] * k
+    first = True
+    try:
+        while not all(finished):
+            steps = np.asarray(state.step)
+            if first:
+                target, limits = np.inf, np.ones(k, np.int64)
+            else:
+                target = min(targets[i][0] for i in range(k) if not finished[i])
+                limits = np.minimum(max_steps, steps + chunk)
+            state = advance(objective, state, jnp.asarray(target, dtype), jnp.asarray(limits))
+            log_t, step, stop = jax.device_get((state.log_t, state.step, state.stop))
+            hits = []
+            for i in range(k):
+                if finished[i]:
+                    continue
+                # its own next save point (the call stops every run at the earliest one)
+                hit = first or bool(targets[i] and log_t[i] >= targets[i][0])
+                done_t = log_t[i] >= log_t_max
+                done = done_t or step[i] >= max_steps or stop[i] != RUNNING
+                if hit or done:
+                    hits.append(i)
+                    while targets[i] and targets[i][0] <= log_t[i]:
+                        targets[i].pop(0)
+                if stop[i] == STOP_ALPHA:
+                    status[i] = "stopped"
+                    message[i] = f"alpha fell below {ALPHA_MIN:g} at step {step[i]}"
+                elif stop[i] == STOP_NONFINITE:
+                    status[i] = "failed"
+                    message[i] = (
+                        f"non-finite loss or gradient at step {step[i] + 1} with constant "
+                        f"lr {lr:g}; try --schedule loss-based or a smaller --lr"
+                    )
+                elif done_t:
+                    message[i] = f"reached log t = {log_t[i]:.6g}"
+                elif done:
+                    message[i] = f"reached max steps {max_steps}"
+                finished[i] = done
+            first = False
+            if hits:
+                record(state, hits)
+    except KeyboardInterrupt:
+        for i in range(k):
+            if not finished[i]:
+                status[i], message[i] = "stopped", f"interrupted at step {int(state.step[i])}"
+    finals = jax.device_get(state.params)
+    return [
+        recs[i].finish(jax.tree.map(lambda a, i=i: a[i], finals), status[i], message[i])
+        for i in range(k)
+    ]
