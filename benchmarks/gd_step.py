@@ -74,31 +74,32 @@ def main():
     for name, dt in (("float32", jnp.float32), ("float64", jnp.float64)):
         for label, kind, (obj, p0), ds in problems(batch, dt):
 
-            def step(params, obj=obj):
+            # The objective is an argument, as in run_gd (not a constant XLA could fold).
+            def step(params, obj):
                 g = obj.grad_log_loss(params)
                 return jax.tree.map(lambda p, v: p - LR * v, params, g)
 
             one = jax.jit(step, donate_argnums=0)
             many = jax.jit(
-                lambda p, obj=obj: jax.lax.scan(
+                lambda p, obj: jax.lax.scan(
                     lambda q, _: (step(q, obj), None), p, None, length=args.scan
                 )[0]
             )
-            fl = flops_of(jax.jit(lambda p, o=obj: o.value_and_grad(p)), p0)
+            fl = flops_of(jax.jit(lambda p, o: o.value_and_grad(p)), p0, obj)
             y = ds.y_signed if kind == "mlp" else ds.y
             t_step = torch_step_fn(kind, np.asarray(ds.x), y, name)
             params = jax.tree.map(jnp.copy, p0)
-            params = jax.block_until_ready(one(params))
-            params = jax.block_until_ready(many(params))
+            params = jax.block_until_ready(one(params, obj))
+            params = jax.block_until_ready(many(params, obj))
             if t_step is not None:
                 t_step()
             a_t, s_t, b_t = [], [], []
             for _ in range(reps):  # alternate A / B
                 t = time.perf_counter()
-                params = jax.block_until_ready(one(params))
+                params = jax.block_until_ready(one(params, obj))
                 a_t.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                params = jax.block_until_ready(many(params))
+                params = jax.block_until_ready(many(params, obj))
                 s_t.append((time.perf_counter() - t) / args.scan)
                 if t_step is not None:
                     t = time.perf_counter()

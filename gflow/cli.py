@@ -267,6 +267,15 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="GD / SGD, gradient flow, or both (default: %(default)s)",
     )
     g.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="train K initialisations (seeds --seed .. --seed+K-1): GD as one vmapped run, "
+        "the flow one seed after another; per-seed run folders, mean / min / max in the "
+        "table and bands in the plot (default: 1)",
+    )
+    g.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default="loss-based",
@@ -555,6 +564,8 @@ def cmd_run(args) -> int:
     hosts = jax.process_count()
     if hosts > 1 and resume:
         raise ValueError("--resume of a multi-host run is not supported; rerun it")
+    if args.seeds > 1 and (resume or hosts > 1):
+        raise ValueError(f"--seeds {args.seeds} runs on one host and cannot be resumed")
     scratch = None
     if not is_writer():  # process 0 writes the run folder; the others compute only
         scratch = tempfile.TemporaryDirectory(prefix="gflow-worker-")
@@ -597,6 +608,8 @@ def cmd_run(args) -> int:
         f"loss {args.loss}, {args.dtype}"
     )
     which = ["gd", "flow"] if args.dynamics == "both" else [args.dynamics]
+    if args.seeds > 1:
+        return _run_seeds(args, out, ds, obj, config, which)
     trajs, times, checks = {}, {}, {}
     for kind in which:
         folder = out / kind if len(which) > 1 else out
@@ -679,6 +692,82 @@ def cmd_run(args) -> int:
     }
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return 0 if all(t.status != "failed" for t in trajs.values()) else 1
+
+
+def _run_seeds(args, out, ds, obj, config, which) -> int:
+    """``gflow run --seeds K``: GD for all seeds in one vmapped run, the flow per seed."""
+    import json
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gflow.dynamics import run_flow, run_gd_seeds
+    from gflow.models import build_model, split_params
+    from gflow.plots import plot_seed_bands
+    from gflow.theory import check_run, checks_json
+    from gflow.trajectory import atomic_write
+
+    seeds = [args.seed + i for i in range(args.seeds)]
+    dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
+    outputs = 1 if args.loss in ("exp", "logistic") else ds.num_classes
+    inits = [
+        split_params(
+            build_model(
+                args.model, ds.input_shape, outputs,
+                width=args.width, depth=args.depth, bias=args.bias,
+                activation=args.activation, seed=s, dtype=dtype,
+            )
+        )[1]
+        for s in seeds
+    ]  # fmt: skip
+    groups, table = {}, []
+    for kind in which:
+        t0 = time.perf_counter()
+        if kind == "gd":
+            runs = run_gd_seeds(
+                obj, inits, seeds=seeds, schedule=args.schedule, lr=args.lr,
+                alpha0=args.alpha0, batch_size=args.batch_size, log_t_max=args.log_t_max,
+                max_steps=args.steps or 100_000, saves=args.saves, log_t_min=args.log_t_min,
+                config=config,
+            )  # fmt: skip
+        else:
+            runs = []
+            for s, p0 in zip(seeds, inits, strict=True):
+                runs.append(
+                    run_flow(
+                        obj, p0, clock=args.clock, solver=args.solver, rtol=args.rtol,
+                        atol=args.atol, dt=args.dt, cfl=args.cfl, log_t_max=args.log_t_max,
+                        log_loss_min=args.log_loss_min, saves=args.saves,
+                        log_t_min=args.log_t_min, max_steps=args.steps or 1_000_000,
+                        config={**config, "seed": s},
+                    )
+                )  # fmt: skip
+        wall = time.perf_counter() - t0
+        for s, tr in zip(seeds, runs, strict=True):
+            folder = out / kind / f"seed-{s}"
+            tr.config["wall_seconds"] = wall / len(runs)
+            tr.save(folder)
+            atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
+        groups[kind] = runs
+        final = {c: np.array([tr[c][-1] for tr in runs]) for c in ("normalized_margin",
+                 "smoothed_margin", "log_loss")}  # fmt: skip
+        ok = sum(tr.status == "completed" for tr in runs)
+        print(f"{kind}: {len(runs)} seeds in {wall:.1f} s, {ok} completed -> {out / kind}")
+        for c, v in final.items():
+            stats = f"mean {v.mean():.6g}  min {v.min():.6g}  max {v.max():.6g}"
+            table.append((f"{kind} {c}", stats))
+    print(_format_table(table))
+    if not args.no_plot:
+        title = f"{ds.name}, {args.model} (L={obj.order}), {args.loss} loss"
+        print(f"plots: {plot_seed_bands(groups, out / 'plots.png', title)}")
+    summary = {
+        kind: [
+            {**tr.last(), "seed": s, "status": tr.status} for s, tr in zip(seeds, runs, strict=True)
+        ]
+        for kind, runs in groups.items()
+    }
+    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return 0 if all(tr.status != "failed" for r in groups.values() for tr in r) else 1
 
 
 def _problem_from_config(cfg: dict):

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from gflow.trajectory import Trajectory, atomic_write  # noqa: E402
 
-__all__ = ["plot_trajectories", "plot_comparison", "save_figure"]
+__all__ = ["plot_trajectories", "plot_seed_bands", "plot_comparison", "save_figure"]
 
 PANELS = (
     ("log_loss", "log Loss (sum)"),
@@ -57,6 +57,43 @@ def plot_trajectories(trajs: dict[str, Trajectory], path: str | Path, title: str
     axes[0, 0].legend()
     if title:
         fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def seed_bands(runs: list[Trajectory], name: str, grid: np.ndarray):
+    """``(mean, min, max)`` of a column over runs, each interpolated in log t onto ``grid``."""
+    vals = []
+    for tr in runs:
+        x, y = tr["log_t"], _column(tr, name)
+        keep = np.isfinite(x) & np.isfinite(y)
+        vals.append(np.interp(grid, x[keep], y[keep], left=np.nan, right=np.nan))
+    v = np.asarray(vals)
+    import warnings
+
+    with warnings.catch_warnings():  # grid points no run reaches stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(v, 0), np.nanmin(v, 0), np.nanmax(v, 0)
+
+
+def plot_seed_bands(groups: dict[str, list[Trajectory]], path: str | Path, title: str = "") -> Path:
+    """The panels of ``plot_trajectories`` for several seeds per dynamics: the mean line
+    and the min-max band over seeds, on a common log t grid (from 0)."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    top = max(float(np.nanmax(tr["log_t"])) for runs in groups.values() for tr in runs)
+    grid = np.linspace(0.0, top, 200)
+    for (name, label), ax in zip(PANELS, axes.ravel(), strict=True):
+        for kind, runs in groups.items():
+            mean, lo, hi = seed_bands(runs, name, grid)
+            (line,) = ax.plot(grid, mean, label=f"{kind}: mean of {len(runs)} seeds")
+            ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.25, lw=0)
+        ax.set_xlabel("log t")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if name == "rho_L":
+            ax.set_yscale("log")
+    axes[0, 0].legend()
+    if title:
+        fig.suptitle(title + " (band: min to max over seeds)", fontsize=10)
     return save_figure(fig, path)
 
 

@@ -54,3 +54,25 @@ def test_seeds_need_one_init_each(problem):
     obj, inits = problem
     with pytest.raises(ValueError, match="one seed per initialisation"):
         run_gd_seeds(obj, inits, seeds=[1, 2])
+
+
+def test_gflow_run_seeds_writes_a_folder_per_seed_and_bands(tmp_path, capsys):
+    import json
+
+    from gflow.cli import main
+    from gflow.trajectory import Trajectory
+
+    out = tmp_path / "run"
+    argv = ["run", "--seeds", "3", "--seed", "7", "--n", "60", "--width", "8", "--log-t-max",
+            "5", "--saves", "4", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gd normalized_margin" in printed and "mean" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    for kind in ("gd", "flow"):
+        assert [r["seed"] for r in summary[kind]] == [7, 8, 9]
+        runs = [Trajectory.load(out / kind / f"seed-{s}") for s in (7, 8, 9)]
+        assert [tr.config["seed"] for tr in runs] == [7, 8, 9]
+        assert all((out / kind / f"seed-{s}" / "checks.json").is_file() for s in (7, 8, 9))
+        assert len({float(tr["log_loss"][0]) for tr in runs}) == 3  # three initialisations
+    assert (out / "plots.png").stat().st_size > 10_000
