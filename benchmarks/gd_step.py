@@ -73,7 +73,6 @@ def main():
     rows = []
     for name, dt in (("float32", jnp.float32), ("float64", jnp.float64)):
         for label, kind, (obj, p0), ds in problems(batch, dt):
-
             # The objective is an argument, as in run_gd (not a constant XLA could fold).
             def step(params, obj):
                 g = obj.grad_log_loss(params)

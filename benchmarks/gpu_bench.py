@@ -39,7 +39,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gflow  # noqa: E402,F401  (float64 on)
 from gflow import data as D  # noqa: E402
-from gflow.models import paper_cnn, split_params, vgg16  # noqa: E402
+from gflow.models import paper_cnn, vgg16  # noqa: E402
 from gflow.objective import make_objective  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -119,26 +119,10 @@ def network_steps(section, build, n, shape, ceil, reps, torch_kind):
 
 
 def seeds(k, steps, ceil):
+    from kernels import seed_timing
+
     ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 300, seed=0), "unit")
-    from gflow.models import build_model
-
-    inits = [
-        split_params(build_model("mlp", ds.input_shape, 1, width=50, seed=s))[1] for s in range(k)
-    ]
-    obj, _ = make_objective(build_model("mlp", ds.input_shape, 1, width=50), ds, "logistic")
-
-    def train(p):
-        def body(p, _):
-            g = obj.grad_log_loss(p)
-            return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), None
-
-        return jax.lax.scan(body, p, None, length=steps)[0]
-
-    one = jax.jit(train)
-    many = jax.jit(jax.vmap(train))
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *inits)
-    t_seq = timeit(lambda: [one(p) for p in inits], reps=3)
-    t_vec = timeit(many, stacked, reps=3)
+    t_seq, t_vec, _ = seed_timing(k, steps, ds)
     row("seeds", f"{k} seeds x {steps} GD steps, sequential", t_seq)
     row("seeds", f"{k} seeds x {steps} GD steps, vmapped", t_vec, speedup=round(t_seq / t_vec, 2))
 

@@ -226,7 +226,11 @@ then RK4 at 0.9 of its stability edge over the top Hessian eigenvalue (stability
 stepping: about 4x fewer gradient evaluations than Tsit5 throughout, at equal parameter
 accuracy; benchmarks/RESULTS.md). Under a minute on a 2-core CPU. At the end the theory checks
 run (gflow check). Files go to --out: gd/ and flow/ run folders (config.json,
-trajectory.npz, trajectory.csv, params_final.npz, checks.json) and plots.png."""
+trajectory.npz, trajectory.csv, params_final.npz, checks.json), run.json and plots.png.
+While it runs, each run folder holds a checkpoint of its last save point: a killed run
+goes on with --resume RUN_DIR. --seeds K trains K initialisations (GD vmapped); the
+samples are split over all local devices (--devices), and over several hosts with
+--coordinator / --num-processes / --process-id."""
 
 
 def _positive_float(text: str) -> float:
@@ -405,6 +409,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument(
         "--out", default=None, help="run folder to create (default: runs/run-YYYYmmdd-HHMMSS)"
+    )
+    o.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="write no checkpoints at save points (about 50 ms each; a killed run then "
+        "cannot be resumed)",
     )
     o.add_argument(
         "--resume",
@@ -613,7 +623,7 @@ def cmd_run(args) -> int:
     trajs, times, checks = {}, {}, {}
     for kind in which:
         folder = out / kind if len(which) > 1 else out
-        ck = Checkpointer(folder) if hosts == 1 else None
+        ck = Checkpointer(folder) if hosts == 1 and not args.no_checkpoint else None
         if resume and (folder / "config.json").is_file():
             done = Trajectory.load(folder)
             if done.status == "completed":

@@ -49,15 +49,8 @@ def plot_trajectories(trajs: dict[str, Trajectory], path: str | Path, title: str
                 lo, hi = late.min(), late.max()
                 pad = 0.05 * (hi - lo or abs(hi) or 1.0)
                 ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xlabel("log t")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        if name == "rho_L":
-            ax.set_yscale("log")
-    axes[0, 0].legend()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+        _panel(ax, name, label)
+    return _finish(fig, axes, title, path)
 
 
 def seed_bands(runs: list[Trajectory], name: str, grid: np.ndarray):
@@ -86,14 +79,22 @@ def plot_seed_bands(groups: dict[str, list[Trajectory]], path: str | Path, title
             mean, lo, hi = seed_bands(runs, name, grid)
             (line,) = ax.plot(grid, mean, label=f"{kind}: mean of {len(runs)} seeds")
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.25, lw=0)
-        ax.set_xlabel("log t")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        if name == "rho_L":
-            ax.set_yscale("log")
+        _panel(ax, name, label)
+    return _finish(fig, axes, title and title + " (band: min to max over seeds)", path)
+
+
+def _panel(ax, name: str, label: str) -> None:
+    ax.set_xlabel("log t")
+    ax.set_title(label)
+    ax.grid(alpha=0.3)
+    if name == "rho_L":
+        ax.set_yscale("log")
+
+
+def _finish(fig, axes, title: str, path) -> Path:
     axes[0, 0].legend()
     if title:
-        fig.suptitle(title + " (band: min to max over seeds)", fontsize=10)
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 

@@ -176,6 +176,45 @@ def _make_epoch(schedule: str, batch_size: int | None, n: int):
     return opt, epoch
 
 
+def _initial_state(objective: Objective, opt, params, seed, batch_size, alpha) -> GDState:
+    dtype = objective.dtype
+    ell, g = objective.value_and_grad(params)
+    return GDState(
+        params=params,
+        opt_state=opt.init(params),
+        log_loss=ell,
+        grad=g if batch_size is None else jax.tree.map(jnp.zeros_like, params),
+        log_t=jnp.asarray(-jnp.inf, dtype),
+        step=jnp.asarray(0),
+        alpha=jnp.asarray(alpha, dtype),
+        log_eta=jnp.asarray(-jnp.inf, dtype),
+        key=jax.random.key(seed),
+        grad_evals=jnp.asarray(1),
+        rejected=jnp.asarray(0),
+        stop=jnp.asarray(RUNNING),
+    )
+
+
+def _check_schedule(schedule: str, lr: float, alpha0: float, batch_size, n: int):
+    """Validate the step options; returns the batch size (None for full batch)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if not alpha0 > 0:
+        raise ValueError(f"alpha0 must be positive, got {alpha0}")
+    if batch_size is not None and not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
+    return None if batch_size == n else batch_size
+
+
+def _nonfinite_message(step: int, lr: float) -> str:
+    return (
+        f"non-finite loss or gradient at step {step} with constant lr {lr:g}; "
+        "try --schedule loss-based or a smaller --lr"
+    )
+
+
 def run_gd(
     objective: Objective,
     params0,
@@ -217,17 +256,8 @@ def run_gd(
       non-finite loss). With ``resume=True`` the run continues from the latest one,
       reproducing the uninterrupted run exactly.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if not alpha0 > 0:
-        raise ValueError(f"alpha0 must be positive, got {alpha0}")
     n = objective.num_samples
-    if batch_size is not None and not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
-    if batch_size == n:
-        batch_size = None
+    batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
     if log_t_max is not None and log_t_max <= log_t_min:
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
     if max_steps < 1:
@@ -249,21 +279,7 @@ def run_gd(
 
         return jax.lax.while_loop(cond, lambda s: epoch(obj, s), s)
 
-    ell0, g0 = objective.value_and_grad(params0)
-    state = GDState(
-        params=params0,
-        opt_state=opt.init(params0),
-        log_loss=ell0,
-        grad=g0 if batch_size is None else jax.tree.map(jnp.zeros_like, params0),
-        log_t=jnp.asarray(-jnp.inf, dtype),
-        step=jnp.asarray(0),
-        alpha=jnp.asarray(alpha_init, dtype),
-        log_eta=jnp.asarray(-jnp.inf, dtype),
-        key=jax.random.key(seed),
-        grad_evals=jnp.asarray(1),
-        rejected=jnp.asarray(0),
-        stop=jnp.asarray(RUNNING),
-    )
+    state = _initial_state(objective, opt, params0, seed, batch_size, alpha_init)
     cfg = {**objective.describe(), **(config or {})}
     cfg.update(
         dynamics="gd" if batch_size is None else "sgd",
@@ -358,10 +374,7 @@ def run_gd(
                 break
             if stop == STOP_NONFINITE:
                 status = "failed"
-                message = (
-                    f"non-finite loss or gradient at step {step + 1} with constant lr {lr:g}; "
-                    "try --schedule loss-based or a smaller --lr"
-                )
+                message = _nonfinite_message(step + 1, lr)
                 break
             if done:
                 if done_t:
@@ -402,19 +415,10 @@ def run_gd_seeds(
     others go on. Horizons are in log t only (``log_t_max``); there are no loss-mark
     checkpoints and no resume.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if not alpha0 > 0:
-        raise ValueError(f"alpha0 must be positive, got {alpha0}")
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
     n = objective.num_samples
-    if batch_size is not None and not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
-    if batch_size == n:
-        batch_size = None
+    batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
     if not log_t_max > log_t_min:
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
     k = len(seeds)
@@ -423,21 +427,7 @@ def run_gd_seeds(
     alpha_init = alpha0 if schedule == "loss-based" else lr
 
     def init(p, seed):
-        ell, g = objective.value_and_grad(p)
-        return GDState(
-            params=p,
-            opt_state=opt.init(p),
-            log_loss=ell,
-            grad=g if batch_size is None else jax.tree.map(jnp.zeros_like, p),
-            log_t=jnp.asarray(-jnp.inf, dtype),
-            step=jnp.asarray(0),
-            alpha=jnp.asarray(alpha_init, dtype),
-            log_eta=jnp.asarray(-jnp.inf, dtype),
-            key=jax.random.key(seed),
-            grad_evals=jnp.asarray(1),
-            rejected=jnp.asarray(0),
-            stop=jnp.asarray(RUNNING),
-        )
+        return _initial_state(objective, opt, p, seed, batch_size, alpha_init)
 
     @jax.jit
     def advance(obj, states: GDState, target, limits):
@@ -510,10 +500,7 @@ def run_gd_seeds(
                     message[i] = f"alpha fell below {ALPHA_MIN:g} at step {step[i]}"
                 elif stop[i] == STOP_NONFINITE:
                     status[i] = "failed"
-                    message[i] = (
-                        f"non-finite loss or gradient at step {step[i] + 1} with constant "
-                        f"lr {lr:g}; try --schedule loss-based or a smaller --lr"
-                    )
+                    message[i] = _nonfinite_message(int(step[i]) + 1, lr)
                 elif done_t:
                     message[i] = f"reached log t = {log_t[i]:.6g}"
                 elif done:
