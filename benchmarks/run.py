@@ -2,7 +2,7 @@
 and appends its machine-tagged results to ``benchmarks/results/<name>.json``.
 
     python benchmarks/run.py --quick     # a smoke run of everything, about 3 minutes
-    python benchmarks/run.py             # the full run behind RESULTS.md (hours on 2 cores)
+    python benchmarks/run.py             # the full run behind RESULTS.md (30-45 minutes on 2 cores)
     python benchmarks/run.py --only gd_step,kernels
 
 Sections (RESULTS.md has one part for each):
@@ -16,7 +16,8 @@ Sections (RESULTS.md has one part for each):
                the first ``gflow run``
 
 The accelerator benchmark is ``benchmarks/gpu.sh`` (``gpu_bench.py``), run on a GPU machine.
-A ``--quick`` run writes ``*-quick.json`` files (ignored by git), never the results.
+A ``--quick`` run writes ``*-quick.json`` files (ignored by git), never the results. A full
+run ends with ``report.py``, which rewrites the tables of RESULTS.md from the new results.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def main():
             print(f"=== {name}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
             if rc:
                 failed.append(" ".join(cmd))
+    if not args.quick and not failed:  # the tables of RESULTS.md from the new results
+        subprocess.call([sys.executable, str(HERE / "report.py")], cwd=HERE)
     print(f"\nall done in {time.perf_counter() - t0:.0f} s; failed: {failed or 'none'}")
     sys.exit(1 if failed else 0)
 

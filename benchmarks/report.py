@@ -1,0 +1,127 @@
+"""Regenerate the tables of RESULTS.md from the newest run in each ``results/*.json``.
+
+RESULTS.md marks each generated table with ``<!-- table: NAME -->`` ... ``<!-- end -->``;
+NAME is a results file's stem. The prose around the tables is written by hand.
+``run.py`` calls this after a full run.
+
+    python benchmarks/report.py            # rewrite the tables in place
+    python benchmarks/report.py --check    # exit 1 if a table is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOC = HERE / "RESULTS.md"
+
+
+def latest(name: str) -> dict:
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    return data[-1] if isinstance(data, list) else data
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _stamp(rec: dict) -> str:
+    return f"_{rec['machine']}; {rec['date']}._"
+
+
+def gd_step(rec: dict) -> str:
+    rows = []
+    for r in rec["rows"]:
+        ratio = f"**{r['ratio_to_torch']:.2f}x**" if r.get("ratio_to_torch") else "n/a"
+        torch = f"{r['torch_step_s'] * 1e3:,.4g}" if r.get("torch_step_s") else "n/a"
+        rows.append([
+            r["model"], r["dtype"], f"{r['batch']:,}", f"{r['flops'] / 1e9:.3g}",
+            f"{r['gflow_step_s'] * 1e3:,.4g}", f"{r['gflow_scan_step_s'] * 1e3:,.4g}", torch,
+            ratio, f"{100 * r['fraction_of_ceiling']:.0f}%",
+        ])  # fmt: skip
+    ceil = rec["ceiling_gflops"]
+    head = ["model", "dtype", "batch", "GFLOP per step", "gflow step (ms)", "gflow scanned (ms)",
+            "PyTorch (ms)", "gflow scanned / PyTorch", "% of ceiling"]  # fmt: skip
+    return (
+        _table(head, rows)
+        + f"\n\nCeiling: {ceil['float32']:.1f} GFLOP/s float32, {ceil['float64']:.1f} GFLOP/s"
+        + f" float64. {_stamp(rec)}"
+    )
+
+
+def flow_horizon(rec: dict) -> str:
+    rows = []
+    for r in rec["rows"]:
+        if "dt" in r and r.get("dt"):
+            method = f"RK4, fixed dt = {r['dt']:.3g}"
+        elif r.get("cfl"):
+            method = (
+                f"stability stepping, {r['solver'].upper()} at cfl {r['cfl']:g} "
+                f"(warm-up rtol {r['rtol']:g})"
+            )
+        else:
+            method = f"Tsit5, rtol {r['rtol']:g}"
+        err = [f"{r[k]:.1e}" if k in r else "n/a" for k in ("param_rel_err", "margin_rel_err")]
+        rows.append([
+            method, r.get("clock", "loss"), f"{r['grad_evals']:,}", f"{r['wall_s']:.1f}", *err,
+            f"{r['margin']:.7g}", str(r["margin_drops"]),
+        ])  # fmt: skip
+    head = ["method", "clock", "gradient evaluations", "wall (s)", "parameters, rel. error",
+            "smoothed margin, rel. error", "final smoothed margin", "margin drops"]  # fmt: skip
+    return _table(head, rows) + f"\n\n{_stamp(rec)}"
+
+
+def kernels(rec: dict) -> str:
+    rows = []
+    for r in rec["rows"]:
+        vals = {k: v for k, v in r.items() if k not in ("section", "name", "command")}
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" if isinstance(v, int)
+            else f"{k} {v}" for k, v in vals.items()
+        )  # fmt: skip
+        rows.append([r["section"], r["name"], shown])
+    return _table(["section", "what", "measured (seconds unless named)"], rows) + (
+        f"\n\n{_stamp(rec)}"
+    )
+
+
+RENDER = {"gd_step": gd_step, "kernels": kernels}
+
+
+def render(name: str) -> str:
+    rec = latest(name)
+    fn = RENDER.get(name) or (flow_horizon if name.startswith("flow_horizon") else None)
+    if fn is None:
+        raise KeyError(f"no table renderer for {name!r}")
+    return fn(rec)
+
+
+PATTERN = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(\n<!-- end -->)", re.S)
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--check", action="store_true", help="exit 1 if a table is out of date")
+    args = ap.parse_args()
+    text = DOC.read_text()
+    new = PATTERN.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+    names = [m.group("name") for m in PATTERN.finditer(text)]
+    if args.check:
+        stale = new != text
+        print(f"tables {', '.join(names)}: {'out of date' if stale else 'up to date'}")
+        sys.exit(1 if stale else 0)
+    DOC.write_text(new)
+    print(f"rewrote {len(names)} tables in {DOC}: {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    main()
