@@ -84,13 +84,9 @@ class Objective(eqx.Module):
         return self.margins_of(self.outputs(params))
 
     def log_loss(self, params) -> Array:
-        """``log Loss(theta)``, the log of the sum loss.
-
-        Always computed in float64 when x64 is on (the default): a float32 model's
-        outputs are cast up before the loss, which costs O(N C) and keeps the
-        log-sum-exp over the samples exact; the gradient still flows in float32.
-        """
-        out = _wide(self.outputs(params))
+        """``log Loss(theta)``, the log of the sum loss, in the model's precision (it
+        drives the dynamics; ``quantities`` records it in float64)."""
+        out = self.outputs(params)
         return self.loss.log_loss(out, self._labels(out))
 
     def grad_log_loss(self, params):
@@ -101,6 +97,10 @@ class Objective(eqx.Module):
         return jax.value_and_grad(self.log_loss)(params)
 
     def quantities(self, params) -> Q.Quantities:
+        """Everything recorded at a save point. Computed in float64 when x64 is on (the
+        default), also for a float32 model: its outputs are cast up before the loss and
+        the margins (O(N C) work), so the recorded log-sum-exp over the samples, margins
+        and norms keep float64's digits."""
         out = _wide(self.outputs(params))
         q = self.margins_of(out)
         ll = self.loss.log_loss(out, self._labels(out))
