@@ -125,33 +125,37 @@ def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
 
 def build_problem(args):
     """``(dataset, model, objective, params0)`` from parsed problem options."""
-    import jax.numpy as jnp
-
     from gflow import data as D
-    from gflow.models import build_model
     from gflow.objective import make_objective, shard
 
     ds = D.load(args.data, seed=args.seed, n=max(args.n, 2))
     if args.classes != "all":
         ds = D.keep_classes(ds, args.classes)
     ds = D.normalize(D.sample(ds, args.n, seed=args.seed), args.scale)
-    binary_loss = args.loss in ("exp", "logistic")
-    outputs = 1 if binary_loss else ds.num_classes
-    model = build_model(
-        args.model,
-        ds.input_shape,
-        outputs,
-        width=args.width,
-        depth=args.depth,
-        bias=args.bias,
-        activation=args.activation,
-        seed=args.seed,
-        dtype=jnp.float64 if args.dtype == "float64" else jnp.float32,
-    )
+    model = _model(args, ds, args.seed)
     obj, params = make_objective(model, ds, args.loss, order=getattr(args, "declared_order", None))
     if hasattr(args, "devices"):
         obj = shard(obj, _device_count(args.devices, obj.num_samples))
     return ds, model, obj, params
+
+
+def _model(args, ds, seed: int):
+    """The model of the problem options for ``ds``, initialised from ``seed``."""
+    import jax.numpy as jnp
+
+    from gflow.models import build_model
+
+    return build_model(
+        args.model,
+        ds.input_shape,
+        1 if args.loss in ("exp", "logistic") else ds.num_classes,
+        width=args.width,
+        depth=args.depth,
+        bias=args.bias,
+        activation=args.activation,
+        seed=seed,
+        dtype=jnp.float64 if args.dtype == "float64" else jnp.float32,
+    )
 
 
 def _device_count(requested: int | None, n: int) -> int:
@@ -708,28 +712,16 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     """``gflow run --seeds K``: GD for all seeds in one vmapped run, the flow per seed."""
     import json
 
-    import jax.numpy as jnp
     import numpy as np
 
     from gflow.dynamics import run_flow, run_gd_seeds
-    from gflow.models import build_model, split_params
+    from gflow.models import split_params
     from gflow.plots import plot_seed_bands
     from gflow.theory import check_run, checks_json
     from gflow.trajectory import atomic_write
 
     seeds = [args.seed + i for i in range(args.seeds)]
-    dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
-    outputs = 1 if args.loss in ("exp", "logistic") else ds.num_classes
-    inits = [
-        split_params(
-            build_model(
-                args.model, ds.input_shape, outputs,
-                width=args.width, depth=args.depth, bias=args.bias,
-                activation=args.activation, seed=s, dtype=dtype,
-            )
-        )[1]
-        for s in seeds
-    ]  # fmt: skip
+    inits = [split_params(_model(args, ds, s))[1] for s in seeds]
     groups, table = {}, []
     for kind in which:
         t0 = time.perf_counter()
