@@ -92,7 +92,25 @@ def kernels(rec: dict) -> str:
     )
 
 
-RENDER = {"gd_step": gd_step, "kernels": kernels}
+def flow_seeds(rec: dict) -> str:
+    k = rec["seeds"]
+    rows = [
+        [f"{k} x `run_flow`, one after another", f"{rec['sequential_s']:.1f} s",
+         f"{rec['sequential_first_s']:.1f} s", ""],
+        [f"`run_flow_seeds`, {k} seeds vmapped", f"{rec['vmapped_s']:.1f} s",
+         f"{rec['vmapped_first_s']:.1f} s", f"**{rec['speedup']:.2f}x**"],
+    ]  # fmt: skip
+    same = "the same" if rec["same_evals"] else "**not** the same"
+    return (
+        _table(["to log t = " + f"{rec['log_t_max']:g}", "time", "first run to log t = 3 "
+                "(compiles)", "speedup"], rows)
+        + f"\n\nGradient evaluations per seed ({', '.join(map(str, rec['grad_evals']))}): "
+        f"{same} on both sides; final normalized margins differ by at most "
+        f"{rec['max_final_margin_diff']:.1e}.\n\n{_stamp(rec)}"
+    )  # fmt: skip
+
+
+RENDER = {"gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds}
 
 
 def render(name: str) -> str:
@@ -103,7 +121,12 @@ def render(name: str) -> str:
     return fn(rec)
 
 
-PATTERN = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(\n<!-- end -->)", re.S)
+# the body may be empty, and never runs past its own end marker into the next table
+PATTERN = re.compile(
+    r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>(?:(?!<!-- (?:table:|end -->)).)*?)"
+    r"\n?(<!-- end -->)",
+    re.S,
+)
 
 
 def main():
@@ -113,7 +136,7 @@ def main():
     ap.add_argument("--check", action="store_true", help="exit 1 if a table is out of date")
     args = ap.parse_args()
     text = DOC.read_text()
-    new = PATTERN.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+    new = PATTERN.sub(lambda m: m.group(1) + render(m.group("name")) + "\n" + m.group(4), text)
     names = [m.group("name") for m in PATTERN.finditer(text)]
     if args.check:
         stale = new != text

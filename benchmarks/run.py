@@ -13,7 +13,7 @@ Sections (RESULTS.md has one part for each):
                Tsit5, fixed-step RK4 and stability stepping, against a tight reference
   kernels   c-e. quantities at N = 5,000, the KKT residual on the paper CNN (time, peak
                memory), 16 vmapped seeds against 16 sequential runs, compile times and
-               the first ``gflow run``
+               the first ``gflow run``; 8 vmapped gradient flows against 8 sequential ones
 
 The accelerator benchmark is ``benchmarks/gpu.sh`` (``gpu_bench.py``), run on a GPU machine.
 A ``--quick`` run writes ``*-quick.json`` files (ignored by git), never the results. A full
@@ -38,7 +38,7 @@ FULL = {
         ["flow_horizon.py", "--problem", "default", "--log-t-max", "1000", "--clocks",
          "loss,logt", "--no-ref", "--tsit5", "1e-4", "--ours", "rk4:0.9:1e-4"],
     ],
-    "kernels": [["kernels.py"]],
+    "kernels": [["kernels.py"], ["flow_seeds.py"]],
 }  # fmt: skip
 
 QUICK = {
@@ -47,7 +47,8 @@ QUICK = {
         ["flow_horizon.py", "--problem", "default", "--log-t-max", "10", "--clocks",
          "loss,time", "--no-ref", "--tsit5", "1e-4", "--ours", "rk4:0.9:1e-4", "--smoke"],
     ],
-    "kernels": [["kernels.py", "--quick", "--only", "quantities,kkt,seeds"]],
+    "kernels": [["kernels.py", "--quick", "--only", "quantities,kkt,seeds"],
+                ["flow_seeds.py", "--quick"]],
 }  # fmt: skip
 
 

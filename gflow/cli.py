@@ -232,9 +232,9 @@ accuracy; benchmarks/RESULTS.md). Under a minute on a 2-core CPU. At the end the
 run (gflow check). Files go to --out: gd/ and flow/ run folders (config.json,
 trajectory.npz, trajectory.csv, params_final.npz, checks.json), run.json and plots.png.
 While it runs, each run folder holds a checkpoint of its last save point: a killed run
-goes on with --resume RUN_DIR. --seeds K trains K initialisations (GD vmapped); the
-samples are split over all local devices (--devices), and over several hosts with
---coordinator / --num-processes / --process-id."""
+goes on with --resume RUN_DIR. --seeds K trains K initialisations (GD and the flow each
+as one vmapped run); the samples are split over all local devices (--devices), and over
+several hosts with --coordinator / --num-processes / --process-id."""
 
 
 def _positive_float(text: str) -> float:
@@ -280,8 +280,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         default=1,
         metavar="K",
         help="train K initialisations (seeds --seed .. --seed+K-1): GD as one vmapped run, "
-        "the flow one seed after another; per-seed run folders, mean / min / max in the "
-        "table and bands in the plot (default: 1)",
+        "the flow as another; per-seed run folders, mean / min / max in the table and "
+        "bands in the plot (default: 1)",
     )
     g.add_argument(
         "--schedule",
@@ -537,6 +537,18 @@ class _Progress:
             self.bar.close()
 
 
+class _Slowest:
+    """Progress of K runs at once: the bar shows the run that is furthest behind."""
+
+    def __init__(self, k: int, bar: _Progress):
+        self.k, self.bar, self.log_t = k, bar, {}
+
+    def __call__(self, row: dict) -> None:
+        self.log_t[row["seed"]] = row["log_t"]
+        if len(self.log_t) == self.k:
+            self.bar({**row, "log_t": min(self.log_t.values())})
+
+
 def _resumed_args(args, out) -> argparse.Namespace:
     """The options a run folder was made with (its ``run.json``), for ``--resume``."""
     import json
@@ -709,12 +721,12 @@ def cmd_run(args) -> int:
 
 
 def _run_seeds(args, out, ds, obj, config, which) -> int:
-    """``gflow run --seeds K``: GD for all seeds in one vmapped run, the flow per seed."""
+    """``gflow run --seeds K``: GD for all seeds in one vmapped run, then the flow."""
     import json
 
     import numpy as np
 
-    from gflow.dynamics import run_flow, run_gd_seeds
+    from gflow.dynamics import run_flow_seeds, run_gd_seeds
     from gflow.models import split_params
     from gflow.plots import plot_seed_bands
     from gflow.theory import check_run, checks_json
@@ -725,25 +737,26 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     groups, table = {}, []
     for kind in which:
         t0 = time.perf_counter()
-        if kind == "gd":
-            runs = run_gd_seeds(
-                obj, inits, seeds=seeds, schedule=args.schedule, lr=args.lr,
-                alpha0=args.alpha0, batch_size=args.batch_size, log_t_max=args.log_t_max,
-                max_steps=args.steps or 100_000, saves=args.saves, log_t_min=args.log_t_min,
-                config=config,
-            )  # fmt: skip
-        else:
-            runs = []
-            for s, p0 in zip(seeds, inits, strict=True):
-                runs.append(
-                    run_flow(
-                        obj, p0, clock=args.clock, solver=args.solver, rtol=args.rtol,
-                        atol=args.atol, dt=args.dt, cfl=args.cfl, log_t_max=args.log_t_max,
-                        log_loss_min=args.log_loss_min, saves=args.saves,
-                        log_t_min=args.log_t_min, max_steps=args.steps or 1_000_000,
-                        config={**config, "seed": s},
-                    )
+        bar = _Progress(f"{kind} x{len(seeds)}", args.log_t_max, not args.no_progress)
+        slowest = _Slowest(len(seeds), bar)
+        try:
+            if kind == "gd":
+                runs = run_gd_seeds(
+                    obj, inits, seeds=seeds, schedule=args.schedule, lr=args.lr,
+                    alpha0=args.alpha0, batch_size=args.batch_size, log_t_max=args.log_t_max,
+                    max_steps=args.steps or 100_000, saves=args.saves,
+                    log_t_min=args.log_t_min, config=config, progress=slowest,
                 )  # fmt: skip
+            else:
+                runs = run_flow_seeds(
+                    obj, inits, seeds=seeds, clock=args.clock, solver=args.solver,
+                    rtol=args.rtol, atol=args.atol, dt=args.dt, cfl=args.cfl,
+                    log_t_max=args.log_t_max, log_loss_min=args.log_loss_min, saves=args.saves,
+                    log_t_min=args.log_t_min, max_steps=args.steps or 1_000_000, config=config,
+                    progress=slowest,
+                )  # fmt: skip
+        finally:
+            bar.close()
         wall = time.perf_counter() - t0
         for s, tr in zip(seeds, runs, strict=True):
             folder = out / kind / f"seed-{s}"

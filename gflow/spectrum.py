@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from gflow.objective import Objective
 
-__all__ = ["Eigen", "lanczos_top", "top_hessian_eigenvalue", "hvp_log_loss"]
+__all__ = ["Eigen", "lanczos_top", "lanczos_top_many", "top_hessian_eigenvalue", "hvp_log_loss"]
 
 
 class Eigen(NamedTuple):
@@ -42,22 +42,62 @@ def lanczos_top(
     vector (a previous eigenvector, to warm-start a slowly changing operator); random if
     omitted.
     """
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal(dim) if v0 is None else np.array(v0, np.float64)
-    q /= np.linalg.norm(q)
-    Q = [q]
-    alphas, betas = [], []
-    value, vec, resid = 0.0, q, np.inf
+    many = lanczos_top_many(
+        lambda v: np.asarray(matvec(v[0]))[None], dim, [v0], iters=iters, seed=seed, tol=tol
+    )
+    return many[0]
+
+
+def lanczos_top_many(
+    matvec, dim: int, v0s: list, *, iters: int = 30, seed: int = 0, tol: float = 1e-10,
+    active=None,
+) -> list[Eigen | None]:  # fmt: skip
+    """``lanczos_top`` for K operators at once, each exactly as ``lanczos_top`` alone.
+
+    ``matvec`` maps a (K, dim) stack of vectors to the K products (one vmapped call);
+    ``v0s``: K start vectors (``None``: random); ``active``: K flags, an inactive
+    operator is not iterated and gets ``None``. An operator that has stopped is still
+    fed its last vector, and its products are ignored.
+    """
+    k_ops = len(v0s)
+    active = [True] * k_ops if active is None else [bool(a) for a in active]
     k = min(iters, dim)
+    runs = [_Lanczos(dim, v0, seed) if a else None for v0, a in zip(v0s, active, strict=True)]
+    out: list[Eigen | None] = [None] * k_ops
     for j in range(k):
-        w = np.asarray(matvec(Q[j]), np.float64)
-        a = float(Q[j] @ w)
-        alphas.append(a)
-        basis = np.stack(Q)
+        todo = [i for i in range(k_ops) if runs[i] is not None and out[i] is None]
+        if not todo:
+            break
+        stack = np.zeros((k_ops, dim))
+        for i in todo:
+            stack[i] = runs[i].q[j]
+        w = np.asarray(matvec(stack), np.float64)
+        for i in todo:
+            out[i] = runs[i].step(w[i], j, k, tol)
+    return out
+
+
+class _Lanczos:
+    """One operator's Lanczos recurrence: ``step`` takes the next product."""
+
+    def __init__(self, dim: int, v0, seed: int):
+        if v0 is None:
+            q = np.random.default_rng(seed).standard_normal(dim)
+        else:
+            q = np.array(v0, np.float64)
+        self.q = [q / np.linalg.norm(q)]
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+
+    def step(self, w: np.ndarray, j: int, k: int, tol: float) -> Eigen | None:
+        """Take ``w = A q_j``; the Ritz pair once converged (or at ``j = k - 1``)."""
+        a = float(self.q[j] @ w)
+        self.alphas.append(a)
+        basis = np.stack(self.q)
         w = w - basis.T @ (basis @ w)  # full re-orthogonalisation
         w = w - basis.T @ (basis @ w)
         b = float(np.linalg.norm(w))
-        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        T = np.diag(self.alphas) + np.diag(self.betas, 1) + np.diag(self.betas, -1)
         evals, evecs = np.linalg.eigh(T)
         value = float(evals[-1])
         s = evecs[:, -1]
@@ -65,9 +105,9 @@ def lanczos_top(
         resid = abs(b * s[-1])  # ||H v - value v|| for the Ritz pair
         if resid <= tol * max(abs(value), 1e-300) or b == 0.0 or j == k - 1:
             return Eigen(value, vec / np.linalg.norm(vec), resid, j + 1)
-        betas.append(b)
-        Q.append(w / b)
-    return Eigen(value, vec, resid, k)
+        self.betas.append(b)
+        self.q.append(w / b)
+        return None
 
 
 def hvp_log_loss(objective: Objective, params):

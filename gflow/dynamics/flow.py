@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -43,10 +44,13 @@ from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     stability_edge,
 )
 from gflow.objective import Objective, quantities
-from gflow.spectrum import lanczos_top
+from gflow.spectrum import lanczos_top, lanczos_top_many
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
-__all__ = ["CLOCKS", "SOLVERS", "make_solver", "vector_field", "run_flow", "log_t_of_log1p"]
+__all__ = [
+    "CLOCKS", "SOLVERS", "make_solver", "vector_field", "run_flow", "run_flow_seeds",
+    "log_t_of_log1p",
+]  # fmt: skip
 
 CLOCKS = ("loss", "time", "logt")
 
@@ -114,8 +118,12 @@ def _segment_fn(clock: str, solver: str, fixed: bool, rtol: float, atol: float, 
             return (y[1] - args[1]) / (1 + jnp.abs(args[1]))
 
         # bisection on the step's dense output: always converges (Newton can stall on a
-        # long step's interpolant, seen at log t ~ 360)
-        event = diffrax.Event(event_fn, root_finder=optx.Bisection(rtol=1e-13, atol=1e-13))
+        # long step's interpolant, seen at log t ~ 360). z rises with tau, so the sign is
+        # known (flip=False): no bracket check, which under vmap would also run on, and
+        # fail for, the runs whose step had no event.
+        event = diffrax.Event(
+            event_fn, root_finder=optx.Bisection(rtol=1e-13, atol=1e-13, flip=False)
+        )
 
     @eqx.filter_jit
     def segment(obj, y0, c0, c1, dt0, z_target):
@@ -172,6 +180,162 @@ def _stiffness_fns(clock: str):
     return jac_matvec, drift_dt
 
 
+_LANCZOS = dict(iters=12, tol=1e-3)  # the cfl step's eigenvalue: 3 digits are enough
+_LOSS_SPAN = 1e6  # the loss clock integrates this far in tau; the save event stops it first
+
+
+class _Plan(NamedTuple):
+    """A flow run's validated settings and what follows from them."""
+
+    settings: dict  # the trajectory config's entries
+    first: tuple  # (segment, evals) before stability stepping (all along without cfl)
+    stable: tuple | None  # (segment, evals) of stability stepping
+    edge: float | None  # the solver's stability edge (cfl only)
+    targets: list  # save points in log t
+    z0: float  # log(1 + t) at the start
+
+
+_PLAN_ARGS = (
+    "clock", "solver", "rtol", "atol", "dt", "cfl", "warmup", "refresh", "drift", "log_t_max",
+    "log_loss_min", "saves", "log_t_min", "log_t0", "max_steps",
+)  # fmt: skip
+
+
+def _plan(
+    *, clock, solver, rtol, atol, dt, cfl, warmup, refresh, drift, log_t_max, log_loss_min,
+    saves, log_t_min, log_t0, max_steps,
+) -> _Plan:  # fmt: skip
+    """Check ``run_flow``'s arguments (a ``ValueError`` naming the bad one) and set up."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    make_solver(solver)  # validates the name
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
+    if dt is not None and not dt > 0:
+        raise ValueError(f"dt must be positive, got {dt}")
+    if not log_t_max > log_t_min:
+        raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
+    if log_t0 is not None and not log_t0 < log_t_max:
+        raise ValueError(f"log_t0 = {log_t0} must be below log_t_max = {log_t_max}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if dt is not None and cfl is not None:
+        raise ValueError("give a fixed step dt or a stability fraction cfl, not both")
+    if dt is None and cfl is None and is_fixed_step(solver):
+        raise ValueError(f"solver {solver!r} has no error estimate: give a fixed step dt or a cfl")
+    edge = None
+    if cfl is not None:
+        if not 0 < cfl <= 1:
+            raise ValueError(f"cfl must be in (0, 1], got {cfl}")
+        if refresh < 1:
+            raise ValueError(f"refresh must be >= 1, got {refresh}")
+        if not drift > 0:
+            raise ValueError(f"drift must be positive, got {drift}")
+        if is_fixed_step(warmup):
+            raise ValueError(f"warmup solver {warmup!r} has no error estimate")
+        edge = stability_edge(solver)
+        make_solver(warmup)
+
+    all_steps = int(min(max_steps, 2**31 - 1))
+    stable = None
+    if cfl is None:
+        first = _segment_fn(clock, solver, dt is not None, rtol, atol, all_steps)
+    else:
+        first = _segment_fn(clock, warmup, False, rtol, atol, all_steps)
+        stable = _segment_fn(clock, solver, True, rtol, atol, int(refresh))
+    settings = dict(
+        dynamics="flow", clock=clock, solver=solver, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
+        warmup=warmup if cfl is not None else None, refresh=refresh, drift=drift,
+        log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
+        log_t0=log_t0, max_steps=max_steps,
+    )  # fmt: skip
+    targets = [float(x) for x in log_t_grid(log_t_min, log_t_max, saves)]
+    if log_t0 is not None:
+        targets = [x for x in targets if x > log_t0]
+    z0 = 0.0 if log_t0 is None else _log1p_of_log_t(log_t0)
+    return _Plan(settings, first, stable, edge, targets, z0)
+
+
+def _start(clock: str, params0, z0: float, dtype):
+    """The ODE state and clock value at ``log(1 + t) = z0``."""
+    if clock == "loss":
+        return (params0, jnp.asarray(z0, dtype)), 0.0  # tau: its origin is arbitrary
+    return params0, {"time": math.expm1(z0), "logt": z0}[clock]
+
+
+def _target_clock(clock: str, target: float) -> tuple[float, float | None]:
+    """``(log(1 + t), clock value)`` at the save point ``log t = target`` (the loss
+    clock's value is not known in advance: ``None``)."""
+    z_target = _log1p_of_log_t(float(target))
+    if clock == "time":
+        c1 = math.exp(float(target))
+        if not math.isfinite(c1):
+            raise ValueError(
+                f"clock 'time' cannot reach log t = {target:g}: use clock 'loss' or 'logt'"
+            )
+        return z_target, c1
+    return z_target, (z_target if clock == "logt" else None)
+
+
+def _log_t(clock: str, y, c: float) -> float:
+    """``log t`` of the state ``y`` at clock value ``c``."""
+    if clock == "time":
+        return math.log(c) if c > 0 else -math.inf
+    return log_t_of_log1p(float(y[1]) if clock == "loss" else c)
+
+
+def _reached(clock: str, c: float, z: float | None, c1: float, z_target: float) -> bool:
+    """Has a segment that ended at clock value ``c`` (and, on the loss clock, at
+    ``z = log(1 + t)``) reached its save point?"""
+    if clock == "time":
+        return c >= c1
+    z_now = z if clock == "loss" else c
+    return z_now >= z_target * (1 - 1e-12)
+
+
+def _select(mask: np.ndarray, new, old):
+    """Per run of a batch: ``new`` where ``mask``, else ``old``."""
+    return jax.tree.map(
+        lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+    )
+
+
+def _segment_ok(result, stabilised: bool):
+    """A segment's diffrax result is a success (elementwise for a batch)."""
+    return (
+        (result == diffrax.RESULTS.successful)
+        | (result == diffrax.RESULTS.event_occurred)
+        # stability stepping stops every `refresh` steps to re-set the step
+        | ((result == diffrax.RESULTS.max_steps_reached) & stabilised)
+    )
+
+
+def _failure(solver: str, target: float, result, ok: bool, steps: int) -> str:
+    why = diffrax.RESULTS[result] if not ok else "non-finite state"
+    return f"solver {solver} failed before log t = {target:.6g} ({why}) after {steps} steps"
+
+
+def _count(totals: dict, n_steps: int, n_acc: int, evals) -> None:
+    totals["steps"] += n_steps
+    totals["accepted"] += n_acc
+    totals["rejected"] += n_steps - n_acc
+    totals["grad_evals"] += evals(n_steps)
+
+
+def _stable_step(eigenvalue: float, drift_ratio: float, cfl: float, edge: float, drift: float):
+    """``min(cfl * edge / lambda_max, drift * |theta| / |f(theta)|)``."""
+    return min(cfl * edge / max(eigenvalue, 1e-300), drift * drift_ratio)
+
+
+def _stop_reason(row, log_t, steps, max_steps, log_loss_min) -> tuple[str, str] | None:
+    """``(status, message)`` when a run ends at this save point (before its horizon)."""
+    if steps >= max_steps:
+        return "stopped", f"step budget max_steps = {max_steps} spent at log t = {log_t:.6g}"
+    if log_loss_min is not None and row["log_loss"] <= log_loss_min:
+        return "completed", f"log loss {row['log_loss']:.6g} <= target {log_loss_min:g}"
+    return None
+
+
 def run_flow(
     objective: Objective,
     params0,
@@ -226,62 +390,10 @@ def run_flow(
     - ``checkpoint`` / ``resume``: as in ``run_gd``; the ODE state, clock, step size,
       Lanczos vector and counters are saved at every save point.
     """
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    make_solver(solver)  # validates the name
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
-    if dt is not None and not dt > 0:
-        raise ValueError(f"dt must be positive, got {dt}")
-    if not log_t_max > log_t_min:
-        raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
-    if log_t0 is not None and not log_t0 < log_t_max:
-        raise ValueError(f"log_t0 = {log_t0} must be below log_t_max = {log_t_max}")
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    if dt is not None and cfl is not None:
-        raise ValueError("give a fixed step dt or a stability fraction cfl, not both")
-    if dt is None and cfl is None and is_fixed_step(solver):
-        raise ValueError(f"solver {solver!r} has no error estimate: give a fixed step dt or a cfl")
-    if cfl is not None:
-        if not 0 < cfl <= 1:
-            raise ValueError(f"cfl must be in (0, 1], got {cfl}")
-        if refresh < 1:
-            raise ValueError(f"refresh must be >= 1, got {refresh}")
-        if not drift > 0:
-            raise ValueError(f"drift must be positive, got {drift}")
-        if is_fixed_step(warmup):
-            raise ValueError(f"warmup solver {warmup!r} has no error estimate")
-        edge = stability_edge(solver)
-        make_solver(warmup)
-
+    plan = _plan(**{k: v for k, v in locals().items() if k in _PLAN_ARGS})
+    first, stable, edge = plan.first, plan.stable, plan.edge
     dtype = objective.dtype
-    all_steps = int(min(max_steps, 2**31 - 1))
-    if cfl is None:
-        first = _segment_fn(clock, solver, dt is not None, rtol, atol, all_steps)
-    else:
-        first = _segment_fn(clock, warmup, False, rtol, atol, all_steps)
-        stable = _segment_fn(clock, solver, True, rtol, atol, int(refresh))
-
-    cfg = {**objective.describe(), **(config or {})}
-    cfg.update(
-        dynamics="flow",
-        clock=clock,
-        solver=solver,
-        rtol=rtol,
-        atol=atol,
-        dt=dt,
-        cfl=cfl,
-        warmup=warmup if cfl is not None else None,
-        refresh=refresh,
-        drift=drift,
-        log_t_max=log_t_max,
-        log_loss_min=log_loss_min,
-        saves=saves,
-        log_t_min=log_t_min,
-        log_t0=log_t0,
-        max_steps=max_steps,
-    )
+    cfg = {**objective.describe(), **(config or {}), **plan.settings}
     rec = TrajectoryRecorder("flow", cfg, save_params, progress)
 
     totals = {"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0}
@@ -313,30 +425,15 @@ def run_flow(
         eig = lanczos_top(
             lambda v: ravel_pytree(jac_matvec(objective, c_, y, unravel(jnp.asarray(v, dtype))))[0],
             dim,
-            iters=12,
-            tol=1e-3,
+            **_LANCZOS,
             v0=warm["vector"],
         )
         warm["vector"] = eig.vector
         totals["grad_evals"] += 2 * eig.matvecs + 1
-        bound = drift * float(drift_dt(objective, c_, y))
-        return min(cfl * edge / max(eig.value, 1e-300), bound)
+        return _stable_step(eig.value, float(drift_dt(objective, c_, y)), cfl, edge, drift)
 
-    def _log_t(y, c):
-        if clock == "time":
-            return math.log(c) if c > 0 else -math.inf
-        return log_t_of_log1p(float(y[1]) if clock == "loss" else c)
-
-    z0 = 0.0 if log_t0 is None else _log1p_of_log_t(log_t0)
-    if clock == "loss":
-        y = (params0, jnp.asarray(z0, dtype))
-        c = 0.0  # tau: its origin is arbitrary
-    else:
-        y = params0
-        c = {"time": math.expm1(z0), "logt": z0}[clock]
-    targets = [float(x) for x in log_t_grid(log_t_min, log_t_max, saves)]
-    if log_t0 is not None:
-        targets = [x for x in targets if x > log_t0]
+    y, c = _start(clock, params0, plan.z0, dtype)
+    targets = plan.targets
     stabilised = False  # cfl: past the loss threshold, stepping by stability
     log_threshold = objective.loss.log_threshold
     dt0 = dt
@@ -369,19 +466,11 @@ def run_flow(
 
     try:
         for target in targets[done:]:
-            z_target = _log1p_of_log_t(float(target))
-            if clock == "time":
-                c1 = math.exp(float(target))
-                if not math.isfinite(c1):
-                    raise ValueError(
-                        f"clock 'time' cannot reach log t = {target:g}: use clock 'loss' or 'logt'"
-                    )
-            elif clock == "logt":
-                c1 = z_target
+            z_target, c1 = _target_clock(clock, target)
             while True:
                 if clock == "loss":
                     # tau to the event is unknown: integrate over a long span, the event stops it.
-                    c1 = c + 1e6
+                    c1 = c + _LOSS_SPAN
                 segment, evals = stable if stabilised else first
                 if stabilised:
                     dt0 = stable_dt(y, c)
@@ -394,55 +483,232 @@ def run_flow(
                     jnp.asarray(z_target, dtype),
                 )
                 n_steps, n_acc = int(n_steps), int(n_acc)
-                totals["steps"] += n_steps
-                totals["accepted"] += n_acc
-                totals["rejected"] += n_steps - n_acc
-                totals["grad_evals"] += evals(n_steps)
-                ok = (
-                    (result == diffrax.RESULTS.successful)
-                    | (result == diffrax.RESULTS.event_occurred)
-                    # stability stepping stops every `refresh` steps to re-set the step
-                    | ((result == diffrax.RESULTS.max_steps_reached) & stabilised)
-                )
+                _count(totals, n_steps, n_acc, evals)
+                ok = bool(_segment_ok(result, stabilised))
                 finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(y_new))
-                if not (bool(ok) and finite):
-                    why = diffrax.RESULTS[result] if not bool(ok) else "non-finite state"
+                if not (ok and finite):
                     status = "failed"
-                    message = (
-                        f"solver {solver} failed before log t = {target:.6g} "
-                        f"({why}) after {totals['steps']} steps"
-                    )
+                    message = _failure(solver, target, result, ok, totals["steps"])
                     # keep what was reached: the last finite state becomes the last row
                     if finite:
                         y, c = y_new, float(c_new)
-                        record(y, _log_t(y, c))
+                        record(y, _log_t(clock, y, c))
                     break
                 if dt is None and not stabilised and n_acc > 0:
                     dt0 = (float(c_new) - c) / n_acc
                 y, c = y_new, float(c_new)
-                z_now = float(y[1]) if clock == "loss" else (c if clock == "logt" else None)
-                reached = (clock == "time" and c >= c1) or (
-                    clock != "time" and z_now >= z_target * (1 - 1e-12)
-                )
-                if reached or totals["steps"] >= max_steps:
+                z = float(y[1]) if clock == "loss" else None
+                if _reached(clock, c, z, c1, z_target) or totals["steps"] >= max_steps:
                     break
             if status == "failed":
                 break
-            log_t = _log_t(y, c)
+            log_t = _log_t(clock, y, c)
             row = record(y, log_t)
             if cfl is not None and row["log_loss"] < log_threshold:
                 stabilised = True
             done += 1
             save_checkpoint()
-            if totals["steps"] >= max_steps:
-                status, message = (
-                    "stopped",
-                    f"step budget max_steps = {max_steps} spent at log t = {log_t:.6g}",
-                )
-                break
-            if log_loss_min is not None and row["log_loss"] <= log_loss_min:
-                message = f"log loss {row['log_loss']:.6g} <= target {log_loss_min:g}"
+            stop = _stop_reason(row, log_t, totals["steps"], max_steps, log_loss_min)
+            if stop is not None:
+                status, message = stop
                 break
     except KeyboardInterrupt:
         status, message = "stopped", "interrupted"
     return rec.finish(theta_of(y), status, message)
+
+
+@functools.cache
+def _vmapped(segment_and_evals: tuple):
+    """The segment of ``_segment_fn`` over a batch of runs: state, clock, end, first step
+    batched (axis 0); objective and save target shared."""
+    segment, evals = segment_and_evals
+    return eqx.filter_jit(jax.vmap(segment.__wrapped__, in_axes=(None, 0, 0, 0, 0, None))), evals
+
+
+@functools.cache
+def _vmapped_stiffness(clock: str, unravel):
+    """Batched ``(jac_matvec, drift_dt)`` of ``_stiffness_fns`` on flat vectors."""
+    jac_matvec, drift_dt = _stiffness_fns(clock)
+
+    def matvec(obj, c, y, v):
+        return ravel_pytree(jac_matvec.__wrapped__(obj, c, y, unravel(v)))[0]
+
+    return (
+        eqx.filter_jit(jax.vmap(matvec, in_axes=(None, 0, 0, 0))),
+        eqx.filter_jit(jax.vmap(drift_dt.__wrapped__, in_axes=(None, 0, 0))),
+    )
+
+
+@eqx.filter_jit
+def _all_finite(y):
+    """Per run of a batch: every entry of its state is finite."""
+    leaves = [jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1) for a in jax.tree.leaves(y)]
+    return functools.reduce(jnp.logical_and, leaves)
+
+
+def run_flow_seeds(
+    objective: Objective,
+    params0: list,
+    *,
+    seeds: list[int],
+    clock: str = "loss",
+    solver: str = "tsit5",
+    rtol: float = 1e-6,
+    atol: float = 1e-9,
+    dt: float | None = None,
+    cfl: float | None = None,
+    warmup: str = "tsit5",
+    refresh: int = 16,
+    drift: float = 0.05,
+    log_t_max: float = 10.0,
+    log_loss_min: float | None = None,
+    saves: int = 50,
+    log_t_min: float = 0.0,
+    max_steps: int = 1_000_000,
+    save_params: bool = False,
+    config: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> list[Trajectory]:
+    """K runs of ``run_flow`` in one vmapped integration: one initialisation per run
+    (``seeds`` label them); returns their K trajectories.
+
+    Every segment is one ``diffeqsolve`` vmapped over the runs: each run keeps its own
+    clock, step size and step control (a ``lax.while_loop`` under ``vmap`` holds a
+    finished run while the others go on), its own switch to stability stepping, Lanczos
+    estimate (the K operators in one vmapped product per iteration), failure and stop.
+    Each run thus takes the steps ``run_flow(params0[k])`` takes, up to the rounding of
+    batched matrix products; on a ReLU network an adaptive solver's accept/reject
+    decision at a kink can turn on that rounding, and the runs then agree to the
+    solver's tolerance rather than to rounding. No checkpoints and no resume.
+    """
+    if len(params0) != len(seeds) or not seeds:
+        raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
+    plan = _plan(**{k: v for k, v in locals().items() if k in _PLAN_ARGS}, log_t0=None)
+    k_runs, dtype = len(seeds), objective.dtype
+    first, stable = _vmapped(plan.first), (plan.stable and _vmapped(plan.stable))
+    many_q = jax.jit(jax.vmap(lambda obj, p: obj.quantities(p), in_axes=(None, 0)))
+
+    def lane(tree, i):
+        return jax.tree.map(lambda a: a[i], tree)
+
+    def theta_of(y):
+        return y[0] if clock == "loss" else y
+
+    recs = []
+    for s in seeds:
+        cfg = {**objective.describe(), **(config or {}), **plan.settings}
+        cfg.update(seed=int(s), seeds=[int(v) for v in seeds])
+        recs.append(TrajectoryRecorder("flow", cfg, save_params, None))
+    totals = [{"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0} for _ in seeds]
+
+    starts = [_start(clock, p, plan.z0, dtype) for p in params0]
+    y = jax.tree.map(lambda *a: jnp.stack(a), *[st[0] for st in starts])
+    c = np.array([st[1] for st in starts], np.float64)
+    dt0: list[float | None] = [dt] * k_runs
+    stabilised = np.zeros(k_runs, bool)
+    alive = np.ones(k_runs, bool)
+    status = ["completed"] * k_runs
+    message = [f"reached log t = {log_t_max:.6g}"] * k_runs
+
+    def record(which) -> list[dict]:
+        q, host_y = jax.device_get((many_q(objective, theta_of(y)), y))
+        rows = []
+        for i in which:
+            row = recs[i].add(
+                totals[i]["accepted"], _log_t(clock, lane(host_y, i), float(c[i])),
+                lane(q, i), lane(theta_of(host_y), i) if save_params else None,
+                grad_evals=float(totals[i]["grad_evals"]),
+                solver_steps=float(totals[i]["steps"]), rejected=float(totals[i]["rejected"]),
+            )  # fmt: skip
+            if progress is not None:
+                progress({**row, "seed": int(seeds[i])})
+            rows.append(row)
+        return rows
+
+    if cfl is not None:
+        unravel = ravel_pytree(params0[0])[1]
+        jac_many, drift_many = _vmapped_stiffness(clock, unravel)
+        dim = ravel_pytree(params0[0])[0].size
+        warm: list = [None] * k_runs
+
+    def set_stable_steps(todo: np.ndarray) -> None:
+        """The ``cfl`` step of each run in ``todo`` (``run_flow``'s ``stable_dt``)."""
+        c_ = jnp.asarray(c, dtype)
+        eigs = lanczos_top_many(
+            lambda v: jac_many(objective, c_, y, jnp.asarray(v, dtype)), dim, warm,
+            active=todo, **_LANCZOS,
+        )  # fmt: skip
+        ratios = np.asarray(drift_many(objective, c_, y))
+        for i in np.flatnonzero(todo):
+            warm[i] = eigs[i].vector
+            totals[i]["grad_evals"] += 2 * eigs[i].matvecs + 1
+            dt0[i] = _stable_step(eigs[i].value, float(ratios[i]), cfl, plan.edge, drift)
+
+    record(range(k_runs))
+    log_threshold = objective.loss.log_threshold
+    try:
+        for target in plan.targets:
+            if not alive.any():
+                break
+            z_target, c1_all = _target_clock(clock, target)
+            for phase in (False, True):  # warm-up / error-controlled runs, then stabilised
+                todo = alive & (stabilised == phase)
+                while todo.any():
+                    segment, evals = stable if phase else first
+                    if phase:
+                        set_stable_steps(todo)
+                    # a run not in `todo` gets a zero-length segment: it stays where it is
+                    far = c + _LOSS_SPAN if clock == "loss" else np.full(k_runs, c1_all)
+                    c1 = np.where(todo, far, c)
+                    steps0 = [dt0[i] for i in np.flatnonzero(todo)]
+                    h0 = None
+                    if all(h is not None for h in steps0):
+                        h0 = jnp.asarray([dt0[i] if todo[i] else 1.0 for i in range(k_runs)], dtype)
+                    out = segment(
+                        objective, y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
+                        jnp.asarray(z_target, dtype),
+                    )  # fmt: skip
+                    y_new, c_new, result = out[0], out[1], out[2]
+                    ok = np.asarray(_segment_ok(result, phase))
+                    c_new, n_steps, n_acc, finite = jax.device_get(
+                        (c_new, out[3], out[4], _all_finite(y_new))
+                    )
+                    y = _select(todo & finite, y_new, y)
+                    z_new = np.asarray(y_new[1]) if clock == "loss" else None
+                    failed = []
+                    for i in np.flatnonzero(todo):
+                        _count(totals[i], int(n_steps[i]), int(n_acc[i]), evals)
+                        if not (ok[i] and finite[i]):
+                            status[i] = "failed"
+                            message[i] = _failure(
+                                solver, target, lane(result, i), bool(ok[i]), totals[i]["steps"]
+                            )
+                            if finite[i]:
+                                c[i] = c_new[i]
+                                failed.append(i)
+                            alive[i] = todo[i] = False
+                            continue
+                        if dt is None and not phase and n_acc[i] > 0:
+                            dt0[i] = (float(c_new[i]) - c[i]) / int(n_acc[i])
+                        c[i] = c_new[i]
+                        z = None if z_new is None else float(z_new[i])
+                        if (
+                            _reached(clock, float(c[i]), z, float(c1[i]), z_target)
+                            or totals[i]["steps"] >= max_steps
+                        ):
+                            todo[i] = False
+                    if failed:
+                        record(failed)  # keep what was reached: its last finite state
+            reached = np.flatnonzero(alive)
+            for i, row in zip(reached, record(reached), strict=True):
+                if cfl is not None and row["log_loss"] < log_threshold:
+                    stabilised[i] = True
+                stop = _stop_reason(row, row["log_t"], totals[i]["steps"], max_steps, log_loss_min)
+                if stop is not None:
+                    status[i], message[i] = stop
+                    alive[i] = False
+    except KeyboardInterrupt:
+        for i in np.flatnonzero(alive):
+            status[i], message[i] = "stopped", "interrupted"
+    finals = jax.device_get(theta_of(y))
+    return [recs[i].finish(lane(finals, i), status[i], message[i]) for i in range(k_runs)]
