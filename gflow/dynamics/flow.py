@@ -96,10 +96,14 @@ def _log1p_of_log_t(log_t: float) -> float:
 
 
 @functools.cache
-def _segment_fn(clock: str, solver: str, fixed: bool, rtol: float, atol: float, steps: int):
+def _segment_fn(
+    clock: str, solver: str, fixed: bool, rtol: float, atol: float, steps: int,
+    dtype: str = "float64",
+):  # fmt: skip
     """``(segment, evals)``: one jitted ``diffeqsolve`` from ``c0`` towards ``c1`` (or the
     loss clock's save event), cached so that later runs of the same kind compile nothing;
-    ``evals(n_steps)`` counts its gradient evaluations."""
+    ``evals(n_steps)`` counts its gradient evaluations. ``dtype``: the state's, which sets
+    how finely the save event can be located."""
     field = vector_field(clock)
     # args = (objective, z target of the loss clock's save event) for every clock
     term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
@@ -115,15 +119,18 @@ def _segment_fn(clock: str, solver: str, fixed: bool, rtol: float, atol: float, 
         def event_fn(t, y, args, **kwargs):
             # relative: z = log(1 + t) is ~ 1000 at the longest horizons, where an absolute
             # 1e-13 is below its float64 spacing and no root finder could reach it
-            return (y[1] - args[1]) / (1 + jnp.abs(args[1]))
+            value = (y[1] - args[1]) / (1 + jnp.abs(args[1]))
+            # diffrax's untriggered branch is a Python 0.0 (float64 under x64): match it
+            return value.astype(jnp.result_type(float))
 
         # bisection on the step's dense output: always converges (Newton can stall on a
         # long step's interpolant, seen at log t ~ 360). z rises with tau, so the sign is
         # known (flip=False): no bracket check, which under vmap would also run on, and
         # fail for, the runs whose step had no event.
-        event = diffrax.Event(
-            event_fn, root_finder=optx.Bisection(rtol=1e-13, atol=1e-13, flip=False)
-        )
+        # 1e-13 in float64; 64 ulp in float32 (7.6e-6): z moves about that much over a
+        # float32 step of tau, finer would not converge
+        tol = 1e-13 if dtype == "float64" else 64 * float(np.finfo(dtype).eps)
+        event = diffrax.Event(event_fn, root_finder=optx.Bisection(rtol=tol, atol=tol, flip=False))
 
     @eqx.filter_jit
     def segment(obj, y0, c0, c1, dt0, z_target):
@@ -203,7 +210,7 @@ _PLAN_ARGS = (
 
 def _plan(
     *, clock, solver, rtol, atol, dt, cfl, warmup, refresh, drift, log_t_max, log_loss_min,
-    saves, log_t_min, log_t0, max_steps,
+    saves, log_t_min, log_t0, max_steps, dtype,
 ) -> _Plan:  # fmt: skip
     """Check ``run_flow``'s arguments (a ``ValueError`` naming the bad one) and set up."""
     if clock not in CLOCKS:
@@ -238,11 +245,12 @@ def _plan(
 
     all_steps = int(min(max_steps, 2**31 - 1))
     stable = None
+    dtype = np.dtype(dtype).name
     if cfl is None:
-        first = _segment_fn(clock, solver, dt is not None, rtol, atol, all_steps)
+        first = _segment_fn(clock, solver, dt is not None, rtol, atol, all_steps, dtype)
     else:
-        first = _segment_fn(clock, warmup, False, rtol, atol, all_steps)
-        stable = _segment_fn(clock, solver, True, rtol, atol, int(refresh))
+        first = _segment_fn(clock, warmup, False, rtol, atol, all_steps, dtype)
+        stable = _segment_fn(clock, solver, True, rtol, atol, int(refresh), dtype)
     settings = dict(
         dynamics="flow", clock=clock, solver=solver, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
         warmup=warmup if cfl is not None else None, refresh=refresh, drift=drift,
@@ -284,13 +292,14 @@ def _log_t(clock: str, y, c: float) -> float:
     return log_t_of_log1p(float(y[1]) if clock == "loss" else c)
 
 
-def _reached(clock: str, c: float, z: float | None, c1: float, z_target: float) -> bool:
-    """Has a segment that ended at clock value ``c`` (and, on the loss clock, at
-    ``z = log(1 + t)``) reached its save point?"""
-    if clock == "time":
-        return c >= c1
-    z_now = z if clock == "loss" else c
-    return z_now >= z_target * (1 - 1e-12)
+def _reached(clock: str, result):
+    """Did a segment reach its save point (elementwise for a batch)? On the loss clock the
+    save event stopped it; on the others it ran to its end. (Not a comparison of clock
+    values: a float32 clock rounds the end point, and a comparison with the float64
+    target would then never hold.)"""
+    if clock == "loss":
+        return result == diffrax.RESULTS.event_occurred
+    return result == diffrax.RESULTS.successful
 
 
 def _select(mask: np.ndarray, new, old):
@@ -390,7 +399,7 @@ def run_flow(
     - ``checkpoint`` / ``resume``: as in ``run_gd``; the ODE state, clock, step size,
       Lanczos vector and counters are saved at every save point.
     """
-    plan = _plan(**{k: v for k, v in locals().items() if k in _PLAN_ARGS})
+    plan = _plan(**{k: v for k, v in locals().items() if k in _PLAN_ARGS}, dtype=objective.dtype)
     first, stable, edge = plan.first, plan.stable, plan.edge
     dtype = objective.dtype
     cfg = {**objective.describe(), **(config or {}), **plan.settings}
@@ -497,8 +506,7 @@ def run_flow(
                 if dt is None and not stabilised and n_acc > 0:
                     dt0 = (float(c_new) - c) / n_acc
                 y, c = y_new, float(c_new)
-                z = float(y[1]) if clock == "loss" else None
-                if _reached(clock, c, z, c1, z_target) or totals["steps"] >= max_steps:
+                if bool(_reached(clock, result)) or totals["steps"] >= max_steps:
                     break
             if status == "failed":
                 break
@@ -583,7 +591,10 @@ def run_flow_seeds(
     """
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
-    plan = _plan(**{k: v for k, v in locals().items() if k in _PLAN_ARGS}, log_t0=None)
+    plan = _plan(
+        **{k: v for k, v in locals().items() if k in _PLAN_ARGS}, log_t0=None,
+        dtype=objective.dtype,
+    )  # fmt: skip
     k_runs, dtype = len(seeds), objective.dtype
     first, stable = _vmapped(plan.first), (plan.stable and _vmapped(plan.stable))
     many_q = jax.jit(jax.vmap(lambda obj, p: obj.quantities(p), in_axes=(None, 0)))
@@ -670,11 +681,11 @@ def run_flow_seeds(
                     )  # fmt: skip
                     y_new, c_new, result = out[0], out[1], out[2]
                     ok = np.asarray(_segment_ok(result, phase))
+                    reached = np.asarray(_reached(clock, result))
                     c_new, n_steps, n_acc, finite = jax.device_get(
                         (c_new, out[3], out[4], _all_finite(y_new))
                     )
                     y = _select(todo & finite, y_new, y)
-                    z_new = np.asarray(y_new[1]) if clock == "loss" else None
                     failed = []
                     for i in np.flatnonzero(todo):
                         _count(totals[i], int(n_steps[i]), int(n_acc[i]), evals)
@@ -691,11 +702,7 @@ def run_flow_seeds(
                         if dt is None and not phase and n_acc[i] > 0:
                             dt0[i] = (float(c_new[i]) - c[i]) / int(n_acc[i])
                         c[i] = c_new[i]
-                        z = None if z_new is None else float(z_new[i])
-                        if (
-                            _reached(clock, float(c[i]), z, float(c1[i]), z_target)
-                            or totals[i]["steps"] >= max_steps
-                        ):
+                        if reached[i] or totals[i]["steps"] >= max_steps:
                             todo[i] = False
                     if failed:
                         record(failed)  # keep what was reached: its last finite state
