@@ -160,3 +160,20 @@ def restore_recorder(rec, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -
         label: {"params": p, "step": int(step), "log_t": float(log_t)}
         for (label, step, log_t), p in zip(meta["marks"], params, strict=True)
     }
+
+
+def recorders_state(recs: list) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """``recorder_state`` of K recorders (a batch of runs): arrays under ``r<k>/``."""
+    arrays, metas = {}, []
+    for k, rec in enumerate(recs):
+        a, m = recorder_state(rec)
+        arrays.update({f"r{k}/{name}": v for name, v in a.items()})
+        metas.append(m)
+    return arrays, metas
+
+
+def restore_recorders(recs: list, arrays: dict[str, np.ndarray], metas: list) -> None:
+    """Inverse of ``recorders_state``."""
+    for k, (rec, m) in enumerate(zip(recs, metas, strict=True)):
+        p = f"r{k}/"
+        restore_recorder(rec, {n[len(p) :]: v for n, v in arrays.items() if n.startswith(p)}, m)

@@ -590,8 +590,8 @@ def cmd_run(args) -> int:
     hosts = jax.process_count()
     if hosts > 1 and resume:
         raise ValueError("--resume of a multi-host run is not supported; rerun it")
-    if args.seeds > 1 and (resume or hosts > 1):
-        raise ValueError(f"--seeds {args.seeds} runs on one host and cannot be resumed")
+    if args.seeds > 1 and hosts > 1:
+        raise ValueError(f"--seeds {args.seeds} runs on one host")
     scratch = None
     if not is_writer():  # process 0 writes the run folder; the others compute only
         scratch = tempfile.TemporaryDirectory(prefix="gflow-worker-")
@@ -726,43 +726,62 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
 
     import numpy as np
 
+    from gflow.checkpoint import Checkpointer
     from gflow.dynamics import run_flow_seeds, run_gd_seeds
     from gflow.models import split_params
     from gflow.plots import plot_seed_bands
     from gflow.theory import check_run, checks_json
-    from gflow.trajectory import atomic_write
+    from gflow.trajectory import Trajectory, atomic_write
 
+    resume = args.resume is not None
     seeds = [args.seed + i for i in range(args.seeds)]
     inits = [split_params(_model(args, ds, s))[1] for s in seeds]
     groups, table = {}, []
     for kind in which:
-        t0 = time.perf_counter()
-        bar = _Progress(f"{kind} x{len(seeds)}", args.log_t_max, not args.no_progress)
-        slowest = _Slowest(len(seeds), bar)
-        try:
-            if kind == "gd":
-                runs = run_gd_seeds(
-                    obj, inits, seeds=seeds, schedule=args.schedule, lr=args.lr,
-                    alpha0=args.alpha0, batch_size=args.batch_size, log_t_max=args.log_t_max,
-                    max_steps=args.steps or 100_000, saves=args.saves,
-                    log_t_min=args.log_t_min, config=config, progress=slowest,
-                )  # fmt: skip
+        ck = None if args.no_checkpoint else Checkpointer(out / kind)
+        folders = [out / kind / f"seed-{s}" for s in seeds]
+        runs = None
+        if resume and all((f / "config.json").is_file() for f in folders):
+            runs = [Trajectory.load(f) for f in folders]
+            if all(tr.status == "completed" for tr in runs):
+                print(f"{kind}: already completed -> {out / kind}")
+                wall = sum(tr.config.get("wall_seconds", float("nan")) for tr in runs)
             else:
-                runs = run_flow_seeds(
-                    obj, inits, seeds=seeds, clock=args.clock, solver=args.solver,
-                    rtol=args.rtol, atol=args.atol, dt=args.dt, cfl=args.cfl,
-                    log_t_max=args.log_t_max, log_loss_min=args.log_loss_min, saves=args.saves,
-                    log_t_min=args.log_t_min, max_steps=args.steps or 1_000_000, config=config,
-                    progress=slowest,
-                )  # fmt: skip
-        finally:
-            bar.close()
-        wall = time.perf_counter() - t0
-        for s, tr in zip(seeds, runs, strict=True):
-            folder = out / kind / f"seed-{s}"
-            tr.config["wall_seconds"] = wall / len(runs)
-            tr.save(folder)
-            atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
+                runs = None
+        if runs is None:
+            if resume and ck is not None and ck.exists():
+                print(f"{kind}: resuming from the checkpoint in {ck.path}")
+            t0 = time.perf_counter()
+            bar = _Progress(f"{kind} x{len(seeds)}", args.log_t_max, not args.no_progress)
+            common = dict(
+                seeds=seeds, log_t_max=args.log_t_max, saves=args.saves,
+                log_t_min=args.log_t_min, config=config, progress=_Slowest(len(seeds), bar),
+                checkpoint=ck, resume=resume,
+            )  # fmt: skip
+            try:
+                if kind == "gd":
+                    runs = run_gd_seeds(
+                        obj, inits, schedule=args.schedule, lr=args.lr, alpha0=args.alpha0,
+                        batch_size=args.batch_size, max_steps=args.steps or 100_000, **common,
+                    )  # fmt: skip
+                else:
+                    runs = run_flow_seeds(
+                        obj, inits, clock=args.clock, solver=args.solver, rtol=args.rtol,
+                        atol=args.atol, dt=args.dt, cfl=args.cfl,
+                        log_loss_min=args.log_loss_min, max_steps=args.steps or 1_000_000,
+                        **common,
+                    )  # fmt: skip
+            finally:
+                bar.close()
+            wall = time.perf_counter() - t0
+            for folder, tr in zip(folders, runs, strict=True):
+                tr.config["wall_seconds"] = wall / len(runs)
+                tr.save(folder)
+                atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
+            if ck is not None and all(tr.status == "completed" for tr in runs):
+                ck.clear()
+            elif ck is not None:
+                print(f"{kind}: the last save point is checkpointed; gflow run --resume {out}")
         groups[kind] = runs
         final = {c: np.array([tr[c][-1] for tr in runs]) for c in ("normalized_margin",
                  "smoothed_margin", "log_loss")}  # fmt: skip

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gflow.checkpoint import Checkpointer
-from gflow.dynamics import run_flow, run_gd
+from gflow.dynamics import run_flow, run_flow_seeds, run_gd, run_gd_seeds
 
 
 class _Crash(Exception):
@@ -96,6 +96,38 @@ def test_flow_resumed_after_a_crash_equals_the_uninterrupted_run(kw, small, tmp_
         resumed = run_flow(obj, p0, **kw, checkpoint=ck, resume=True, progress=count)
         _same(resumed, whole)
         assert 0 < len(rows) == len(whole) - cut
+
+
+@pytest.fixture(scope="module")
+def inits():
+    from gflow import data as D
+    from gflow.models import build_model, split_params
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    return [split_params(build_model("mlp", ds.input_shape, 1, width=8, seed=s))[1]
+            for s in (3, 4, 5)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dynamics", ["gd", "flow"])
+def test_seeds_resumed_after_a_crash_equal_the_uninterrupted_runs(dynamics, small, inits, tmp_path):
+    """A crash part-way through recording a save point (some runs' rows written, not the
+    checkpoint) resumes from the save point before it, bit for bit."""
+    obj, _ = small
+    if dynamics == "gd":
+        run, kw = run_gd_seeds, dict(schedule="loss-based", log_t_max=20.0, saves=8)
+    else:
+        run = run_flow_seeds
+        kw = dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7, log_t_max=10.0, saves=6)
+    seeds = [3, 4, 5]
+    whole = run(obj, inits, seeds=seeds, **kw)
+    ck = Checkpointer(tmp_path)
+    with pytest.raises(_Crash):  # 3 rows per save point: the 14th is mid-way through the 5th
+        run(obj, inits, seeds=seeds, **kw, checkpoint=ck, progress=_crash_after(13))
+    rows, count = _counter()
+    resumed = run(obj, inits, seeds=seeds, **kw, checkpoint=ck, resume=True, progress=count)
+    for a, b in zip(resumed, whole, strict=True):
+        _same(a, b)
+    assert 0 < len(rows) < sum(len(tr) for tr in whole) - 9
 
 
 def test_resume_without_a_checkpoint_starts_from_the_beginning(small, tmp_path):

@@ -163,3 +163,41 @@ def test_gflow_run_seeds_writes_a_folder_per_seed_and_bands(tmp_path, capsys):
         assert all((out / kind / f"seed-{s}" / "checks.json").is_file() for s in (7, 8, 9))
         assert len({float(tr["log_loss"][0]) for tr in runs}) == 3  # three initialisations
     assert (out / "plots.png").stat().st_size > 10_000
+    assert not (out / "gd" / "checkpoint").exists()  # cleared once every run completed
+
+    # killed part-way through the flow: --resume keeps GD and ends with the same files
+    import gflow.dynamics
+
+    class Crash(Exception):
+        pass
+
+    real = gflow.dynamics.run_flow_seeds
+
+    def crashing(*args, progress, **kwargs):
+        seen = []
+
+        def report(row):
+            seen.append(row)
+            if len(seen) > 7:  # mid-way through the third save point's rows
+                raise Crash
+            progress(row)
+
+        return real(*args, progress=report, **kwargs)
+
+    again = tmp_path / "again"
+    argv[-1] = str(again)
+    gflow.dynamics.run_flow_seeds = crashing
+    try:
+        with pytest.raises(Crash):
+            main(argv)
+    finally:
+        gflow.dynamics.run_flow_seeds = real
+    assert (again / "flow" / "checkpoint").is_dir()
+    capsys.readouterr()
+    assert main(["run", "--resume", str(again), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "gd: already completed" in printed and "flow: resuming from the checkpoint" in printed
+    for kind in ("gd", "flow"):
+        for s in (7, 8, 9):
+            name = f"{kind}/seed-{s}/trajectory.csv"
+            assert (again / name).read_bytes() == (out / name).read_bytes(), name

@@ -33,7 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from gflow.checkpoint import Checkpointer, pack, recorder_state, restore_recorder, unpack
+from gflow.checkpoint import (
+    Checkpointer,
+    pack,
+    recorder_state,
+    recorders_state,
+    restore_recorder,
+    restore_recorders,
+    unpack,
+)
 from gflow.dynamics.gd import log_t_grid
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
@@ -576,6 +584,8 @@ def run_flow_seeds(
     save_params: bool = False,
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume: bool = False,
 ) -> list[Trajectory]:
     """K runs of ``run_flow`` in one vmapped integration: one initialisation per run
     (``seeds`` label them); returns their K trajectories.
@@ -587,7 +597,8 @@ def run_flow_seeds(
     Each run thus takes the steps ``run_flow(params0[k])`` takes, up to the rounding of
     batched matrix products; on a ReLU network an adaptive solver's accept/reject
     decision at a kink can turn on that rounding, and the runs then agree to the
-    solver's tolerance rather than to rounding. No checkpoints and no resume.
+    solver's tolerance rather than to rounding. ``checkpoint`` / ``resume``: as in
+    ``run_flow``, the whole batch's state at every save point.
     """
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
@@ -655,10 +666,38 @@ def run_flow_seeds(
             totals[i]["grad_evals"] += 2 * eigs[i].matvecs + 1
             dt0[i] = _stable_step(eigs[i].value, float(ratios[i]), cfl, plan.edge, drift)
 
-    record(range(k_runs))
+    done = 0  # save points reached
+    got = checkpoint.restore() if (checkpoint is not None and resume) else None
+    if got is None:
+        record(range(k_runs))
+    else:
+        arrays, meta = got
+        restore_recorders(recs, arrays, meta["recorders"])
+        y = unpack("y/", y, arrays)
+        c = np.array(meta["c"], np.float64)
+        stabilised, alive = np.array(meta["stabilised"]), np.array(meta["alive"])
+        dt0, status, message, totals = meta["dt0"], meta["status"], meta["message"], meta["totals"]
+        done = meta["done"]
+        if cfl is not None:
+            warm = [arrays.get(f"warm{i}") for i in range(k_runs)]
+
+    def save_checkpoint():
+        if checkpoint is None:
+            return
+        arrays, metas = recorders_state(recs)
+        arrays.update(pack("y/", y))
+        if cfl is not None:
+            arrays.update({f"warm{i}": np.asarray(w) for i, w in enumerate(warm) if w is not None})
+        meta = dict(
+            recorders=metas, c=[float(v) for v in c], stabilised=[bool(v) for v in stabilised],
+            alive=[bool(v) for v in alive], dt0=[None if h is None else float(h) for h in dt0],
+            status=status, message=message, totals=totals, done=done,
+        )  # fmt: skip
+        checkpoint.save(done + 1, arrays, meta)
+
     log_threshold = objective.loss.log_threshold
     try:
-        for target in plan.targets:
+        for target in plan.targets[done:]:
             if not alive.any():
                 break
             z_target, c1_all = _target_clock(clock, target)
@@ -714,6 +753,8 @@ def run_flow_seeds(
                 if stop is not None:
                     status[i], message[i] = stop
                     alive[i] = False
+            done += 1
+            save_checkpoint()
     except KeyboardInterrupt:
         for i in np.flatnonzero(alive):
             status[i], message[i] = "stopped", "interrupted"

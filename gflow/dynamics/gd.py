@@ -32,7 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gflow.checkpoint import Checkpointer, pack, recorder_state, restore_recorder, unpack
+from gflow.checkpoint import (
+    Checkpointer,
+    pack,
+    recorder_state,
+    recorders_state,
+    restore_recorder,
+    restore_recorders,
+    unpack,
+)
 from gflow.objective import Objective, quantities
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
@@ -405,6 +413,8 @@ def run_gd_seeds(
     chunk: int = 5_000,
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume: bool = False,
 ) -> list[Trajectory]:
     """K runs of ``run_gd`` in one jitted, vmapped loop: one initialisation and one seed
     (SGD's shuffling) per run; returns their K trajectories.
@@ -413,7 +423,8 @@ def run_gd_seeds(
     takes (up to the rounding of batched matrix products): every run stops at its own
     save points, and ``lax.while_loop`` under ``vmap`` holds a finished run while the
     others go on. Horizons are in log t only (``log_t_max``); there are no loss-mark
-    checkpoints and no resume.
+    checkpoints. ``checkpoint`` / ``resume``: as in ``run_gd``, the whole batch's state
+    whenever a run reaches a save point.
     """
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
@@ -466,13 +477,30 @@ def run_gd_seeds(
             if progress is not None:
                 progress({**row, "seed": int(seeds[i])})
 
-    record(state, range(k))
     grid = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
     targets = [list(grid) for _ in range(k)]
     status = ["completed"] * k
     message = [""] * k
     finished = [False] * k
     first = True
+    got = checkpoint.restore() if (checkpoint is not None and resume) else None
+    if got is None:
+        record(state, range(k))
+    else:
+        arrays, meta = got
+        restore_recorders(recs, arrays, meta["recorders"])
+        state = unpack("state/", state, arrays)
+        targets, status, message = meta["targets"], meta["status"], meta["message"]
+        finished, first = meta["finished"], meta["first"]
+
+    def save_checkpoint():
+        if checkpoint is not None:
+            arrays, metas = recorders_state(recs)
+            arrays.update(pack("state/", state))
+            meta = dict(recorders=metas, targets=targets, status=status, message=message,
+                        finished=[bool(v) for v in finished], first=bool(first))  # fmt: skip
+            checkpoint.save(sum(len(r.rows) for r in recs), arrays, meta)
+
     try:
         while not all(finished):
             steps = np.asarray(state.step)
@@ -509,6 +537,7 @@ def run_gd_seeds(
             first = False
             if hits:
                 record(state, hits)
+                save_checkpoint()
     except KeyboardInterrupt:
         for i in range(k):
             if not finished[i]:
