@@ -117,7 +117,7 @@ def test_seeds_resumed_after_a_crash_equal_the_uninterrupted_runs(dynamics, smal
         run, kw = run_gd_seeds, dict(schedule="loss-based", log_t_max=20.0, saves=8)
     else:
         run = run_flow_seeds
-        kw = dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7, log_t_max=10.0, saves=6)
+        kw = dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7, log_t_max=6.0, saves=6)
     seeds = [3, 4, 5]
     whole = run(obj, inits, seeds=seeds, **kw)
     ck = Checkpointer(tmp_path)
