@@ -607,7 +607,8 @@ def run_flow_seeds(
         dtype=objective.dtype,
     )  # fmt: skip
     k_runs, dtype = len(seeds), objective.dtype
-    first, stable = _vmapped(plan.first), (plan.stable and _vmapped(plan.stable))
+    first = _vmapped(plan.first)
+    stable = _vmapped(plan.stable) if plan.stable is not None else None
     many_q = jax.jit(jax.vmap(lambda obj, p: obj.quantities(p), in_axes=(None, 0)))
 
     def lane(tree, i):
@@ -745,8 +746,8 @@ def run_flow_seeds(
                             todo[i] = False
                     if failed:
                         record(failed)  # keep what was reached: its last finite state
-            reached = np.flatnonzero(alive)
-            for i, row in zip(reached, record(reached), strict=True):
+            live = np.flatnonzero(alive)
+            for i, row in zip(live, record(live), strict=True):
                 if cfl is not None and row["log_loss"] < log_threshold:
                     stabilised[i] = True
                 stop = _stop_reason(row, row["log_t"], totals[i]["steps"], max_steps, log_loss_min)
