@@ -584,7 +584,7 @@ def cmd_run(args) -> int:
     from gflow.dynamics import run_flow, run_gd
     from gflow.plots import plot_trajectories
     from gflow.theory import check_run, checks_json
-    from gflow.trajectory import Trajectory, atomic_write
+    from gflow.trajectory import atomic_write
 
     resume = args.resume is not None
     hosts = jax.process_count()
@@ -640,13 +640,12 @@ def cmd_run(args) -> int:
     for kind in which:
         folder = out / kind if len(which) > 1 else out
         ck = Checkpointer(folder) if hosts == 1 and not args.no_checkpoint else None
-        if resume and (folder / "config.json").is_file():
-            done = Trajectory.load(folder)
-            if done.status == "completed":
-                print(f"{kind}: already completed -> {folder}")
-                trajs[kind], times[kind] = done, done.config.get("wall_seconds", float("nan"))
-                checks[kind] = check_run(done, obj)
-                continue
+        done = _completed_runs([folder]) if resume else None
+        if done is not None:
+            print(f"{kind}: already completed -> {folder}")
+            trajs[kind], times[kind] = done[0], done[0].config.get("wall_seconds", float("nan"))
+            checks[kind] = check_run(done[0], obj)
+            continue
         if resume and ck is not None and ck.exists():
             print(f"{kind}: resuming from the checkpoint in {ck.path}")
         bar = _Progress(kind, args.log_t_max, not args.no_progress)
@@ -698,12 +697,7 @@ def cmd_run(args) -> int:
         trajs[kind] = tr
         tr.config["wall_seconds"] = times[kind]
         tr.save(folder)
-        if ck is None:
-            pass
-        elif tr.status == "completed":
-            ck.clear()
-        else:
-            print(f"{kind}: the last good state is checkpointed; gflow run --resume {out}")
+        _settle_checkpoint(ck, [tr], kind, out)
         print(f"{kind}: {tr.status}: {tr.message} ({times[kind]:.1f} s) -> {folder}")
         checks[kind] = check_run(tr, obj)
         atomic_write(folder / "checks.json", checks_json(checks[kind]).encode())
@@ -720,8 +714,29 @@ def cmd_run(args) -> int:
     return 0 if all(t.status != "failed" for t in trajs.values()) else 1
 
 
+def _completed_runs(folders) -> list | None:
+    """The runs saved in ``folders`` when every one of them completed (``--resume`` keeps
+    them), else None."""
+    from gflow.trajectory import Trajectory
+
+    if not all((f / "config.json").is_file() for f in folders):
+        return None
+    runs = [Trajectory.load(f) for f in folders]
+    return runs if all(tr.status == "completed" for tr in runs) else None
+
+
+def _settle_checkpoint(ck, runs, kind, out) -> None:
+    """Clear the checkpoint once every run completed; else say how to go on."""
+    if ck is None:
+        return
+    if all(tr.status == "completed" for tr in runs):
+        ck.clear()
+    else:
+        print(f"{kind}: the last good state is checkpointed; gflow run --resume {out}")
+
+
 def _run_seeds(args, out, ds, obj, config, which) -> int:
-    """``gflow run --seeds K``: GD for all seeds in one vmapped run, then the flow."""
+    """``gflow run --seeds K``: GD for all seeds in one vmapped run, the flow in another."""
     import json
 
     import numpy as np
@@ -731,7 +746,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     from gflow.models import split_params
     from gflow.plots import plot_seed_bands
     from gflow.theory import check_run, checks_json
-    from gflow.trajectory import Trajectory, atomic_write
+    from gflow.trajectory import atomic_write
 
     resume = args.resume is not None
     seeds = [args.seed + i for i in range(args.seeds)]
@@ -740,15 +755,11 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     for kind in which:
         ck = None if args.no_checkpoint else Checkpointer(out / kind)
         folders = [out / kind / f"seed-{s}" for s in seeds]
-        runs = None
-        if resume and all((f / "config.json").is_file() for f in folders):
-            runs = [Trajectory.load(f) for f in folders]
-            if all(tr.status == "completed" for tr in runs):
-                print(f"{kind}: already completed -> {out / kind}")
-                wall = sum(tr.config.get("wall_seconds", float("nan")) for tr in runs)
-            else:
-                runs = None
-        if runs is None:
+        runs = _completed_runs(folders) if resume else None
+        if runs is not None:
+            print(f"{kind}: already completed -> {out / kind}")
+            wall = sum(tr.config.get("wall_seconds", float("nan")) for tr in runs)
+        else:
             if resume and ck is not None and ck.exists():
                 print(f"{kind}: resuming from the checkpoint in {ck.path}")
             t0 = time.perf_counter()
@@ -778,10 +789,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
                 tr.config["wall_seconds"] = wall / len(runs)
                 tr.save(folder)
                 atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
-            if ck is not None and all(tr.status == "completed" for tr in runs):
-                ck.clear()
-            elif ck is not None:
-                print(f"{kind}: the last save point is checkpointed; gflow run --resume {out}")
+            _settle_checkpoint(ck, runs, kind, out)
         groups[kind] = runs
         final = {c: np.array([tr[c][-1] for tr in runs]) for c in ("normalized_margin",
                  "smoothed_margin", "log_loss")}  # fmt: skip

@@ -42,7 +42,7 @@ from gflow.checkpoint import (
     restore_recorders,
     unpack,
 )
-from gflow.dynamics.gd import log_t_grid
+from gflow.dynamics.gd import log_t_grid, quantities_many
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
     SOLVERS,
@@ -542,9 +542,15 @@ def _vmapped(segment_and_evals: tuple):
 
 
 @functools.cache
-def _vmapped_stiffness(clock: str, unravel):
-    """Batched ``(jac_matvec, drift_dt)`` of ``_stiffness_fns`` on flat vectors."""
+def _vmapped_stiffness(clock: str, layout: tuple):
+    """Batched ``(jac_matvec, drift_dt)`` of ``_stiffness_fns`` on flat vectors, for
+    parameter pytrees of ``layout`` (``_layout``): cached on it, so that later runs of the
+    same model compile nothing."""
     jac_matvec, drift_dt = _stiffness_fns(clock)
+    treedef, leaves = layout
+    unravel = ravel_pytree(
+        jax.tree.unflatten(treedef, [np.zeros(shape, dtype) for shape, dtype in leaves])
+    )[1]
 
     def matvec(obj, c, y, v):
         return ravel_pytree(jac_matvec.__wrapped__(obj, c, y, unravel(v)))[0]
@@ -553,6 +559,12 @@ def _vmapped_stiffness(clock: str, unravel):
         eqx.filter_jit(jax.vmap(matvec, in_axes=(None, 0, 0, 0))),
         eqx.filter_jit(jax.vmap(drift_dt.__wrapped__, in_axes=(None, 0, 0))),
     )
+
+
+def _layout(params) -> tuple:
+    """A hashable description of a parameter pytree: structure, shapes, dtypes."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef, tuple((tuple(np.shape(a)), np.dtype(a.dtype).name) for a in leaves)
 
 
 @eqx.filter_jit
@@ -609,7 +621,6 @@ def run_flow_seeds(
     k_runs, dtype = len(seeds), objective.dtype
     first = _vmapped(plan.first)
     stable = _vmapped(plan.stable) if plan.stable is not None else None
-    many_q = jax.jit(jax.vmap(lambda obj, p: obj.quantities(p), in_axes=(None, 0)))
 
     def lane(tree, i):
         return jax.tree.map(lambda a: a[i], tree)
@@ -634,7 +645,7 @@ def run_flow_seeds(
     message = [f"reached log t = {log_t_max:.6g}"] * k_runs
 
     def record(which) -> list[dict]:
-        q, host_y = jax.device_get((many_q(objective, theta_of(y)), y))
+        q, host_y = jax.device_get((quantities_many(objective, theta_of(y)), y))
         rows = []
         for i in which:
             row = recs[i].add(
@@ -649,8 +660,7 @@ def run_flow_seeds(
         return rows
 
     if cfl is not None:
-        unravel = ravel_pytree(params0[0])[1]
-        jac_many, drift_many = _vmapped_stiffness(clock, unravel)
+        jac_many, drift_many = _vmapped_stiffness(clock, _layout(params0[0]))
         dim = ravel_pytree(params0[0])[0].size
         warm: list = [None] * k_runs
 

@@ -397,6 +397,13 @@ def run_gd(
     return rec.finish(state.params, status, message)
 
 
+@jax.jit
+def quantities_many(obj: Objective, params):
+    """The quantities of a batch of parameter pytrees (leading axis), in one call;
+    module-level so that every batched run reuses one compiled kernel."""
+    return jax.vmap(lambda p: obj.quantities(p))(params)
+
+
 def run_gd_seeds(
     objective: Objective,
     params0: list,
@@ -452,7 +459,6 @@ def run_gd_seeds(
 
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *params0)
     state = jax.jit(jax.vmap(init))(stacked, jnp.asarray(seeds))
-    many_q = jax.jit(jax.vmap(lambda obj, p: obj.quantities(p), in_axes=(None, 0)))
     recs = []
     for s in seeds:
         cfg = {**objective.describe(), **(config or {})}
@@ -464,7 +470,7 @@ def run_gd_seeds(
         recs.append(TrajectoryRecorder("gd", cfg, False, None))
 
     def record(state, which):
-        q = many_q(objective, state.params)
+        q = quantities_many(objective, state.params)
         host = jax.device_get((q, state.step, state.log_t, state.log_eta, state.alpha,
                                state.grad_evals, state.rejected))  # fmt: skip
         q, step, log_t, log_eta, alpha, evals, rejected = host
