@@ -83,7 +83,7 @@ def diagnose(
         )
         return keep, nt0, nt1, y1, sstate1, cstate1, mask
 
-    y = (p0, jnp.asarray(0.0, obj.dtype))
+    y = (p0, jnp.asarray(0.0, obj.dtype), jnp.asarray(0.0, obj.dtype))  # theta, z, D
     t0 = jnp.asarray(0.0, obj.dtype)
     t1, cstate = ctrl.init(term, t0, t0 + 1.0, y, None, obj, solver_.func, order)
     sstate = solver_.init(term, t0, t1, y, obj)

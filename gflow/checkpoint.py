@@ -147,6 +147,7 @@ def recorder_state(rec) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         "rows": rec.rows,
         "num_snapshots": len(rec.snapshots),
         "marks": [[label, v["step"], v["log_t"]] for label, v in marks],
+        "monitor": None if rec.monitor is None else rec.monitor.state(),
     }
     return arrays, meta
 
@@ -154,6 +155,10 @@ def recorder_state(rec) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def restore_recorder(rec, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Put ``recorder_state``'s output back into ``rec`` (a fresh recorder)."""
     rec.rows = [dict(r) for r in meta["rows"]]
+    if meta.get("monitor") is not None:
+        from gflow.invariants import Monitor
+
+        rec.monitor = Monitor.from_state(meta["monitor"])
     rec.snapshots = unpack_params_list("snap", arrays, meta["num_snapshots"])
     params = unpack_params_list("mark", arrays, len(meta["marks"]))
     rec.checkpoints = {

@@ -20,6 +20,7 @@ from jaxtyping import Array
 
 from gflow import quantities as Q
 from gflow.data import Dataset
+from gflow.invariants import balance_structure, unit_balances
 from gflow.losses import Loss, get_loss, multiclass_margins
 from gflow.models import Sequential, apply, layer_norms, split_params
 
@@ -50,6 +51,9 @@ class Objective(eqx.Module):
     loss: Loss = eqx.field(static=True)
     order: int = eqx.field(static=True)
     homogeneous: bool = eqx.field(static=True)
+    # whether the gradient field is smooth (linear activations); False for ReLU / leaky
+    # ReLU, whose field jumps at kinks; None when not known
+    smooth: bool | None = eqx.field(static=True, default=None)
 
     @property
     def num_samples(self) -> int:
@@ -66,6 +70,8 @@ class Objective(eqx.Module):
             order=self.order,
             homogeneous=self.homogeneous,
             num_samples=self.num_samples,
+            dtype=np.dtype(self.dtype).name,
+            smooth=self.smooth,
         )
 
     def outputs(self, params) -> Array:
@@ -104,7 +110,21 @@ class Objective(eqx.Module):
         out = _wide(self.outputs(params))
         q = self.margins_of(out)
         ll = self.loss.log_loss(out, self._labels(out))
-        return Q.compute(self.loss, q, ll, params, self.order, layer_norms(params))
+        got = Q.compute(self.loss, q, ll, params, self.order, layer_norms(params))
+        return got._replace(balances=self.balances(params))
+
+    def balances(self, params):
+        """Per-unit balances ``||w_in||^2 - ||w_out||^2`` (``gflow.invariants``), in ``q``'s
+        precision, one array per hidden layer; None when the model's units are unknown."""
+        structure, _ = balance_structure(self.graphdef, params)
+        if structure is None:
+            return None
+        return unit_balances(structure, jax.tree.map(_wide, params))
+
+    def invariant_reasons(self, params) -> dict:
+        """Why a monitor column stays empty for this model: ``{column: reason}``."""
+        structure, why = balance_structure(self.graphdef, params)
+        return {} if structure is not None else {"balance_drift": why, "layer_balance_drift": why}
 
 
 def _wide(out: Array) -> Array:
@@ -161,8 +181,15 @@ def make_objective(
         loss=loss,
         order=model.order or model.depth,
         homogeneous=model.order is not None,
+        smooth=_smooth(model),
     )
     return (obj if devices is None else shard(obj, devices)), params
+
+
+def _smooth(model) -> bool | None:
+    """``Objective.smooth`` of a model: known for gflow's own activations."""
+    act = getattr(model, "activation", None)
+    return None if act is None else act == "linear"
 
 
 def shard(objective: Objective, devices=None) -> Objective:

@@ -9,7 +9,7 @@ is its jitted form for a parameter pytree.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,9 @@ class Quantities(NamedTuple):
     smoothed_margin: Array  # l^{-1}(Loss) / rho^L
     accuracy: Array  # fraction of samples with q_n > 0
     support: Array  # counts for SUPPORT_DECADES
+    # per-unit balances, one array per hidden layer (gflow.invariants), or None when the
+    # model's units are not known; set by Objective.quantities
+    balances: Any = None
 
 
 def compute(

@@ -11,6 +11,12 @@ which is what the trajectory's ``log_t`` holds.
   decade of ``log t`` reached, with the fitted exponents of ``rho`` and
   ``1 / (Loss t)`` against ``log t`` (``1/L`` and ``2 - 2/L`` in the limit).
 
+* ``fidelity``: how far a run is from the exact gradient flow, from the invariant
+  monitors recorded at every save point (``gflow.invariants``). A flow run passes when
+  its balance drifts (and, on a smooth model, its dissipation defect) stay within the
+  accuracy it asked for (``fidelity_tolerance``) at every save point; a GD run's drift is
+  a measurement of the discrete dynamics' distance from the flow, never a failure.
+
 A ``Verdict`` has ``passed`` (``True``, ``False``, or ``None`` when the run does not
 reach the regime the claim is about), a one-line ``summary`` and JSON-able ``details``.
 """
@@ -32,6 +38,8 @@ __all__ = [
     "monotonicity",
     "rates",
     "check_trajectory",
+    "fidelity",
+    "fidelity_tolerance",
     "kkt_along",
     "check_run",
     "checks_json",
@@ -186,6 +194,82 @@ def rates(
     return [Verdict("rates", ok, s, det)]
 
 
+def fidelity_tolerance(traj: Trajectory) -> float:
+    """The largest invariant error a flow run may show: ``rtol + 2 eps N``.
+
+    ``rtol`` is the relative accuracy the run asked for (its error-controlled solver's;
+    stability and fixed steps are held to the same ``rtol``). The monitors are relative
+    errors of invariants scaled by ``rho^2`` (``|Q_j| <= rho^2``), so a run accurate to
+    ``rtol`` relative keeps them within ``rtol``. ``2 eps N``: rounding the parameters to
+    the model's dtype at each of ``N`` steps moves ``sum_j |Q_j|`` by at most
+    ``2 eps rho^2`` per step (each parameter is in at most two units).
+    """
+    cfg = traj.config
+    eps = float(np.finfo(np.dtype(cfg.get("dtype", "float64"))).eps)
+    steps = float(traj["solver_steps"][-1]) if "solver_steps" in traj.columns else 0.0
+    return float(cfg["rtol"]) + 2 * eps * steps
+
+
+def _worst(traj: Trajectory, col: str) -> tuple[float, float]:
+    """``(max over save points, log t where)`` of a monitor column (NaN if empty)."""
+    v = np.asarray(traj[col], np.float64)
+    if not np.isfinite(v).any():
+        return math.nan, math.nan
+    i = int(np.nanargmax(v))
+    return float(v[i]), float(traj["log_t"][i])
+
+
+def fidelity(traj: Trajectory) -> Verdict:
+    """The run's distance from the exact gradient flow, read off the invariant monitors
+    at every save point (module docstring)."""
+    if "balance_drift" not in traj.columns:
+        return Verdict("flow fidelity", None, "no invariant monitors in this run folder")
+    cfg = traj.config
+    det = {}
+    for col in ("balance_drift", "layer_balance_drift", "dissipation_defect"):
+        worst, where = _worst(traj, col)
+        det[col] = {"max": worst, "at_log_t": where}
+    det["empty"] = cfg.get("invariants", {})
+    b, d = det["balance_drift"]["max"], det["dissipation_defect"]["max"]
+    shown = (
+        f"balance drift {b:.2g} (worst at log t = {det['balance_drift']['at_log_t']:.4g}), "
+        f"dissipation defect {d:.2g}"
+    )
+    if traj.kind != "flow":
+        return Verdict(
+            "flow fidelity", None,
+            f"GD is not the flow; its distance from it: {shown} (a measurement, not a failure)",
+            det,
+        )  # fmt: skip
+    smooth = cfg.get("smooth")
+    judged = [c for c in ("balance_drift", "layer_balance_drift") if math.isfinite(det[c]["max"])]
+    if smooth:
+        judged.append("dissipation_defect")
+    if not judged:
+        why = "; ".join(sorted(set(det["empty"].values()))) or "no exact invariant is known"
+        return Verdict("flow fidelity", None, f"not measurable: {why}", det)
+    tol = fidelity_tolerance(traj)
+    det["tolerance"] = tol
+    bad = [c for c in judged if not det[c]["max"] <= tol]
+    note = ""
+    if smooth is False:
+        note = (
+            "; the dissipation defect is not judged on a ReLU field: it also counts the "
+            "sliding along kinks (autodiff's one-sided gradients overstate ||grad||^2 there) "
+            "and does not fall with the step"
+        )
+    if bad:
+        worst = max(bad, key=lambda c: det[c]["max"])
+        s = (
+            f"{worst.replace('_', ' ')} {det[worst]['max']:.2g} at log t = "
+            f"{det[worst]['at_log_t']:.4g} exceeds the run's tolerance {tol:.2g} (rtol): the "
+            f"integration is not faithful there; {shown}{note}"
+        )
+        return Verdict("flow fidelity", False, s, det)
+    s = f"every save point within tolerance {tol:.2g} (rtol): {shown}{note}"
+    return Verdict("flow fidelity", True, s, det)
+
+
 def check_trajectory(
     traj: Trajectory,
     *,
@@ -208,6 +292,7 @@ def check_trajectory(
     out = monotonicity(traj, log_threshold, rtol=rtol) + rates(
         traj, order, log_threshold, band=band
     )
+    out.append(fidelity(traj))
     if cfg.get("homogeneous") is False:
         out.append(
             Verdict(

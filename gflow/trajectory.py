@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gflow.invariants import Monitor
 from gflow.quantities import SUPPORT_DECADES, Quantities
 
 __all__ = [
@@ -244,10 +245,16 @@ def load(folder: str | Path) -> Trajectory:
 class TrajectoryRecorder:
     """Accumulates save points on the host; ``finish`` makes the ``Trajectory``.
 
-    ``progress``, if given, is called with each recorded row.
+    ``progress``, if given, is called with each recorded row. Every row carries the
+    invariant monitors of ``gflow.invariants`` (``MONITOR_COLUMNS``), relative to the
+    first row; ``reasons`` (``{column: why}``) names the columns left empty (NaN), and
+    goes into the config as ``"invariants"``.
     """
 
-    def __init__(self, kind: str, config: dict, save_params: bool = False, progress=None):
+    def __init__(
+        self, kind: str, config: dict, save_params: bool = False, progress=None,
+        reasons: dict | None = None,
+    ):  # fmt: skip
         self.kind = kind
         self.config = config
         self.save_params = save_params
@@ -255,6 +262,8 @@ class TrajectoryRecorder:
         self.rows: list[dict[str, float]] = []
         self.snapshots: list = []
         self.checkpoints: dict = {}
+        self.monitor: Monitor | None = None
+        self.config["invariants"] = dict(reasons or {})
 
     def checkpoint(self, label: str, params, *, step: int, log_t: float) -> None:
         """Keep ``params`` under ``label`` (copied to the host)."""
@@ -264,8 +273,16 @@ class TrajectoryRecorder:
             "log_t": float(log_t),
         }
 
-    def add(self, step: int, log_t: float, q: Quantities, params=None, **extra: float) -> dict:
+    def add(
+        self, step: int, log_t: float, q: Quantities, params=None, *,
+        dissipation: float | None = None, **extra: float,
+    ) -> dict:  # fmt: skip
+        """Record a save point. ``dissipation``: the run's integral of
+        ``||grad log Loss||^2 d tau`` since its first row (None: not tracked)."""
         log_t = float(log_t)
+        balances = None if q.balances is None else [np.asarray(b) for b in q.balances]
+        if self.monitor is None:
+            self.monitor = Monitor(balances, float(q.log_loss), self.config["invariants"])
         row = {
             "step": float(step),
             "t": math.exp(log_t) if log_t < 709.0 else math.nan,
@@ -283,6 +300,7 @@ class TrajectoryRecorder:
         row.update(
             {f"support_{k}": float(c) for k, c in zip(SUPPORT_DECADES, support, strict=True)}
         )
+        row.update(self.monitor.columns(balances, q.rho, q.log_loss, dissipation))
         row.update({k: float(v) for k, v in extra.items()})
         self.rows.append(row)
         if self.save_params and params is not None:

@@ -135,7 +135,9 @@ def test_checks_before_the_threshold_do_not_apply():
     tr = run_flow(obj, p0, rtol=1e-4, atol=1e-7, log_t_max=-1.0, log_t_min=-6.0, saves=6)
     assert tr["log_loss"][-1] > obj.loss.log_threshold
     verdicts = check_trajectory(tr)
-    assert all(v.passed is None for v in verdicts)
+    # the theory's claims do not apply yet; the instrument's own check does
+    assert all(v.passed is None for v in verdicts if v.name != "flow fidelity")
+    assert next(v for v in verdicts if v.name == "flow fidelity").passed is True
 
 
 def test_gflow_attack_writes_robustness(small_run, capsys):

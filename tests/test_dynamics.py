@@ -42,12 +42,16 @@ def test_gd_constant_step_equals_diffrax_euler(small):
         0.0,
         k * h,
         h,
-        p0,
+        (p0, jnp.zeros(())),  # (theta, dissipation integral D)
         obj,
         saveat=diffrax.SaveAt(t1=True),
     )
-    euler = jax.tree.map(lambda a: a[-1], sol.ys)
+    euler, dissipated = jax.tree.map(lambda a: a[-1], sol.ys)
     assert _tree_rel_err(gd.final_params, euler) <= 1e-12
+    # GD's dissipation is the Euler sum of the flow's: log Loss + D recorded identically
+    change = gd["log_loss"][-1] - gd["log_loss"][0]
+    expected = abs(change + float(dissipated)) / abs(change)
+    assert abs(gd["dissipation_defect"][-1] - expected) <= 1e-10 * expected
     assert abs(gd["log_t"][-1] - np.log(k * h)) <= 1e-12
 
 

@@ -31,6 +31,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 from jax.flatten_util import ravel_pytree
 
 from gflow.checkpoint import (
@@ -64,30 +65,26 @@ CLOCKS = ("loss", "time", "logt")
 
 
 def vector_field(clock: str) -> Callable:
-    """The ODE right-hand side ``f(clock_value, y, objective)`` for ``clock``."""
-    if clock == "time":
+    """The ODE right-hand side ``f(clock_value, y, objective)`` for ``clock``.
 
-        def f(t, theta, obj: Objective):
-            ell, g = obj.value_and_grad(theta)
-            return jax.tree.map(lambda v: -jnp.exp(ell) * v, g)
-
-    elif clock == "logt":
-
-        def f(s, theta, obj: Objective):
-            ell, g = obj.value_and_grad(theta)
-            # dt/ds = 1 + t = e^s; e^{ell + s} stays O(1) late in training.
-            return jax.tree.map(lambda v: -jnp.exp(ell + s) * v, g)
-
-    elif clock == "loss":
-
-        def f(tau, y, obj: Objective):
-            theta, z = y
-            ell, g = obj.value_and_grad(theta)
-            # dt/dtau = 1/Loss and z = log(1 + t): dz/dtau = e^{-ell - z} (1 + t = e^z).
-            return jax.tree.map(jnp.negative, g), jnp.exp(-ell - z)
-
-    else:
+    The state is ``y = (theta, D)`` (``(theta, z, D)`` on the loss clock) with ``D`` the
+    dissipation integral ``int ||grad log Loss||^2 d tau`` of ``gflow.invariants``: it
+    comes with the gradient for free, and ``log Loss + D`` is constant along the flow."""
+    if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+
+    def f(c, y, obj: Objective):
+        theta = y[0]
+        ell, g = obj.value_and_grad(theta)
+        sq = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(g))
+        if clock == "loss":
+            # dt/dtau = 1/Loss and z = log(1 + t): dz/dtau = e^{-ell - z} (1 + t = e^z).
+            return jax.tree.map(jnp.negative, g), jnp.exp(-ell - y[1]), sq
+        # time: dtheta/dt = -Loss grad log Loss; logt: dt/ds = 1 + t = e^s, and
+        # e^{ell + s} stays O(1) late in training. In both, d tau / dc = `rate`.
+        rate = jnp.exp(ell) if clock == "time" else jnp.exp(ell + c)
+        return jax.tree.map(lambda v: -rate * v, g), rate * sq
+
     return f
 
 
@@ -117,12 +114,15 @@ def _segment_fn(
     term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
     the_solver = make_solver(solver)
     per_step, per_start = evals_per_step(the_solver)
+    # the dissipation integral D (the state's last entry) is a monitor: it is left out of
+    # the error norm, so that carrying it does not change the steps taken for theta
     controller = (
-        diffrax.ConstantStepSize() if fixed else diffrax.PIDController(rtol=rtol, atol=atol)
+        diffrax.ConstantStepSize()
+        if fixed
+        else diffrax.PIDController(rtol=rtol, atol=atol, norm=lambda y: optx.rms_norm(y[:-1]))
     )
     event = None
     if clock == "loss":
-        import optimistix as optx
 
         def event_fn(t, y, args, **kwargs):
             # relative: z = log(1 + t) is ~ 1000 at the longest horizons, where an absolute
@@ -175,11 +175,10 @@ def _stiffness_fns(clock: str):
     field = vector_field(clock)
 
     def velocity(obj, c, y, theta):
-        out = field(c, (theta, y[1]) if clock == "loss" else theta, obj)
-        return out[0] if clock == "loss" else out
+        return field(c, (theta, *y[1:]), obj)[0]
 
     def theta_of(y):
-        return y[0] if clock == "loss" else y
+        return y[0]
 
     @eqx.filter_jit
     def jac_matvec(obj, c, y, v):
@@ -246,10 +245,11 @@ def _plan(
             raise ValueError(f"refresh must be >= 1, got {refresh}")
         if not drift > 0:
             raise ValueError(f"drift must be positive, got {drift}")
-        if is_fixed_step(warmup):
+        if warmup is not None and is_fixed_step(warmup):
             raise ValueError(f"warmup solver {warmup!r} has no error estimate")
         edge = stability_edge(solver)
-        make_solver(warmup)
+        if warmup is not None:
+            make_solver(warmup)
 
     all_steps = int(min(max_steps, 2**31 - 1))
     stable = None
@@ -257,7 +257,11 @@ def _plan(
     if cfl is None:
         first = _segment_fn(clock, solver, dt is not None, rtol, atol, all_steps, dtype)
     else:
-        first = _segment_fn(clock, warmup, False, rtol, atol, all_steps, dtype)
+        first = (
+            None
+            if warmup is None
+            else _segment_fn(clock, warmup, False, rtol, atol, all_steps, dtype)
+        )
         stable = _segment_fn(clock, solver, True, rtol, atol, int(refresh), dtype)
     settings = dict(
         dynamics="flow", clock=clock, solver=solver, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
@@ -273,10 +277,11 @@ def _plan(
 
 
 def _start(clock: str, params0, z0: float, dtype):
-    """The ODE state and clock value at ``log(1 + t) = z0``."""
+    """The ODE state ``(theta, [z,] D = 0)`` and clock value at ``log(1 + t) = z0``."""
+    d0 = jnp.zeros((), dtype)
     if clock == "loss":
-        return (params0, jnp.asarray(z0, dtype)), 0.0  # tau: its origin is arbitrary
-    return params0, {"time": math.expm1(z0), "logt": z0}[clock]
+        return (params0, jnp.asarray(z0, dtype), d0), 0.0  # tau: its origin is arbitrary
+    return (params0, d0), {"time": math.expm1(z0), "logt": z0}[clock]
 
 
 def _target_clock(clock: str, target: float) -> tuple[float, float | None]:
@@ -364,7 +369,7 @@ def run_flow(
     dt: float | None = None,
     cfl: float | None = None,
     warmup: str = "tsit5",
-    refresh: int = 16,
+    refresh: int = 48,
     drift: float = 0.05,
     log_t_max: float = 10.0,
     log_loss_min: float | None = None,
@@ -411,12 +416,14 @@ def run_flow(
     first, stable, edge = plan.first, plan.stable, plan.edge
     dtype = objective.dtype
     cfg = {**objective.describe(), **(config or {}), **plan.settings}
-    rec = TrajectoryRecorder("flow", cfg, save_params, progress)
+    rec = TrajectoryRecorder(
+        "flow", cfg, save_params, progress, objective.invariant_reasons(params0)
+    )
 
     totals = {"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0}
 
     def theta_of(y):
-        return y[0] if clock == "loss" else y
+        return y[0]
 
     def record(y, log_t):
         theta = theta_of(y)
@@ -425,6 +432,7 @@ def run_flow(
             log_t,
             quantities(objective, theta),
             theta,
+            dissipation=float(y[-1]),
             grad_evals=float(totals["grad_evals"]),
             solver_steps=float(totals["steps"]),
             rejected=float(totals["rejected"]),
@@ -451,7 +459,8 @@ def run_flow(
 
     y, c = _start(clock, params0, plan.z0, dtype)
     targets = plan.targets
-    stabilised = False  # cfl: past the loss threshold, stepping by stability
+    # cfl: stepping by stability (past the loss threshold, or from the start without warmup)
+    stabilised = cfl is not None and warmup is None
     log_threshold = objective.loss.log_threshold
     dt0 = dt
     status, message = "completed", f"reached log t = {log_t_max:.6g}"
@@ -586,7 +595,7 @@ def run_flow_seeds(
     dt: float | None = None,
     cfl: float | None = None,
     warmup: str = "tsit5",
-    refresh: int = 16,
+    refresh: int = 48,
     drift: float = 0.05,
     log_t_max: float = 10.0,
     log_loss_min: float | None = None,
@@ -619,27 +628,31 @@ def run_flow_seeds(
         dtype=objective.dtype,
     )  # fmt: skip
     k_runs, dtype = len(seeds), objective.dtype
-    first = _vmapped(plan.first)
+    first = _vmapped(plan.first) if plan.first is not None else None
     stable = _vmapped(plan.stable) if plan.stable is not None else None
 
     def lane(tree, i):
         return jax.tree.map(lambda a: a[i], tree)
 
     def theta_of(y):
-        return y[0] if clock == "loss" else y
+        return y[0]
 
     recs = []
     for s in seeds:
         cfg = {**objective.describe(), **(config or {}), **plan.settings}
         cfg.update(seed=int(s), seeds=[int(v) for v in seeds])
-        recs.append(TrajectoryRecorder("flow", cfg, save_params, None))
+        recs.append(
+            TrajectoryRecorder(
+                "flow", cfg, save_params, None, objective.invariant_reasons(params0[0])
+            )
+        )
     totals = [{"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0} for _ in seeds]
 
     starts = [_start(clock, p, plan.z0, dtype) for p in params0]
     y = jax.tree.map(lambda *a: jnp.stack(a), *[st[0] for st in starts])
     c = np.array([st[1] for st in starts], np.float64)
     dt0: list[float | None] = [dt] * k_runs
-    stabilised = np.zeros(k_runs, bool)
+    stabilised = np.full(k_runs, cfl is not None and warmup is None)
     alive = np.ones(k_runs, bool)
     status = ["completed"] * k_runs
     message = [f"reached log t = {log_t_max:.6g}"] * k_runs
@@ -651,7 +664,7 @@ def run_flow_seeds(
             row = recs[i].add(
                 totals[i]["accepted"], _log_t(clock, lane(host_y, i), float(c[i])),
                 lane(q, i), lane(theta_of(host_y), i) if save_params else None,
-                grad_evals=float(totals[i]["grad_evals"]),
+                dissipation=float(host_y[-1][i]), grad_evals=float(totals[i]["grad_evals"]),
                 solver_steps=float(totals[i]["steps"]), rejected=float(totals[i]["rejected"]),
             )  # fmt: skip
             if progress is not None:

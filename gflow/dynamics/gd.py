@@ -75,6 +75,9 @@ class GDState(NamedTuple):
     grad_evals: jax.Array  # full-gradient equivalents
     rejected: jax.Array  # epochs rolled back
     stop: jax.Array  # RUNNING / STOP_ALPHA / STOP_NONFINITE
+    # sum of d tau * ||grad log Loss||^2 over the accepted steps (d tau = eta * Loss): the
+    # Euler sum of the flow's dissipation integral (gflow.invariants; full batch only)
+    dissipation: jax.Array
 
 
 def log_t_grid(log_t_min: float, log_t_max: float, saves: int) -> np.ndarray:
@@ -110,6 +113,8 @@ def _make_epoch(schedule: str, batch_size: int | None, n: int):
         params, opt_state = apply_update(s.params, s.opt_state, direction, s.alpha)
         ell_new, g_new = obj.value_and_grad(params)
         finite = jnp.isfinite(ell_new) & _finite_tree(g_new)
+        sq = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(g))
+        dissipated = s.dissipation + jnp.exp(log_eta + ell) * sq  # d tau = eta * Loss
         return (
             params,
             opt_state,
@@ -119,6 +124,7 @@ def _make_epoch(schedule: str, batch_size: int | None, n: int):
             log_eta,
             1,
             jnp.logaddexp(s.log_t, log_eta),
+            dissipated,
         )
 
     def mini_batch(obj: Objective, s: GDState):
@@ -146,12 +152,12 @@ def _make_epoch(schedule: str, batch_size: int | None, n: int):
         )
         ell_new = obj.log_loss(params)
         finite = jnp.isfinite(ell_new) & _finite_tree(params)
-        return params, opt_state, ell_new, s.grad, finite, log_etas[-1], nb, log_t
+        return params, opt_state, ell_new, s.grad, finite, log_etas[-1], nb, log_t, s.dissipation
 
     body = full_batch if batch_size is None else mini_batch
 
     def epoch(obj: Objective, s: GDState) -> GDState:
-        params, opt_state, ell_new, g_new, finite, log_eta, steps, log_t = body(obj, s)
+        params, opt_state, ell_new, g_new, finite, log_eta, steps, log_t, dissipated = body(obj, s)
         if loss_based:
             accept = finite & (ell_new < s.log_loss)
             alpha = jnp.where(accept, s.alpha * UP, s.alpha / DOWN)
@@ -173,6 +179,7 @@ def _make_epoch(schedule: str, batch_size: int | None, n: int):
             s.grad_evals + 1,
             s.rejected,
             stop,
+            dissipated,
         )
         stayed = s._replace(
             alpha=alpha, grad_evals=s.grad_evals + 1, rejected=s.rejected + 1, stop=stop
@@ -200,6 +207,7 @@ def _initial_state(objective: Objective, opt, params, seed, batch_size, alpha) -
         grad_evals=jnp.asarray(1),
         rejected=jnp.asarray(0),
         stop=jnp.asarray(RUNNING),
+        dissipation=jnp.zeros((), dtype),
     )
 
 
@@ -214,6 +222,16 @@ def _check_schedule(schedule: str, lr: float, alpha0: float, batch_size, n: int)
     if batch_size is not None and not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
     return None if batch_size == n else batch_size
+
+
+def _reasons(objective: Objective, params, batch_size) -> dict:
+    """Why a monitor column of a GD run stays empty (``TrajectoryRecorder``)."""
+    out = objective.invariant_reasons(params)
+    if batch_size is not None:
+        out["dissipation_defect"] = (
+            "mini-batch steps: the dissipation identity is one of the full-batch gradient"
+        )
+    return out
 
 
 def _nonfinite_message(step: int, lr: float) -> str:
@@ -302,7 +320,9 @@ def run_gd(
         log_t_min=log_t_min,
         seed=seed,
     )
-    rec = TrajectoryRecorder("gd", cfg, save_params, progress)
+    rec = TrajectoryRecorder(
+        "gd", cfg, save_params, progress, _reasons(objective, params0, batch_size)
+    )
 
     def record(s: GDState):
         rec.add(
@@ -310,6 +330,7 @@ def run_gd(
             float(s.log_t),
             quantities(objective, s.params),
             s.params,
+            dissipation=None if batch_size is not None else float(s.dissipation),
             log_lr=float(s.log_eta),
             alpha=float(s.alpha),
             grad_evals=float(s.grad_evals),
@@ -467,16 +488,19 @@ def run_gd_seeds(
             alpha0=alpha0, batch_size=batch_size, log_t_max=log_t_max, max_steps=max_steps,
             saves=saves, log_t_min=log_t_min, seed=int(s), seeds=[int(v) for v in seeds],
         )  # fmt: skip
-        recs.append(TrajectoryRecorder("gd", cfg, False, None))
+        recs.append(
+            TrajectoryRecorder("gd", cfg, False, None, _reasons(objective, params0[0], batch_size))
+        )
 
     def record(state, which):
         q = quantities_many(objective, state.params)
         host = jax.device_get((q, state.step, state.log_t, state.log_eta, state.alpha,
-                               state.grad_evals, state.rejected))  # fmt: skip
-        q, step, log_t, log_eta, alpha, evals, rejected = host
+                               state.grad_evals, state.rejected, state.dissipation))  # fmt: skip
+        q, step, log_t, log_eta, alpha, evals, rejected, dissipated = host
         for i in which:
             row = recs[i].add(
                 int(step[i]), float(log_t[i]), jax.tree.map(lambda a, i=i: a[i], q),
+                dissipation=None if batch_size is not None else float(dissipated[i]),
                 log_lr=float(log_eta[i]), alpha=float(alpha[i]), grad_evals=float(evals[i]),
                 rejected=float(rejected[i]),
             )  # fmt: skip
