@@ -20,7 +20,7 @@ import argparse
 import time
 
 import numpy as np
-from common import machine, write_result  # same folder
+from common import write_result  # same folder
 from flow_diagnose import PROBLEMS, build
 
 from gflow.dynamics import run_flow
@@ -99,8 +99,8 @@ def main():
             f"dissipation {row['dissipation_defect']:.2e}  fidelity {row['fidelity']}"
         )
     out = write_result(
-        f"flow_accuracy-{args.problem}",
-        dict(args=vars(args), machine=machine(), rows=rows),
+        f"flow_accuracy-{args.problem}" + ("-quick" if args.quick else ""),
+        dict(args=vars(args), rows=rows),
     )
     print(f"-> {out}")
 

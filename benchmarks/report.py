@@ -110,7 +110,39 @@ def flow_seeds(rec: dict) -> str:
     )  # fmt: skip
 
 
-RENDER = {"gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds}
+def flow_accuracy(rec: dict) -> str:
+    def tol(x):
+        return f"{x:.0e}".replace("e-0", "e-")
+
+    def setting(r):
+        if "cfl" in r:
+            warm = f"Tsit5 {tol(r['rtol'])} warm-up" if r.get("warmup", "tsit5") else "no warm-up"
+            return f"{r['solver']} cfl {r['cfl']:g} ({warm})"
+        return f"{r['solver']} rtol {tol(r['rtol'])} throughout"
+
+    rows = []
+    for r in rec["rows"]:
+        worst = max(r["errors"].items(), key=lambda kv: kv[1]["worst"])[1]
+        end = max(e["end"] for e in r["errors"].values())
+        name = ("reference: " if r["reference"] else "") + setting(r)
+        if "default" in r["name"]:
+            name += " " + r["name"][r["name"].index("(") :]
+        verdict = {True: "pass", False: "FAIL", None: "n/a"}[r["fidelity"]]
+        rows.append([
+            name, f"{r['grad_evals']:,}", f"{r['wall_s']:.1f}",
+            f"{worst['worst']:.1e} (log t {worst['at_log_t']:.3g})", f"{end:.1e}",
+            f"{r['balance_drift']:.1e}", f"{r['layer_balance_drift']:.1e}",
+            f"{r['dissipation_defect']:.1e}", verdict,
+        ])  # fmt: skip
+    head = ["run", "gradient evaluations", "wall (s)", "worst margin error", "at end",
+            "balance drift", "layer drift", "dissipation defect", "fidelity"]  # fmt: skip
+    return _table(head, rows) + f"\n\n{_stamp(rec)}"
+
+
+RENDER = {
+    "gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds,
+    "flow_accuracy-default": flow_accuracy,
+}  # fmt: skip
 
 
 def render(name: str) -> str:

@@ -37,6 +37,7 @@ FULL = {
          "loss,time", "--tsit5", "1e-4,1e-5", "--ours", "rk4:0.9:1e-4,rk4:0.36:1e-5"],
         ["flow_horizon.py", "--problem", "default", "--log-t-max", "1000", "--clocks",
          "loss,logt", "--no-ref", "--tsit5", "1e-4", "--ours", "rk4:0.9:1e-4"],
+        ["flow_accuracy.py"],
     ],
     "kernels": [["kernels.py"], ["flow_seeds.py"]],
 }  # fmt: skip
@@ -46,6 +47,7 @@ QUICK = {
     "flow": [
         ["flow_horizon.py", "--problem", "default", "--log-t-max", "10", "--clocks",
          "loss,time", "--no-ref", "--tsit5", "1e-4", "--ours", "rk4:0.9:1e-4", "--smoke"],
+        ["flow_accuracy.py", "--quick"],
     ],
     "kernels": [["kernels.py", "--quick", "--only", "quantities,kkt,seeds"],
                 ["flow_seeds.py", "--quick"]],

@@ -19,19 +19,25 @@ PANELS = (
     ("rho_L", r"$\rho^L$"),
     ("normalized_margin", r"normalized margin $q_{min}/\rho^L$"),
     ("smoothed_margin", r"smoothed margin $\tilde\gamma$"),
+    ("balance_drift", r"balance drift / $\rho^2$ (0 for the exact flow)"),
+    ("dissipation_defect", "dissipation defect (0 for the exact flow)"),
 )
+LOG_PANELS = ("rho_L", "balance_drift", "dissipation_defect")
 
 
 def _column(tr: Trajectory, name: str) -> np.ndarray:
     if name == "rho_L":
         order = tr.config.get("order") or 1
         return tr["rho"] ** order
+    if name not in tr.columns:  # a run folder from before the invariant monitors
+        return np.full(len(tr), np.nan)
     return tr[name]
 
 
 def plot_trajectories(trajs: dict[str, Trajectory], path: str | Path, title: str = "") -> Path:
-    """Log loss, rho^L, normalized and smoothed margin against log t, one line per run."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    """Log loss, rho^L, normalized and smoothed margin, and the invariant monitors
+    (``gflow.invariants``) against log t, one line per run."""
+    fig, axes = plt.subplots(3, 2, figsize=(10, 10), constrained_layout=True)
     for (name, label), ax in zip(PANELS, axes.ravel(), strict=True):
         for run, tr in trajs.items():
             x = tr["log_t"]
@@ -71,7 +77,7 @@ def seed_bands(runs: list[Trajectory], name: str, grid: np.ndarray):
 def plot_seed_bands(groups: dict[str, list[Trajectory]], path: str | Path, title: str = "") -> Path:
     """The panels of ``plot_trajectories`` for several seeds per dynamics: the mean line
     and the min-max band over seeds, on a common log t grid (from 0)."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    fig, axes = plt.subplots(3, 2, figsize=(10, 10), constrained_layout=True)
     top = max(float(np.nanmax(tr["log_t"])) for runs in groups.values() for tr in runs)
     grid = np.linspace(0.0, top, 200)
     for (name, label), ax in zip(PANELS, axes.ravel(), strict=True):
@@ -87,7 +93,7 @@ def _panel(ax, name: str, label: str) -> None:
     ax.set_xlabel("log t")
     ax.set_title(label)
     ax.grid(alpha=0.3)
-    if name == "rho_L":
+    if name in LOG_PANELS:
         ax.set_yscale("log")
 
 

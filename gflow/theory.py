@@ -263,7 +263,8 @@ def fidelity(traj: Trajectory) -> Verdict:
         s = (
             f"{worst.replace('_', ' ')} {det[worst]['max']:.2g} at log t = "
             f"{det[worst]['at_log_t']:.4g} exceeds the run's tolerance {tol:.2g} (rtol): the "
-            f"integration is not faithful there; {shown}{note}"
+            f"integration is not faithful there (try a smaller --cfl, --dt or --rtol); "
+            f"{shown}{note}"
         )
         return Verdict("flow fidelity", False, s, det)
     s = f"every save point within tolerance {tol:.2g} (rtol): {shown}{note}"

@@ -70,24 +70,26 @@ def test_every_unit_balance_is_conserved_by_the_field(digits, case):
     assert np.all(np.abs(dot) <= 8 * n_params * EPS * scale), np.max(np.abs(dot) / scale)
 
 
+def _channel_major(structure, params):
+    """A wrong unit map: the flattened channels' outgoing rows read as contiguous blocks
+    (channel-major) instead of every C-th row."""
+    l, m, _, c = structure.pairs[-1]
+    good = unit_balances(Structure(structure.pairs[:-1]), params)
+    sq_in = jnp.sum(jnp.square(params["layers"][l]["kernel"]), axis=(0, 1, 2))
+    sq_out = jnp.sum(jnp.square(params["layers"][m]["kernel"]), axis=1).reshape(c, -1).sum(1)
+    return good + [sq_in - sq_out]
+
+
 def test_a_wrong_unit_map_is_not_conserved(digits):
     """The check above has power: reading a flattened channel's outgoing weights as
     contiguous blocks (channel-major) instead of every C-th row breaks it by O(1)."""
     obj, p0 = _cnn(digits)
     structure, _ = balance_structure(obj.graphdef, p0)
     assert [kind for _, _, kind, _ in structure.pairs] == ["conv", "flatten"]
-    l, m, _, c = structure.pairs[1]
     dot, scale = _along_field(obj, p0, structure)
     assert np.all(np.abs(dot) <= 8 * ravel_pytree(p0)[0].size * EPS * scale)
 
-    def wrong(structure, params):
-        good = unit_balances(Structure(structure.pairs[:1]), params)
-        k_in = params["layers"][l]["kernel"]
-        sq_in = jnp.sum(jnp.square(k_in), axis=(0, 1, 2))
-        sq_out = jnp.sum(jnp.square(params["layers"][m]["kernel"]), axis=1).reshape(c, -1).sum(1)
-        return good + [sq_in - sq_out]
-
-    dot, scale = _along_field(obj, p0, structure, wrong)
+    dot, scale = _along_field(obj, p0, structure, _channel_major)
     bad = np.abs(dot) / scale
     assert bad.max() > 1e-3
 
@@ -108,6 +110,29 @@ def test_tight_integration_keeps_the_balance_to_its_tolerance(digits):
         assert bound < 1e-5  # the bound is tight enough to mean something
         assert np.all(tr["balance_drift"] <= bound), (tr["balance_drift"].max(), bound)
         assert np.all(tr["layer_balance_drift"] <= tr["balance_drift"] + 1e-300)
+
+
+def test_cnn_balance_drift_converges_to_zero_with_the_step(digits):
+    """A ReLU CNN with max-pooling: tight adaptive tolerances never end here (the flow
+    slides along kinks from the start), so fixed-step RK4 integrates it, and through the
+    kinks every method is first order: the drift must fall at least 2x when the step
+    falls 4x (first order gives 4x), towards 0. The channel-major map, on the same
+    trajectory, stays put at a value orders of magnitude larger."""
+    obj, p0 = _cnn(digits)
+    structure, _ = balance_structure(obj.graphdef, p0)
+    t_end = 0.05
+    drifts = []
+    for dt in (t_end / 20, t_end / 80):
+        tr = run_flow(obj, p0, clock="time", solver="rk4", dt=dt, log_t_min=math.log(t_end),
+                      log_t_max=math.log(t_end) + 1e-9, saves=2)  # fmt: skip
+        assert tr.status == "completed", tr.message
+        drifts.append(tr["balance_drift"][-1])
+    assert 0 < drifts[1] <= drifts[0] / 2, drifts
+    final = jax.tree.map(jnp.asarray, tr.final_params)
+    wrong = [np.abs(np.asarray(a) - np.asarray(b)).sum()
+             for a, b in zip(_channel_major(structure, final), _channel_major(structure, p0),
+                             strict=True)]  # fmt: skip
+    assert drifts[1] * 1e3 < sum(wrong) / tr["rho"][-1] ** 2, (drifts, wrong)
 
 
 def test_dissipation_defect_shrinks_with_the_tolerance(digits):
@@ -176,3 +201,28 @@ def test_monitor_columns_come_after_the_required_ones(digits, tmp_path):
     back = Trajectory.load(tr.save(tmp_path / "run"))
     np.testing.assert_array_equal(back["balance_drift"], tr["balance_drift"])
     assert back.config["invariants"] == {}
+
+
+@pytest.mark.slow
+def test_gflow_run_default_flow_is_faithful_to_log_t_30(tmp_path, capsys):
+    """Issue 14's target on the default problem, through the command: the default flow
+    to log t = 30 keeps the balance drift within 1e-6 of rho^2 at every save point, at
+    most 3x the former default's 1,584 gradient evaluations, and the verdict passes.
+    (The margin's error against tight references is benchmarks/flow_accuracy.py's job:
+    its references take minutes.)"""
+    import json
+
+    from gflow.cli import main
+    from gflow.trajectory import Trajectory
+
+    out = tmp_path / "run"
+    rc = main(["run", "--dynamics", "flow", "--log-t-max", "30", "--no-plot", "--no-progress",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    assert "flow fidelity" in capsys.readouterr().out
+    tr = Trajectory.load(out)
+    assert tr.status == "completed"
+    assert np.nanmax(tr["balance_drift"]) <= 1e-6
+    assert tr["grad_evals"][-1] <= 3 * 1584
+    verdicts = json.loads((out / "checks.json").read_text())["verdicts"]
+    assert next(v for v in verdicts if v["name"] == "flow fidelity")["passed"] is True

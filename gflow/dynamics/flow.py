@@ -177,18 +177,15 @@ def _stiffness_fns(clock: str):
     def velocity(obj, c, y, theta):
         return field(c, (theta, *y[1:]), obj)[0]
 
-    def theta_of(y):
-        return y[0]
-
     @eqx.filter_jit
     def jac_matvec(obj, c, y, v):
-        _, jv = jax.jvp(lambda th: velocity(obj, c, y, th), (theta_of(y),), (v,))
+        _, jv = jax.jvp(lambda th: velocity(obj, c, y, th), (y[0],), (v,))
         return jax.tree.map(jnp.negative, jv)
 
     @eqx.filter_jit
     def drift_dt(obj, c, y):
-        theta = ravel_pytree(theta_of(y))[0]
-        f = ravel_pytree(velocity(obj, c, y, theta_of(y)))[0]
+        theta = ravel_pytree(y[0])[0]
+        f = ravel_pytree(velocity(obj, c, y, y[0]))[0]
         return jnp.linalg.norm(theta) / jnp.linalg.norm(f)
 
     return jac_matvec, drift_dt
@@ -400,8 +397,11 @@ def run_flow(
       field's Jacobian (Lanczos on Jacobian-vector products, warm-started), and the
       second bound keeps each step's relative parameter change below ``drift``. The
       step is re-set every ``refresh`` steps and at every save point; each
-      Jacobian-vector product counts as 2 gradient evaluations. Meant for the RKC
-      solvers (``rkcS``), whose stable step grows as S^2 for S evaluations, and RK4.
+      Jacobian-vector product counts as 2 gradient evaluations. ``gflow run`` uses
+      ``ralston`` at 0.14 (``solvers.default_cfl``: chosen from measured accuracy); the
+      RKC solvers (``rkcS``) have stable steps growing as S^2 for S evaluations.
+      ``warmup=None`` steps by stability from the start (measured inaccurate on the
+      default problem: ``benchmarks/RESULTS.md``).
     - ``log_loss_min``: stop at the first save point whose log loss is at or below it.
     - ``saves``: save points evenly spaced in log t on ``[log_t_min, log_t_max]``,
       plus ``t = 0``.
@@ -422,11 +422,8 @@ def run_flow(
 
     totals = {"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0}
 
-    def theta_of(y):
-        return y[0]
-
     def record(y, log_t):
-        theta = theta_of(y)
+        theta = y[0]
         return rec.add(
             totals["accepted"],
             log_t,
@@ -539,7 +536,7 @@ def run_flow(
                 break
     except KeyboardInterrupt:
         status, message = "stopped", "interrupted"
-    return rec.finish(theta_of(y), status, message)
+    return rec.finish(y[0], status, message)
 
 
 @functools.cache
@@ -634,9 +631,6 @@ def run_flow_seeds(
     def lane(tree, i):
         return jax.tree.map(lambda a: a[i], tree)
 
-    def theta_of(y):
-        return y[0]
-
     recs = []
     for s in seeds:
         cfg = {**objective.describe(), **(config or {}), **plan.settings}
@@ -658,12 +652,12 @@ def run_flow_seeds(
     message = [f"reached log t = {log_t_max:.6g}"] * k_runs
 
     def record(which) -> list[dict]:
-        q, host_y = jax.device_get((quantities_many(objective, theta_of(y)), y))
+        q, host_y = jax.device_get((quantities_many(objective, y[0]), y))
         rows = []
         for i in which:
             row = recs[i].add(
                 totals[i]["accepted"], _log_t(clock, lane(host_y, i), float(c[i])),
-                lane(q, i), lane(theta_of(host_y), i) if save_params else None,
+                lane(q, i), lane(host_y[0], i) if save_params else None,
                 dissipation=float(host_y[-1][i]), grad_evals=float(totals[i]["grad_evals"]),
                 solver_steps=float(totals[i]["steps"]), rejected=float(totals[i]["rejected"]),
             )  # fmt: skip
@@ -782,5 +776,5 @@ def run_flow_seeds(
     except KeyboardInterrupt:
         for i in np.flatnonzero(alive):
             status[i], message[i] = "stopped", "interrupted"
-    finals = jax.device_get(theta_of(y))
+    finals = jax.device_get(y[0])
     return [recs[i].finish(lane(finals, i), status[i], message[i]) for i in range(k_runs)]
