@@ -231,7 +231,7 @@ Hessian eigenvalue (stability stepping; chosen from measured accuracy: to log t 
 normalized margin stays within 1e-4 of a tight reference at every save point, and the
 balance drift below 1e-6; benchmarks/RESULTS.md). Every save point records exact
 invariants of the flow (per-unit and layer balance drift, dissipation defect), and the
-flow fidelity verdict holds the drift to --rtol. A few minutes on a 2-core CPU. At
+flow fidelity verdict holds the drift to --rtol. About half a minute on a 2-core CPU. At
 the end the theory checks run (gflow check). Files go to --out: gd/ and flow/ run folders
 (config.json, trajectory.npz, trajectory.csv, params_final.npz, checks.json), run.json
 and plots.png. While it runs, each run folder holds a checkpoint of its last save point:
