@@ -15,7 +15,10 @@ mid-write leaves a temporary folder that ``restore`` ignores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,10 @@ class Checkpointer:
         return self.path.is_dir() and self._mgr().latest_step() is not None
 
     def save(self, index: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        with _interrupts_deferred():
+            self._save(index, arrays, meta)
+
+    def _save(self, index: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         import orbax.checkpoint as ocp
 
         names = sorted(arrays)
@@ -136,6 +143,27 @@ class Checkpointer:
 
         self._manager = None
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C until the block ends, then raise it: a checkpoint is written whole.
+    (Interrupted mid-save, orbax's writer thread went on into interpreter shutdown and
+    printed a traceback.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        # (None: a handler not installed from Python; Python's own is the fallback)
+        signal.signal(
+            signal.SIGINT, previous if previous is not None else signal.default_int_handler
+        )
+    if got:
+        raise KeyboardInterrupt
 
 
 def recorder_state(rec) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

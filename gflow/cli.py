@@ -14,6 +14,7 @@ code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -44,6 +45,32 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
+def _int_in(lo: int, hi: int, what: str = "an integer"):
+    """An argparse type: an integer in ``[lo, hi]`` (an upper bound where a larger value
+    would exhaust memory, disk or patience before it did anything useful)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what} in {lo}..{hi}, got {v}")
+        return v
+
+    return parse
 
 
 def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
@@ -85,13 +112,13 @@ def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
     )
     g.add_argument(
         "--width",
-        type=_positive_int,
+        type=_int_in(1, 65_536, "a width"),
         default=defaults.get("width", 64),
         help="hidden width (mlp) or channels (cnn) (default: %(default)s)",
     )
     g.add_argument(
         "--depth",
-        type=_positive_int,
+        type=_int_in(1, 64, "a depth"),
         default=defaults.get("depth", 2),
         help="parameterised layers (mlp) or conv blocks (cnn) (default: %(default)s)",
     )
@@ -119,7 +146,8 @@ def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
         default=defaults.get("loss", "logistic"),
         help="exp / logistic need two classes; ce any number (default: %(default)s)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and subset")
+    g.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0,
+                   help="seed of the initialisation and subset (0..2^32-1)")  # fmt: skip
     g.add_argument("--dtype", choices=("float64", "float32"), default="float64")
 
 
@@ -131,6 +159,8 @@ def build_problem(args):
     ds = D.load(args.data, seed=args.seed, n=max(args.n, 2))
     if args.classes != "all":
         ds = D.keep_classes(ds, args.classes)
+    if args.n > len(ds):  # (a silent cap would run on fewer samples than asked for)
+        raise ValueError(f"--n {args.n}: {ds.name} has only {len(ds)} samples")
     ds = D.normalize(D.sample(ds, args.n, seed=args.seed), args.scale)
     model = _model(args, ds, args.seed)
     obj, params = make_objective(model, ds, args.loss, order=getattr(args, "declared_order", None))
@@ -279,7 +309,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--seeds",
-        type=_positive_int,
+        type=_int_in(1, 1024, "a number of seeds"),
         default=1,
         metavar="K",
         help="train K initialisations (seeds --seed .. --seed+K-1): GD as one vmapped run, "
@@ -363,25 +393,25 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--log-t-min",
-        type=float,
+        type=_finite_float,
         default=0.0,
         help="first save point in log t (default: %(default)s)",
     )
     g.add_argument(
         "--log-loss-min",
-        type=float,
+        type=_finite_float,
         default=None,
         help="also stop once log Loss falls to this value",
     )
     g.add_argument(
         "--steps",
-        type=_positive_int,
+        type=_int_in(1, 2**31 - 1, "a step budget"),
         default=None,
         help="step budget: GD steps / flow solver steps (default: 100000 / 1000000)",
     )
     g.add_argument(
         "--saves",
-        type=_positive_int,
+        type=_int_in(1, 100_000, "a number of save points"),
         default=50,
         help="save points, evenly spaced in log t (default: %(default)s)",
     )
@@ -622,8 +652,7 @@ def cmd_run(args) -> int:
         for k, v in vars(args).items()
         if k not in ("func", "resume")
     }
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    out, created = _claim(out, unique=not (args.out or resume), resume=resume)
     if not resume:
         atomic_write(out / "run.json", (json.dumps(config, indent=2) + "\n").encode())
     config.update(
@@ -651,6 +680,7 @@ def cmd_run(args) -> int:
             print(f"{kind}: already completed -> {folder}")
             trajs[kind], times[kind] = done[0], done[0].config.get("wall_seconds", float("nan"))
             checks[kind] = check_run(done[0], obj)
+            _repair(folder, done[0], checks[kind])
             continue
         if resume and ck is not None and ck.exists():
             print(f"{kind}: resuming from the checkpoint in {ck.path}")
@@ -705,19 +735,143 @@ def cmd_run(args) -> int:
         tr.save(folder)
         _settle_checkpoint(ck, [tr], kind, out)
         print(f"{kind}: {tr.status}: {tr.message} ({times[kind]:.1f} s) -> {folder}")
+        if _interrupted([tr]):
+            return _stop_interrupted(out)
         checks[kind] = check_run(tr, obj)
         atomic_write(folder / "checks.json", checks_json(checks[kind]).encode())
-    _print_summary(trajs, times, checks)
+    _print_summary(trajs, times, checks, {k: _threshold_log_t(t, obj) for k, t in trajs.items()})
     if not args.no_plot:
         title = f"{ds.name}, {args.model} (L={obj.order}), {args.loss} loss"
         path = plot_trajectories(trajs, out / "plots.png", title)
         print(f"plots: {path}")
     summary = {
-        kind: {**tr.last(), "status": tr.status, "message": tr.message, "wall_seconds": times[kind]}
+        kind: {**tr.last(), "status": tr.status, "message": tr.message,
+               "wall_seconds": times[kind], "threshold_log_t": _threshold_log_t(tr, obj)}
         for kind, tr in trajs.items()
-    }
+    }  # fmt: skip
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    _warn_never_below(trajs, obj)
     return 0 if all(t.status != "failed" for t in trajs.values()) else 1
+
+
+_LOCK = ".gflow-lock"
+_HELD: list = []  # run folders' lock files this process holds (released by main)
+
+
+def _claim(out, *, unique: bool, resume: bool):
+    """Create the run folder ``out`` and take it for this process: ``(folder, created)``.
+
+    ``unique``: ``out`` is a default name, and ``out-2``, ``out-3``, ... are tried until one
+    can be created (``mkdir`` is atomic), so that runs started in the same second get
+    folders of their own. Otherwise a lock file created with ``O_EXCL`` holds the folder;
+    a second run naming it gets a one-line error while the holder lives (a lock whose
+    process is gone, e.g. killed, is taken over, so ``--resume`` works after a crash)."""
+    import os
+    from pathlib import Path
+
+    if unique:
+        base, k = Path(out), 1
+        while True:
+            out = base if k == 1 else base.with_name(f"{base.name}-{k}")
+            try:
+                out.mkdir(parents=True)
+                break
+            except FileExistsError:
+                k += 1
+        created = True
+    else:
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+    lock = out / _LOCK
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise ValueError(
+                    f"{out} is in use by another gflow run (process {holder}); choose another --out"
+                ) from None
+            lock.unlink(missing_ok=True)  # its process is gone: take the folder over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    _HELD.append(lock)
+    others = [p for p in out.iterdir() if p.name != _LOCK]
+    if not resume and others:
+        _release()
+        raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
+    return out, created
+
+
+def _lock_holder(lock) -> int | None:
+    """The live process holding ``lock``, or None when there is none."""
+    import os
+
+    try:
+        pid = int(lock.read_text().strip() or "0")
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it exists, as another user's
+    return pid
+
+
+def _release() -> None:
+    """Give up the run folders this process holds."""
+    while _HELD:
+        _HELD.pop().unlink(missing_ok=True)
+
+
+def _threshold_log_t(tr, obj) -> float | None:
+    """log t of the first save point below the loss threshold (the theory's t0), or None."""
+    from gflow.theory import threshold_index
+
+    i = threshold_index(tr, obj.loss.log_threshold)
+    return None if i is None else float(tr["log_t"][i])
+
+
+def _warn_never_below(trajs: dict, obj) -> None:
+    """Say on stderr which runs never fell below the loss threshold: the paper's one
+    assumption does not hold there (non-separable data, or too short a run)."""
+    never = [k for k, tr in trajs.items() if _threshold_log_t(tr, obj) is None]
+    if never:
+        print(
+            f"gflow: warning: {', '.join(never)} never fell below the loss threshold "
+            f"(log Loss < {obj.loss.log_threshold:.4g}): the theory's assumption does not "
+            "hold (the data may not be separable by this model, or the run is too short)",
+            file=sys.stderr,
+        )
+
+
+def _repair(folder, tr, verdicts) -> None:
+    """A completed run's derived files, written again where a kill left them out: the
+    checks (written after the trajectory) and the CSV (from the npz)."""
+    from gflow.theory import checks_json
+    from gflow.trajectory import atomic_write
+
+    if not (folder / "checks.json").is_file():
+        atomic_write(folder / "checks.json", checks_json(verdicts).encode())
+    if not (folder / "trajectory.csv").is_file():
+        atomic_write(folder / "trajectory.csv", tr.to_csv().encode())
+
+
+def _interrupted(runs) -> bool:
+    """Whether Ctrl-C stopped these runs (their loops stop at the next safe point)."""
+    return any(tr.status == "stopped" and tr.message.startswith("interrupted") for tr in runs)
+
+
+def _stop_interrupted(out) -> int:
+    """After Ctrl-C: what was reached is saved and checkpointed; nothing else starts."""
+    print(f"gflow: interrupted; go on with: gflow run --resume {out}", file=sys.stderr)
+    return 130
 
 
 def _completed_runs(folders) -> list | None:
@@ -765,6 +919,9 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
         if runs is not None:
             print(f"{kind}: already completed -> {out / kind}")
             wall = sum(tr.config.get("wall_seconds", float("nan")) for tr in runs)
+            for folder, tr in zip(folders, runs, strict=True):
+                if not (folder / "checks.json").is_file():
+                    _repair(folder, tr, check_run(tr, obj))
         else:
             if resume and ck is not None and ck.exists():
                 print(f"{kind}: resuming from the checkpoint in {ck.path}")
@@ -796,6 +953,8 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
                 tr.save(folder)
                 atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
             _settle_checkpoint(ck, runs, kind, out)
+            if _interrupted(runs):
+                return _stop_interrupted(out)
         groups[kind] = runs
         final = {c: np.array([tr[c][-1] for tr in runs]) for c in ("normalized_margin",
                  "smoothed_margin", "log_loss")}  # fmt: skip
@@ -810,11 +969,15 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
         print(f"plots: {plot_seed_bands(groups, out / 'plots.png', title)}")
     summary = {
         kind: [
-            {**tr.last(), "seed": s, "status": tr.status} for s, tr in zip(seeds, runs, strict=True)
+            {**tr.last(), "seed": s, "status": tr.status,
+             "threshold_log_t": _threshold_log_t(tr, obj)}
+            for s, tr in zip(seeds, runs, strict=True)
         ]
         for kind, runs in groups.items()
-    }
+    }  # fmt: skip
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    _warn_never_below({f"{k} seed {s}": tr for k, runs in groups.items()
+                       for s, tr in zip(seeds, runs, strict=True)}, obj)  # fmt: skip
     return 0 if all(tr.status != "failed" for r in groups.values() for tr in r) else 1
 
 
@@ -870,7 +1033,7 @@ def cmd_compare(args) -> int:
 
     from gflow.compare import compare
     from gflow.plots import plot_comparison
-    from gflow.trajectory import Trajectory
+    from gflow.trajectory import Trajectory, atomic_write
 
     a, b = Trajectory.load(args.run_a), Trajectory.load(args.run_b)
     names = (Path(args.run_a).name or "a", Path(args.run_b).name or "b")
@@ -892,10 +1055,14 @@ def cmd_compare(args) -> int:
             rows.append((label, f"final {summ[k]['final']:+.4g}, largest {largest:.4g}"))
     print(_format_table(rows))
     if args.out:
+        # the plot is PNG whatever the name says; the summary goes beside it as .json (a
+        # name ending in .json would otherwise be the summary and the plot at once)
         out = Path(args.out)
+        if out.suffix.lower() != ".png":
+            out = out.with_name(out.name + ".png")
         plot_comparison(cmp, out)
-        out.with_suffix(".json").write_text(json.dumps(summ, indent=2) + "\n")
-        print(f"plot: {out}")
+        atomic_write(out.with_suffix(".json"), (json.dumps(summ, indent=2) + "\n").encode())
+        print(f"plot: {out}; summary: {out.with_suffix('.json')}")
     return 0
 
 
@@ -953,7 +1120,11 @@ def jax_tree_asarray(tree):
     return jax.tree.map(jnp.asarray, tree)
 
 
-def _print_summary(trajs: dict, times: dict, checks: dict | None = None) -> None:
+def _print_summary(
+    trajs: dict, times: dict, checks: dict | None = None, below: dict | None = None
+) -> None:
+    """The run table; ``below``: each run's log t of first falling below the loss
+    threshold (None: never)."""
     keys = [
         ("status", None),
         ("steps", "step"),
@@ -966,6 +1137,7 @@ def _print_summary(trajs: dict, times: dict, checks: dict | None = None) -> None
         ("smoothed margin", "smoothed_margin"),
         ("train accuracy", "accuracy"),
         ("balance drift", "balance_drift"),
+        ("below threshold", None),
         ("wall s", None),
     ]
     names = list(trajs)
@@ -979,6 +1151,9 @@ def _print_summary(trajs: dict, times: dict, checks: dict | None = None) -> None
                 cells.append(tr.status)
             elif label == "wall s":
                 cells.append(f"{times[n]:.1f}")
+            elif label == "below threshold":
+                at = (below or {}).get(n, "?")
+                cells.append("NEVER" if at is None else "?" if at == "?" else f"log t {at:.4g}")
             elif col in tr.columns and len(tr):
                 v = float(tr[col][-1])
                 cells.append(f"{int(v)}" if col in ("step", "grad_evals") else f"{v:.6g}")
@@ -1000,7 +1175,13 @@ def _print_summary(trajs: dict, times: dict, checks: dict | None = None) -> None
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``gflow: error: ...``, exit code 2."""
+    """argparse with one-line errors: ``gflow: error: ...``, exit code 2. No abbreviated
+    options: ``--ste 9`` would otherwise lose, silently, to a ``--config`` file's
+    ``steps`` (the file is merged by full names)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"gflow: error: {message}\n")
@@ -1051,7 +1232,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("run_a", metavar="RUN_A")
     comp.add_argument("run_b", metavar="RUN_B")
-    comp.add_argument("--out", default=None, metavar="PLOT.png", help="plot the differences")
+    comp.add_argument("--out", default=None, metavar="PLOT.png",
+                      help="plot the differences (PNG; '.png' is added to another name) and "
+                      "write the summary beside it as PLOT.json")  # fmt: skip
     comp.set_defaults(func=cmd_compare)
     attack = sub.add_parser(
         "attack",
@@ -1120,6 +1303,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gflow: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _release()
 
 
 if __name__ == "__main__":

@@ -83,6 +83,9 @@ class Dataset:
             raise DataError(f"{self.name}: empty dataset (0 samples)")
         if y.shape != (x.shape[0],):
             raise DataError(f"{self.name}: y has shape {y.shape}, expected ({x.shape[0]},)")
+        for name, a in (("x", x), ("y", y)):
+            if np.iscomplexobj(a):  # a cast would drop the imaginary part without a word
+                raise DataError(f"{self.name}: {name} is complex ({a.dtype}); use real values")
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float64)
         if x.dtype not in (np.float32, np.float64):

@@ -112,6 +112,10 @@ def monotonicity(
         ("rho increasing", "rho", True),
     ):
         v = np.asarray(traj[col])[i0:]
+        bad = _nonfinite(v, lt, col)
+        if bad is not None:
+            out.append(Verdict(name, False, bad, {**start, "nonfinite": True}))
+            continue
         if v.size < 2:
             out.append(Verdict(name, None, "fewer than two save points to compare", start))
             continue
@@ -126,6 +130,19 @@ def monotonicity(
             s = f"{det['checked']} steps {where} (log t >= {lt[0]:.4g}), none goes down"
         out.append(Verdict(name, det["violations"] == 0, s, det))
     return out
+
+
+def _nonfinite(values: np.ndarray, log_t: np.ndarray, col: str) -> str | None:
+    """A FAIL's reason when ``values`` holds NaN or infinity, else None: a claim about
+    values that are not there cannot pass."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    return (
+        f"{int(bad.sum())} of {values.size} save points have a non-finite {col} (the first "
+        f"at log t = {log_t[i]:.4g}): the run broke down there"
+    )
 
 
 def _fit_slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -154,6 +171,10 @@ def rates(
         return [Verdict("rates", None, msg)]
     lt = np.asarray(traj["log_t"])[i0:]
     ll = np.asarray(traj["log_loss"])[i0:]
+    for col in ("log_loss", "rho"):
+        bad = _nonfinite(np.asarray(traj[col])[i0:], lt, col)
+        if bad is not None:
+            return [Verdict("rates", False, bad, {"nonfinite": True})]
     lr = np.log(np.asarray(traj["rho"])[i0:])
     end = float(lt[-1]) if lt.size else -math.inf
     keep = (lt > 1) & (lt >= end / 10**decades) & np.isfinite(lt)

@@ -190,18 +190,25 @@ class Trajectory:
 
     @classmethod
     def load(cls, folder: str | Path) -> Trajectory:
+        """Read a run folder; a ``ValueError`` naming the file and what is wrong with it
+        when it is not a complete one (truncated, hand-edited, from another program)."""
         folder = Path(folder)
         cfg = folder / "config.json"
         if not cfg.is_file():
             raise ValueError(f"{folder} is not a run folder (no config.json)")
         try:
             meta = json.loads(cfg.read_text())
-            with np.load(folder / "trajectory.npz") as z:
-                arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read run folder {folder}: {e}") from None
+            raise ValueError(f"cannot read {cfg}: {e}") from None
+        _check_meta(cfg, meta)
+        arrays = _read_npz(folder / "trajectory.npz")
         columns = {k[4:]: v for k, v in arrays.items() if k.startswith("col/")}
+        missing = [k for k in meta["columns"] if k not in columns]
+        if missing:
+            raise ValueError(f"{folder / 'trajectory.npz'} lacks the columns {missing}")
         columns = {k: columns[k] for k in meta["columns"]}
+        if any(v.ndim != 1 for v in columns.values()):
+            raise ValueError(f"{folder / 'trajectory.npz'}: columns must be 1-D")
         snaps = []
         for i in range(meta.get("num_snapshots", 0)):
             prefix = f"snap/{i}/"
@@ -213,8 +220,7 @@ class Trajectory:
         checkpoints = {}
         marks = meta.get("checkpoints", {})
         if marks:
-            with np.load(folder / "checkpoints.npz") as z:
-                arrays_ck = {k: z[k] for k in z.files}
+            arrays_ck = _read_npz(folder / "checkpoints.npz")
             for i, (label, info) in enumerate(marks.items()):
                 prefix = f"{i}/"
                 params = unflatten_params(
@@ -223,18 +229,50 @@ class Trajectory:
                 checkpoints[label] = {"params": params, **info}
         final = None
         if (folder / "params_final.npz").is_file():
-            with np.load(folder / "params_final.npz") as z:
-                final = unflatten_params({k: z[k] for k in z.files})
-        return cls(
-            kind=meta["kind"],
-            columns=columns,
-            config=meta["config"],
-            final_params=final,
-            snapshots=snaps,
-            status=meta["status"],
-            message=meta["message"],
-            checkpoints=checkpoints,
-        )
+            final = unflatten_params(_read_npz(folder / "params_final.npz"))
+        try:
+            return cls(
+                kind=meta["kind"],
+                columns=columns,
+                config=meta["config"],
+                final_params=final,
+                snapshots=snaps,
+                status=meta["status"],
+                message=meta["message"],
+                checkpoints=checkpoints,
+            )
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
+
+
+_META = {"kind": str, "status": str, "message": str, "config": dict, "columns": list}
+
+
+def _check_meta(path: Path, meta) -> None:
+    """config.json holds what ``Trajectory.save`` writes, with the right types."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in _META.items():
+        if key not in meta:
+            raise ValueError(f"{path} lacks {key!r}")
+        if not isinstance(meta[key], kind):
+            raise ValueError(
+                f"{path}: {key!r} must be a {kind.__name__}, got {type(meta[key]).__name__}"
+            )
+    if not all(isinstance(c, str) for c in meta["columns"]):
+        raise ValueError(f"{path}: 'columns' must be a list of names")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file; a ``ValueError`` naming it when it is missing or
+    damaged (a truncated zip raises ``BadZipFile`` or ``EOFError``, not ``OSError``)."""
+    import zipfile
+
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
 
 
 def load(folder: str | Path) -> Trajectory:

@@ -15,6 +15,7 @@ import pytest
 
 from gflow import data as D
 from gflow.cli import main
+from gflow.dynamics import run_flow, run_gd
 from gflow.dynamics.solvers import make_solver
 from gflow.losses import get_loss
 from gflow.models import build_model
@@ -67,14 +68,35 @@ def _cases(tmp):
         ("log-t-range", ["--log-t-max", "1", "--log-t-min", "2"], "--log-t-max"),
         ("resume-not-a-run", ["--resume", str(tmp / "notarun")], "notarun"),
         ("resume-missing", ["--resume", str(tmp / "gone")], "gone"),
+        # non-finite and out-of-range values (each used to hang, fill the disk, or be
+        # ignored)
+        ("log-t-min-nan", ["--log-t-min", "nan"], "finite number, got nan"),
+        ("log-t-min-minus-inf", ["--log-t-min=-inf"], "finite number, got -inf"),
+        ("log-loss-min-nan", ["--log-loss-min", "nan"], "finite number, got nan"),
+        ("seeds-million", ["--seeds", "1000000"], "1..1024, got 1000000"),
+        ("saves-ten-million", ["--saves", "10000000"], "got 10000000"),
+        ("seed-float", ["--seed", "1e23"], "'1e23'"),
+        ("seed-huge", ["--seed", str(10**30)], str(10**30)),
+        ("width-float", ["--width", "2e9"], "'2e9'"),
+        ("width-huge", ["--width", "2000000000"], "got 2000000000"),
+        ("abbreviated-flag", ["--ste", "9"], "--ste"),
+        (
+            "n-beyond-the-data",
+            ["--data", "digits", "--classes", "0,1", "--n", "1000000"],
+            "has only 360 samples",
+        ),
+        ("complex-pixels", ["--data", _npz(tmp / "cplx.npz", x + 1j, y)], "complex"),
     ]
 
 
+N_CASES = 35
+
+
 def test_the_table_has_at_least_fifteen_cases(tmp_path):
-    assert len(_cases(tmp_path)) >= 15
+    assert len(_cases(tmp_path)) == N_CASES >= 15
 
 
-@pytest.mark.parametrize("case", range(23))
+@pytest.mark.parametrize("case", range(N_CASES))
 def test_cli_bad_input_is_one_line_exit_2_and_no_folder(case, tmp_path, capsys):
     name, argv, needle = _cases(tmp_path)[case]
     out = tmp_path / "run"
@@ -121,10 +143,12 @@ def _lib_cases(tmp):
         (lambda: make_objective(mlp, ds, "logistic", order=5), "order 5"),
         (lambda: D.load(f"npz:{tmp}/none.npz"), "none.npz"),
         (lambda: D.keep_classes(ds, (0,)), "[0]"),
+        (lambda: run_flow(*make_objective(mlp, ds, "logistic"), log_t_min=-np.inf), "finite"),
+        (lambda: run_gd(*make_objective(mlp, ds, "logistic"), log_loss_min=np.nan), "nan"),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_library_bad_input_raises_value_error_naming_it(case, tmp_path):
     fn, needle = _lib_cases(tmp_path)[case]
     with pytest.raises(ValueError) as info:
@@ -143,3 +167,52 @@ def test_declared_order_is_accepted_when_right():
     allbias = build_model("mlp", ds.input_shape, 1, width=4, bias="all")
     with pytest.raises(ValueError, match="not homogeneous"):
         make_objective(allbias, ds, "logistic", order=2)
+
+
+def _run_folder(tmp_path):
+    x, y = _two_class()
+    ds = D.Dataset(x, y, 2, "ok")
+    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=4), ds, "logistic")
+    return run_gd(obj, p0, schedule="loss-based", log_t_max=2.0, saves=3).save(tmp_path / "run")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _edit_config(path, fn):
+    import json
+
+    meta = json.loads(path.read_text())
+    fn(meta)
+    path.write_text(json.dumps(meta))
+
+
+FOLDER_CASES = {
+    "truncated trajectory.npz": (lambda f: _truncate(f / "trajectory.npz"), "trajectory.npz"),
+    "truncated params_final.npz": (lambda f: _truncate(f / "params_final.npz"),
+                                   "params_final.npz"),
+    "no trajectory.npz": (lambda f: (f / "trajectory.npz").unlink(), "trajectory.npz"),
+    "config.json not JSON": (lambda f: (f / "config.json").write_text("{oops"), "config.json"),
+    "config.json without columns": (
+        lambda f: _edit_config(f / "config.json", lambda m: m.pop("columns")), "'columns'"),
+    "config.json columns of a wrong type": (
+        lambda f: _edit_config(f / "config.json", lambda m: m.update(columns="log_t")),
+        "'columns' must be a list"),
+    "config.json a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "JSON object"),
+    "a column missing from the npz": (
+        lambda f: _edit_config(f / "config.json", lambda m: m["columns"].append("extra")),
+        "'extra'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FOLDER_CASES))
+def test_a_damaged_run_folder_is_one_line_naming_the_file(case, tmp_path, capsys):
+    folder = _run_folder(tmp_path)
+    damage, needle = FOLDER_CASES[case]
+    damage(folder)
+    rc = main(["check", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (case, err)
+    assert err.startswith("gflow: error:") and "\n" not in err and "Traceback" not in err
+    assert needle in err, (case, err)

@@ -69,6 +69,13 @@ def test_gflow_compare_prints_and_plots(small_run, tmp_path, capsys):
     assert png.stat().st_size > 1000
     summ = json.loads(png.with_suffix(".json").read_text())
     assert summ["points"] > 5
+    # --out s.json: the plot is s.json.png, the summary s.json.json; neither overwrites
+    # the other (the plot used to be overwritten by the summary)
+    rc = main(["compare", str(small_run / "gd"), str(small_run / "flow"), "--out",
+               str(tmp_path / "s.json")])  # fmt: skip
+    assert rc == 0
+    assert (tmp_path / "s.json.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "s.json.json").read_text())["points"] == summ["points"]
 
 
 def test_compare_recovers_a_known_difference():

@@ -77,3 +77,34 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(victim, tmp_path):
         assert "gd: already completed" in r.stdout
     for kind in ("gd", "flow"):
         _same_run(cut / kind, whole / kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["gd", "flow"])
+def test_sigint_stops_saves_exits_130_and_resumes_to_the_uninterrupted_run(victim, tmp_path):
+    """Ctrl-C stops at the next save-point-safe place, keeps what was reached and a
+    checkpoint, starts nothing more, says how to go on and exits 130; the resumed run
+    equals the uninterrupted one."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    ref = _gflow(*ARGS, "--out", str(whole), env=env, stdout=subprocess.DEVNULL)
+    assert ref.wait(timeout=600) == 0
+    p = _gflow(*ARGS, "--out", str(cut), env=env, stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for_checkpoint(cut / victim, p, min_index=6)
+    os.kill(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert f"gflow run --resume {cut}" in err
+    stopped = json.loads((cut / victim / "config.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["message"].startswith("interrupted")
+    if victim == "gd":
+        assert not (cut / "flow").exists()  # nothing else started
+    r = subprocess.run(
+        [sys.executable, "-m", "gflow", "run", "--resume", str(cut), "--no-progress", "--no-plot"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for kind in ("gd", "flow"):
+        _same_run(cut / kind, whole / kind)

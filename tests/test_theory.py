@@ -57,6 +57,23 @@ def test_monotonicity_passes_a_rising_margin_and_finds_a_planted_drop():
     assert bad.details["largest_relative_drop"] == pytest.approx(1e-3, rel=1e-6)
 
 
+def test_non_finite_values_fail_with_the_reason():
+    """A margin or norm that became NaN (or infinite) past t0 is a FAIL, never a pass:
+    NaN compares False with everything, so a drop test alone would pass it."""
+    lt = np.linspace(1, 50, 30)
+    rho, ll = _exact_rates(2, lt)
+    m = 0.1 - 0.05 / lt
+    m[20:] = np.nan
+    margin, norm = monotonicity(_traj(lt, ll, rho, m), 0.0)
+    assert margin.passed is False and "non-finite smoothed_margin" in margin.summary
+    assert f"log t = {lt[20]:.4g}" in margin.summary
+    assert norm.passed is True
+    rho_bad = rho.copy()
+    rho_bad[25] = np.inf
+    (r,) = rates(_traj(lt, ll, rho_bad, 0.1 - 0.05 / lt), 2, 0.0)
+    assert r.passed is False and "non-finite rho" in r.summary
+
+
 def test_monotonicity_ignores_points_before_the_threshold_unless_asked():
     lt = np.linspace(0.5, 20, 20)
     rho, _ = _exact_rates(2, lt)

@@ -224,6 +224,10 @@ def _plan(
         raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
     if dt is not None and not dt > 0:
         raise ValueError(f"dt must be positive, got {dt}")
+    if not (math.isfinite(log_t_min) and math.isfinite(log_t_max)):
+        raise ValueError(f"log_t_min and log_t_max must be finite, got {log_t_min} and {log_t_max}")
+    if log_loss_min is not None and math.isnan(log_loss_min):
+        raise ValueError("log_loss_min must be a number or None, got nan")
     if not log_t_max > log_t_min:
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
     if log_t0 is not None and not log_t0 < log_t_max:

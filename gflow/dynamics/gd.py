@@ -284,6 +284,10 @@ def run_gd(
     """
     n = objective.num_samples
     batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
+    if not math.isfinite(log_t_min) or (log_t_max is not None and not math.isfinite(log_t_max)):
+        raise ValueError(f"log_t_min and log_t_max must be finite, got {log_t_min} and {log_t_max}")
+    if log_loss_min is not None and math.isnan(log_loss_min):
+        raise ValueError("log_loss_min must be a number or None, got nan")
     if log_t_max is not None and log_t_max <= log_t_min:
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
     if max_steps < 1:
