@@ -127,14 +127,24 @@ class Checkpointer:
         step = mgr.latest_step()
         if step is None:
             return None
-        got = mgr.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
-        meta = dict(got["meta"])
-        names = meta.pop("names")
-        state = got["state"]
-        arrays = {k: np.asarray(state[f"a{i}"]) for i, k in enumerate(names)}
+        try:
+            got = mgr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+            meta = dict(got["meta"])
+            names = meta.pop("names")
+            state = got["state"]
+            arrays = {k: np.asarray(state[f"a{i}"]) for i, k in enumerate(names)}
+        except Exception as e:  # orbax / tensorstore raise many kinds, with long messages
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"the checkpoint {self.path / str(step)} is damaged ({type(e).__name__}: "
+                f"{first}); remove that folder to go on from the previous save point or "
+                "start over"
+            ) from None
         return arrays, meta
 
     def clear(self) -> None:

@@ -435,6 +435,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "$JAX_COORDINATOR_ADDRESS; none: one host)",
     )
     d.add_argument(
+        "--coordinator-timeout",
+        type=_int_in(1, 86_400, "a number of seconds"),
+        default=120,
+        metavar="S",
+        help="multi-host: give up, with a one-line error, when not every process has "
+        "joined within S seconds (default: %(default)s)",
+    )
+    d.add_argument(
         "--num-processes",
         type=_positive_int,
         default=None,
@@ -585,6 +593,42 @@ class _Slowest:
             self.bar({**row, "log_t": min(self.log_t.values())})
 
 
+_RESUME_KEEPS = ("--resume", "--no-progress", "--no-plot")
+
+
+def _refuse_changes_on_resume(given: list[str]) -> None:
+    """``--resume`` goes on with the options in the run's ``run.json``: any other option
+    on the command line (``given``: its flags) would be ignored, so it is refused, by
+    name."""
+    changed = sorted({flag for flag in given if flag not in _RESUME_KEEPS})
+    if changed:
+        raise ValueError(
+            f"--resume goes on with the options the run was started with (its run.json); "
+            f"{', '.join(changed)} cannot change them: start a new run instead"
+        )
+
+
+def _check_saved_options(path, saved, args) -> None:
+    """``run.json`` holds an object whose values have the options' types (a hand-edited
+    or foreign file would otherwise fail deep inside the run)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} must hold a JSON object, got {type(saved).__name__}")
+    for key, value in saved.items():
+        default = getattr(args, key, None)
+        if default is None or value is None or key == "classes":
+            continue
+        number = isinstance(default, int | float) and not isinstance(default, bool)
+        ok = (
+            isinstance(value, bool) == isinstance(default, bool)
+            and (not number or isinstance(value, int | float))
+            and (not isinstance(default, str) or isinstance(value, str))
+        )
+        if not ok:
+            raise ValueError(
+                f"--resume: {path}: {key!r} is {value!r}, expected a {type(default).__name__}"
+            )
+
+
 def _resumed_args(args, out) -> argparse.Namespace:
     """The options a run folder was made with (its ``run.json``), for ``--resume``."""
     import json
@@ -598,6 +642,8 @@ def _resumed_args(args, out) -> argparse.Namespace:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--resume {out}: cannot read run.json: {e}") from None
+    _check_saved_options(path, saved, args)
+    _refuse_changes_on_resume(getattr(args, "given", []))
     merged = argparse.Namespace(**{**vars(args), **saved})
     merged.resume, merged.out = str(out), str(out)
     merged.no_progress, merged.no_plot = args.no_progress, args.no_plot
@@ -650,7 +696,7 @@ def cmd_run(args) -> int:
     config = {
         k: (list(v) if isinstance(v, tuple) else v)
         for k, v in vars(args).items()
-        if k not in ("func", "resume")
+        if k not in ("func", "resume", "given")
     }
     out, created = _claim(out, unique=not (args.out or resume), resume=resume)
     if not resume:
@@ -1174,6 +1220,14 @@ def _print_summary(
         print("(details: checks.json in each run folder; gflow check RUN_DIR)")
 
 
+def _one_line(message: str, limit: int = 400) -> str:
+    """A message's first line, at most ``limit`` characters (a storage library's error
+    can carry kilobytes of its own configuration)."""
+    lines = message.strip().splitlines() or [""]
+    first = lines[0]
+    return first if len(first) <= limit and len(lines) == 1 else first[:limit] + " ..."
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``gflow: error: ...``, exit code 2. No abbreviated
     options: ``--ste 9`` would otherwise lose, silently, to a ``--config`` file's
@@ -1280,9 +1334,12 @@ def _start_distributed(args) -> None:
         )
     if not 0 <= i < n:
         raise ValueError(f"--process-id must be in 0..{n - 1}, got {i}")
-    from gflow.distributed import initialize
+    from gflow.distributed import initialize, parse_address
 
-    initialize(addr, n, i)
+    parse_address(addr)  # a malformed address: one line now, not a hang later
+    print(f"gflow: joining the multi-host run at {addr} as process {i} of {n} (waiting up "
+          f"to {args.coordinator_timeout} s for the others)", file=sys.stderr)  # fmt: skip
+    initialize(addr, n, i, timeout=args.coordinator_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1292,13 +1349,18 @@ def main(argv: list[str] | None = None) -> int:
     from gflow.data import DataError
 
     try:
+        args.given = [tok.split("=", 1)[0] for tok in argv[1:] if tok.startswith("--")]
         if getattr(args, "config", None):
             _apply_config_file(parser, args, argv)
         if hasattr(args, "coordinator"):
             _start_distributed(args)
         return args.func(args)
     except (DataError, ValueError) as e:
-        print(f"gflow: error: {e}", file=sys.stderr)
+        print(f"gflow: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable --out, a full disk: what and where, in one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"gflow: error: {_one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gflow: interrupted", file=sys.stderr)

@@ -11,15 +11,72 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-__all__ = ["initialize", "is_writer", "local", "to_host"]
+__all__ = ["initialize", "is_writer", "local", "parse_address", "to_host"]
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
-    """Join a ``jax.distributed`` run (call before anything touches a device)."""
+def parse_address(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``HOST:PORT`` coordinator address; ``ValueError`` otherwise."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"coordinator address {address!r}: expected HOST:PORT, port 1..65535")
+    return host, int(port)
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int, timeout: int = 120) -> None:
+    """Join a ``jax.distributed`` run (call before anything touches a device); a
+    ``ValueError`` when the other processes are not all there within ``timeout`` seconds
+    (an unreachable coordinator would otherwise wait for jax's five minutes, or hang)."""
+    host, port = parse_address(coordinator)
+    # XLA aborts the whole process (a C++ stack trace) when it cannot connect: find out
+    # first, from Python, whether the coordinator can be reached (or its port bound)
+    if process_id == 0:
+        _check_bindable(port, coordinator)
+    else:
+        _wait_reachable(host, port, timeout, coordinator)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes,
+            process_id=process_id, initialization_timeout=int(timeout),
+        )  # fmt: skip
+    except Exception as e:  # jax raises XlaRuntimeError / RuntimeError with long texts
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"could not join the multi-host run at {coordinator} as process {process_id} of "
+            f"{num_processes} within {timeout} s ({type(e).__name__}: {first})"
+        ) from None
+
+
+def _check_bindable(port: int, coordinator: str) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as e:
+            raise ValueError(
+                f"coordinator {coordinator}: process 0 cannot listen on port {port} "
+                f"({e.strerror}); choose another port"
+            ) from None
+
+
+def _wait_reachable(host: str, port: int, timeout: float, coordinator: str) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"coordinator {coordinator} not reachable within {timeout:g} s "
+                    f"({e.strerror or e}): is process 0 running there?"
+                ) from None
+            time.sleep(0.2)
 
 
 def is_writer() -> bool:

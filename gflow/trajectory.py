@@ -209,6 +209,8 @@ class Trajectory:
         columns = {k: columns[k] for k in meta["columns"]}
         if any(v.ndim != 1 for v in columns.values()):
             raise ValueError(f"{folder / 'trajectory.npz'}: columns must be 1-D")
+        if not columns["log_t"].size:  # every run records its starting point
+            raise ValueError(f"{folder / 'trajectory.npz'} holds no save point")
         snaps = []
         for i in range(meta.get("num_snapshots", 0)):
             prefix = f"snap/{i}/"

@@ -44,6 +44,10 @@ def _cases(tmp):
     (tmp / "a_file").write_text("x")
     (tmp / "bad.toml").write_text("frobnicate = 3\n")
     (tmp / "notarun").mkdir()
+    (tmp / "arun").mkdir()
+    (tmp / "arun" / "run.json").write_text("{}")
+    (tmp / "badrun").mkdir()
+    (tmp / "badrun" / "run.json").write_text('{"seed": "abc"}')
     return [
         ("nan-pixels", ["--data", _npz(tmp / "nan.npz", nan_x, y)], "NaN"),
         ("inf-pixels", ["--data", _npz(tmp / "inf.npz", inf_x, y)], "inf"),
@@ -64,6 +68,13 @@ def _cases(tmp):
         ("unknown-solver", ["--solver", "magic"], "magic"),
         ("unknown-config-key", ["--config", str(tmp / "bad.toml")], "frobnicate"),
         ("out-is-a-file", ["--out", str(tmp / "a_file")], "a_file"),
+        ("out-under-a-file", ["--out", str(tmp / "a_file" / "run")], "Not a directory"),
+        ("resume-run-json-types", ["--resume", str(tmp / "badrun")], "'seed' is 'abc'"),
+        (
+            "coordinator-malformed",
+            ["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"],
+            "expected HOST:PORT",
+        ),
         ("binary-loss-many-classes", ["--classes", "all", "--loss", "exp"], "'exp'"),
         ("log-t-range", ["--log-t-max", "1", "--log-t-min", "2"], "--log-t-max"),
         ("resume-not-a-run", ["--resume", str(tmp / "notarun")], "notarun"),
@@ -86,10 +97,15 @@ def _cases(tmp):
             "has only 360 samples",
         ),
         ("complex-pixels", ["--data", _npz(tmp / "cplx.npz", x + 1j, y)], "complex"),
+        (
+            "resume-with-new-horizon",
+            ["--resume", str(tmp / "arun"), "--log-t-max", "50"],
+            "--log-t-max, --out, --steps cannot change them",
+        ),
     ]
 
 
-N_CASES = 35
+N_CASES = 39
 
 
 def test_the_table_has_at_least_fifteen_cases(tmp_path):
@@ -180,6 +196,13 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
+def _no_rows(folder):
+    from gflow.trajectory import Trajectory
+
+    tr = Trajectory.load(folder)
+    Trajectory(tr.kind, {k: v[:0] for k, v in tr.columns.items()}, config=tr.config).save(folder)
+
+
 def _edit_config(path, fn):
     import json
 
@@ -200,6 +223,7 @@ FOLDER_CASES = {
         lambda f: _edit_config(f / "config.json", lambda m: m.update(columns="log_t")),
         "'columns' must be a list"),
     "config.json a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "JSON object"),
+    "a trajectory of no rows": (lambda f: _no_rows(f), "holds no save point"),
     "a column missing from the npz": (
         lambda f: _edit_config(f / "config.json", lambda m: m["columns"].append("extra")),
         "'extra'"),

@@ -116,3 +116,22 @@ def test_gflow_run_on_two_hosts_writes_the_single_host_run(tmp_path):
                     rtol, atol = 0, 1e-12 * np.abs(b["col/log_loss"]).max()
                 np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=f"{kind} {k}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no stray folders
+
+
+def test_an_unreachable_coordinator_is_one_line_after_the_timeout(tmp_path):
+    """Process 1 with no process 0 listening: a one-line error once --coordinator-timeout
+    has passed (XLA itself would abort the process with a C++ stack trace, after waiting
+    minutes), exit 2, no run folder."""
+    out = tmp_path / "run"
+    p = subprocess.run(
+        [sys.executable, "-m", "gflow", "run", "--data", "synthetic", "--model", "linear",
+         "--n", "40", "--dynamics", "gd", "--no-plot", "--no-progress", "--out", str(out),
+         "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+         "--process-id", "1", "--coordinator-timeout", "2"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("gflow: error:")]
+    assert len(errors) == 1 and "not reachable within 2 s" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr and not out.exists()

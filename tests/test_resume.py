@@ -148,3 +148,18 @@ def test_a_half_written_checkpoint_is_ignored(small, tmp_path):
     (tmp / "junk").write_bytes(b"\0" * 10)
     resumed = run_gd(obj, p0, max_steps=80, saves=8, checkpoint=Checkpointer(tmp_path), resume=True)
     _same(resumed, run_gd(obj, p0, max_steps=80, saves=8))
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(small, tmp_path):
+    """A checkpoint with a file missing (here orbax's meta/metadata): resume stops with
+    one line naming the checkpoint, not orbax's traceback."""
+    obj, p0 = small
+    ck = Checkpointer(tmp_path / "run")
+    run_gd(obj, p0, schedule="loss-based", log_t_max=3.0, saves=4, checkpoint=ck)
+    step = max(int(p.name) for p in ck.path.iterdir() if p.name.isdigit())
+    (ck.path / str(step) / "meta" / "metadata").unlink()
+    with pytest.raises(ValueError) as info:
+        run_gd(obj, p0, schedule="loss-based", log_t_max=3.0, saves=4,
+               checkpoint=Checkpointer(tmp_path / "run"), resume=True)  # fmt: skip
+    msg = str(info.value)
+    assert "\n" not in msg and "is damaged" in msg and str(ck.path / str(step)) in msg
