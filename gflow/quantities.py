@@ -20,6 +20,7 @@ from gflow.losses import Loss
 __all__ = [
     "SUPPORT_DECADES",
     "Quantities",
+    "sq_norm",
     "rho",
     "log_rho",
     "normalized_margin",
@@ -33,9 +34,14 @@ __all__ = [
 SUPPORT_DECADES = tuple(range(1, 8))
 
 
+def sq_norm(tree) -> Float[Array, ""]:
+    """``||v||^2`` of a pytree of arrays taken as one vector."""
+    return sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(tree))
+
+
 def rho(params) -> Float[Array, ""]:
     """``rho = ||theta||_2`` over all parameters as one vector."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(params)))
+    return jnp.sqrt(sq_norm(params))
 
 
 def log_rho(params) -> Float[Array, ""]:

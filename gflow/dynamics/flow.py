@@ -53,6 +53,7 @@ from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     stability_edge,
 )
 from gflow.objective import Objective, quantities
+from gflow.quantities import sq_norm
 from gflow.spectrum import lanczos_top, lanczos_top_many
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
@@ -76,7 +77,7 @@ def vector_field(clock: str) -> Callable:
     def f(c, y, obj: Objective):
         theta = y[0]
         ell, g = obj.value_and_grad(theta)
-        sq = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(g))
+        sq = sq_norm(g)
         if clock == "loss":
             # dt/dtau = 1/Loss and z = log(1 + t): dz/dtau = e^{-ell - z} (1 + t = e^z).
             return jax.tree.map(jnp.negative, g), jnp.exp(-ell - y[1]), sq

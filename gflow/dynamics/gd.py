@@ -42,6 +42,7 @@ from gflow.checkpoint import (
     unpack,
 )
 from gflow.objective import Objective, quantities
+from gflow.quantities import sq_norm
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = [
@@ -113,7 +114,7 @@ def _make_epoch(schedule: str, batch_size: int | None, n: int):
         params, opt_state = apply_update(s.params, s.opt_state, direction, s.alpha)
         ell_new, g_new = obj.value_and_grad(params)
         finite = jnp.isfinite(ell_new) & _finite_tree(g_new)
-        sq = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(g))
+        sq = sq_norm(g)
         dissipated = s.dissipation + jnp.exp(log_eta + ell) * sq  # d tau = eta * Loss
         return (
             params,
