@@ -108,3 +108,29 @@ def test_sigint_stops_saves_exits_130_and_resumes_to_the_uninterrupted_run(victi
     assert r.returncode == 0, r.stderr
     for kind in ("gd", "flow"):
         _same_run(cut / kind, whole / kind)
+
+
+@pytest.mark.slow
+def test_sigint_of_a_seeds_run_exits_130_and_resumes_to_the_uninterrupted_runs(tmp_path):
+    """The same for --seeds: the vmapped flow of 3 seeds stopped by Ctrl-C, then resumed,
+    ends with every seed's uninterrupted files."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = [*ARGS, "--seeds", "3"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    ref = _gflow(*args, "--out", str(whole), env=env, stdout=subprocess.DEVNULL)
+    assert ref.wait(timeout=600) == 0
+    p = _gflow(*args, "--out", str(cut), env=env, stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for_checkpoint(cut / "flow", p, min_index=6)
+    os.kill(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and f"gflow run --resume {cut}" in err
+    r = subprocess.run(
+        [sys.executable, "-m", "gflow", "run", "--resume", str(cut), "--no-progress", "--no-plot"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for kind in ("gd", "flow"):
+        for seed in (0, 1, 2):
+            _same_run(cut / kind / f"seed-{seed}", whole / kind / f"seed-{seed}")
