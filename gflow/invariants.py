@@ -119,13 +119,13 @@ class Monitor:
     ``from_state`` keep that reference across a resume (JSON, exact floats).
     """
 
-    def __init__(self, balances0: list[np.ndarray] | None, log_loss0: float, reasons: dict):
+    def __init__(self, balances0: list[np.ndarray] | None, log_loss0: float):
         self.balances0 = None if balances0 is None else [np.asarray(b) for b in balances0]
         self.log_loss0 = float(log_loss0)
-        self.reasons = dict(reasons)
 
     def columns(self, balances, rho: float, log_loss: float, dissipation: float | None) -> dict:
-        """The three columns at a save point: NaN where the invariant is not known."""
+        """The monitor columns at a save point (``MONITOR_COLUMNS`` and ``dissipation``):
+        NaN where the invariant is not known."""
         nan = math.nan
         unit = layer = nan
         if self.balances0 is not None and balances is not None:
@@ -154,11 +154,10 @@ class Monitor:
         return dict(
             balances0=None if self.balances0 is None else [b.tolist() for b in self.balances0],
             log_loss0=self.log_loss0,
-            reasons=self.reasons,
         )
 
     @classmethod
     def from_state(cls, state: dict) -> Monitor:
         b = state["balances0"]
         return cls(None if b is None else [np.asarray(x, np.float64) for x in b],
-                   state["log_loss0"], state["reasons"])  # fmt: skip
+                   state["log_loss0"])  # fmt: skip

@@ -322,7 +322,7 @@ class TrajectoryRecorder:
         log_t = float(log_t)
         balances = None if q.balances is None else [np.asarray(b) for b in q.balances]
         if self.monitor is None:
-            self.monitor = Monitor(balances, float(q.log_loss), self.config["invariants"])
+            self.monitor = Monitor(balances, float(q.log_loss))
         row = {
             "step": float(step),
             "t": math.exp(log_t) if log_t < 709.0 else math.nan,

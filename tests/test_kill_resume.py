@@ -34,6 +34,14 @@ def _wait_for_checkpoint(folder: Path, proc, min_index: int, timeout=240.0):
     pytest.fail("no checkpoint appeared")
 
 
+def _resume(folder: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gflow", "run", "--resume", str(folder), "--no-progress",
+         "--no-plot"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
 def _arrays(path: Path) -> dict:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -64,13 +72,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(victim, tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (cut / victim / "config.json").exists()  # it really was cut mid-way
-    r = subprocess.run(
-        [sys.executable, "-m", "gflow", "run", "--resume", str(cut), "--no-progress", "--no-plot"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = _resume(cut, env)
     assert r.returncode == 0, r.stderr
     assert f"{victim}: resuming from the checkpoint" in r.stdout
     if victim == "flow":
@@ -101,10 +103,7 @@ def test_sigint_stops_saves_exits_130_and_resumes_to_the_uninterrupted_run(victi
     assert stopped["status"] == "stopped" and stopped["message"].startswith("interrupted")
     if victim == "gd":
         assert not (cut / "flow").exists()  # nothing else started
-    r = subprocess.run(
-        [sys.executable, "-m", "gflow", "run", "--resume", str(cut), "--no-progress", "--no-plot"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = _resume(cut, env)
     assert r.returncode == 0, r.stderr
     for kind in ("gd", "flow"):
         _same_run(cut / kind, whole / kind)
@@ -126,10 +125,7 @@ def test_sigint_of_a_seeds_run_exits_130_and_resumes_to_the_uninterrupted_runs(t
     _, err = p.communicate(timeout=600)
     assert p.returncode == 130, err[-2000:]
     assert "Traceback" not in err and f"gflow run --resume {cut}" in err
-    r = subprocess.run(
-        [sys.executable, "-m", "gflow", "run", "--resume", str(cut), "--no-progress", "--no-plot"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = _resume(cut, env)
     assert r.returncode == 0, r.stderr
     for kind in ("gd", "flow"):
         for seed in (0, 1, 2):
