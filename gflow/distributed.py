@@ -8,6 +8,10 @@ On CPUs the collectives go through gloo.
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import jax
 import numpy as np
 
@@ -34,10 +38,19 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout: i
     else:
         _wait_reachable(host, port, timeout, coordinator)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Reachable is not joined: when a peer never comes, XLA aborts the process after its
+    # own timeout (a C++ stack trace, no Python exception). A watchdog that fires first
+    # says so in one line and exits 2; XLA's timeout is set past it.
+    watchdog = threading.Timer(float(timeout), _give_up, args=(
+        f"gflow: error: the multi-host run at {coordinator} did not start within {timeout:g} s:"
+        f" not all {num_processes} processes joined (this is process {process_id}); start"
+        " every process with the same --coordinator and --num-processes",))  # fmt: skip
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator, num_processes=num_processes,
-            process_id=process_id, initialization_timeout=int(timeout),
+            process_id=process_id, initialization_timeout=int(timeout) + 60,
         )  # fmt: skip
     except Exception as e:  # jax raises XlaRuntimeError / RuntimeError with long texts
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -45,6 +58,16 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout: i
             f"could not join the multi-host run at {coordinator} as process {process_id} of "
             f"{num_processes} within {timeout} s ({type(e).__name__}: {first})"
         ) from None
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+    """Exit 2 with ``message`` as the one line on stderr, from the watchdog thread (the main
+    thread is inside XLA, where no Python exception reaches it)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def _check_bindable(port: int, coordinator: str) -> None:

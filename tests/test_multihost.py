@@ -135,3 +135,23 @@ def test_an_unreachable_coordinator_is_one_line_after_the_timeout(tmp_path):
     errors = [line for line in p.stderr.splitlines() if line.startswith("gflow: error:")]
     assert len(errors) == 1 and "not reachable within 2 s" in errors[0], p.stderr
     assert "Traceback" not in p.stderr and not out.exists()
+
+
+def test_process_0_whose_peers_never_join_is_one_line_after_the_timeout(tmp_path):
+    """Process 0 of 2 alone: its port is free, so it listens, and nobody comes. A one-line
+    error once --coordinator-timeout has passed and exit 2 (XLA would abort the process
+    with a C++ stack trace after its own timeout), no run folder."""
+    out = tmp_path / "run"
+    p = subprocess.run(
+        [sys.executable, "-m", "gflow", "run", "--data", "synthetic", "--model", "linear",
+         "--n", "40", "--dynamics", "gd", "--no-plot", "--no-progress", "--out", str(out),
+         "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+         "--process-id", "0", "--coordinator-timeout", "3"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("gflow: error:")]
+    assert len(errors) == 1 and "did not start within 3 s" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr and "Check failure" not in p.stderr
+    assert not out.exists()
