@@ -85,7 +85,9 @@ class Checkpointer:
         if self._manager is None:
             import orbax.checkpoint as ocp
 
-            logging.getLogger("absl").setLevel(logging.WARNING)
+            # orbax's writer threads log each failure with a traceback, and the same
+            # failure reaches ``save`` / ``restore`` as an exception, reported in one line
+            logging.getLogger("absl").setLevel(logging.CRITICAL)
             self._manager = ocp.CheckpointManager(
                 self.path,
                 options=ocp.CheckpointManagerOptions(
@@ -98,8 +100,31 @@ class Checkpointer:
         return self.path.is_dir() and self._mgr().latest_step() is not None
 
     def save(self, index: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Write checkpoint ``index``; an ``OSError`` naming the folder when it cannot be
+        written (a full disk), with the previous checkpoint kept for ``resume``."""
         with _interrupts_deferred():
-            self._save(index, arrays, meta)
+            try:
+                self._save(index, arrays, meta)
+            except Exception as e:
+                self._abandon()
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                first = (reason.strip().splitlines() or [""])[0][:200]
+                raise OSError(
+                    getattr(e, "errno", None) or 0,
+                    f"could not write checkpoint {index} ({first}); the previous one is kept",
+                    str(self.path),
+                ) from None
+
+    def _abandon(self) -> None:
+        """Let orbax's writer threads end before the error travels up (else they outlive
+        the interpreter and print tracebacks at exit), then forget the manager."""
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                manager.close()
+        for thread in threading.enumerate():  # close() leaves the metadata writer running
+            if thread is not threading.current_thread() and "orbax" in type(thread).__module__:
+                thread.join(timeout=10)
 
     def _save(self, index: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         import orbax.checkpoint as ocp

@@ -287,6 +287,13 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _tolerance(text: str) -> float:
+    v = _positive_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a relative tolerance in (0, 1), got {v}")
+    return v
+
+
 def _solver_name(text: str) -> str:
     from gflow.dynamics.solvers import make_solver
 
@@ -357,7 +364,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rtol",
-        type=_positive_float,
+        type=_tolerance,
         default=3e-5,
         help="flow relative tolerance: the adaptive solver's (also the warm-up's under "
         "stability stepping), and the accuracy the flow fidelity verdict holds the run's "
@@ -689,6 +696,11 @@ def cmd_run(args) -> int:
         )
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is a file")
+        holder = _lock_holder(out / _LOCK) if out.is_dir() else None
+        if holder is not None:
+            raise ValueError(
+                f"{out} is in use by another gflow run (process {holder}); choose another --out"
+            )
         if out.is_dir() and any(out.iterdir()):
             raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     _validate_run(args)
@@ -1360,6 +1372,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # an unwritable --out, a full disk: what and where, in one line
         where = f": {e.filename}" if e.filename else ""
+        folder = _HELD[-1].parent if _HELD else None
+        if folder is not None and (folder / "run.json").is_file():
+            where += f"; go on with: gflow run --resume {folder}"
         print(f"gflow: error: {_one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -213,36 +213,3 @@ def test_unknown_config_key(tmp_path, capsys):
     assert main(RUN_FAST + ["--config", str(cfg), "--out", str(out)]) == 2
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
     assert not out.exists()
-
-
-def test_a_run_that_never_falls_below_the_threshold_says_so(tmp_path, capsys):
-    """Non-separable data: the paper's one assumption fails; the table, summary.json and
-    stderr say so (every verdict is n/a, which alone said nothing)."""
-    import json
-
-    out = tmp_path / "run"
-    rc = main(["run", "--data", "synthetic-nonsep", "--model", "linear", "--n", "60",
-               "--dynamics", "gd", "--log-t-max", "4", "--no-plot", "--no-progress",
-               "--out", str(out)])  # fmt: skip
-    cap = capsys.readouterr()
-    assert rc == 0
-    assert "NEVER" in cap.out
-    assert "never fell below the loss threshold" in cap.err
-    assert json.loads((out / "summary.json").read_text())["gd"]["threshold_log_t"] is None
-
-
-def test_resume_writes_again_what_a_kill_left_out(tmp_path, capsys):
-    """A run killed after its trajectory was written but before its checks: --resume
-    keeps the run and writes checks.json (and a missing CSV) again."""
-    out = tmp_path / "run"
-    argv = ["run", "--data", "synthetic", "--model", "linear", "--n", "40", "--dynamics", "gd",
-            "--log-t-max", "4", "--no-plot", "--no-progress"]  # fmt: skip
-    assert main([*argv, "--out", str(out)]) == 0
-    checks, csv = (out / "checks.json").read_text(), (out / "trajectory.csv").read_text()
-    (out / "checks.json").unlink()
-    (out / "trajectory.csv").unlink()
-    capsys.readouterr()
-    assert main(["run", "--resume", str(out), "--no-plot", "--no-progress"]) == 0
-    assert "already completed" in capsys.readouterr().out
-    assert (out / "checks.json").read_text() == checks
-    assert (out / "trajectory.csv").read_text() == csv

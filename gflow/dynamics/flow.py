@@ -221,8 +221,8 @@ def _plan(
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     make_solver(solver)  # validates the name
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
+    if not (0 < rtol < 1 and atol > 0):
+        raise ValueError(f"rtol must be in (0, 1) and atol positive, got rtol={rtol}, atol={atol}")
     if dt is not None and not dt > 0:
         raise ValueError(f"dt must be positive, got {dt}")
     if not (math.isfinite(log_t_min) and math.isfinite(log_t_max)):
