@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gflow.errors import one_line, summarize
 from gflow.trajectory import flatten_params, unflatten_params
 
 __all__ = ["Checkpointer", "pack", "unpack"]
@@ -108,7 +109,7 @@ class Checkpointer:
             except Exception as e:
                 self._abandon()
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                first = (reason.strip().splitlines() or [""])[0][:200]
+                first = one_line(reason, 200)
                 raise OSError(
                     getattr(e, "errno", None) or 0,
                     f"could not write checkpoint {index} ({first}); the previous one is kept",
@@ -164,10 +165,9 @@ class Checkpointer:
             state = got["state"]
             arrays = {k: np.asarray(state[f"a{i}"]) for i, k in enumerate(names)}
         except Exception as e:  # orbax / tensorstore raise many kinds, with long messages
-            first = (str(e).strip().splitlines() or [""])[0][:200]
             raise ValueError(
-                f"the checkpoint {self.path / str(step)} is damaged ({type(e).__name__}: "
-                f"{first}); remove that folder to go on from the previous save point or "
+                f"the checkpoint {self.path / str(step)} is damaged ({summarize(e)}); "
+                "remove that folder to go on from the previous save point or "
                 "start over"
             ) from None
         return arrays, meta

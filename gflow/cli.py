@@ -1232,14 +1232,6 @@ def _print_summary(
         print("(details: checks.json in each run folder; gflow check RUN_DIR)")
 
 
-def _one_line(message: str, limit: int = 400) -> str:
-    """A message's first line, at most ``limit`` characters (a storage library's error
-    can carry kilobytes of its own configuration)."""
-    lines = message.strip().splitlines() or [""]
-    first = lines[0]
-    return first if len(first) <= limit and len(lines) == 1 else first[:limit] + " ..."
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``gflow: error: ...``, exit code 2. No abbreviated
     options: ``--ste 9`` would otherwise lose, silently, to a ``--config`` file's
@@ -1359,6 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from gflow.data import DataError
+    from gflow.errors import one_line
 
     try:
         args.given = [tok.split("=", 1)[0] for tok in argv[1:] if tok.startswith("--")]
@@ -1368,14 +1361,14 @@ def main(argv: list[str] | None = None) -> int:
             _start_distributed(args)
         return args.func(args)
     except (DataError, ValueError) as e:
-        print(f"gflow: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"gflow: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # an unwritable --out, a full disk: what and where, in one line
         where = f": {e.filename}" if e.filename else ""
         folder = _HELD[-1].parent if _HELD else None
         if folder is not None and (folder / "run.json").is_file():
             where += f"; go on with: gflow run --resume {folder}"
-        print(f"gflow: error: {_one_line(e.strerror or str(e))}{where}", file=sys.stderr)
+        print(f"gflow: error: {one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gflow: interrupted", file=sys.stderr)

@@ -15,6 +15,8 @@ import threading
 import jax
 import numpy as np
 
+from gflow.errors import summarize
+
 __all__ = ["initialize", "is_writer", "local", "parse_address", "to_host"]
 
 
@@ -53,10 +55,9 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout: i
             process_id=process_id, initialization_timeout=int(timeout) + 60,
         )  # fmt: skip
     except Exception as e:  # jax raises XlaRuntimeError / RuntimeError with long texts
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(
             f"could not join the multi-host run at {coordinator} as process {process_id} of "
-            f"{num_processes} within {timeout} s ({type(e).__name__}: {first})"
+            f"{num_processes} within {timeout} s ({summarize(e)})"
         ) from None
     finally:
         watchdog.cancel()
