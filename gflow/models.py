@@ -43,6 +43,7 @@ __all__ = [
     "vgg16",
     "build_model",
     "split_params",
+    "params_dtype",
     "apply",
     "layer_norms",
     "HomogeneityReport",
@@ -399,17 +400,32 @@ def split_params(model: nnx.Module):
 
 
 def apply(graphdef, params, x: Array) -> Array:
-    """Pure forward pass: the model's outputs at parameters ``params``."""
-    return nnx.merge(graphdef, params)(x)
+    """Pure forward pass: the model's outputs at parameters ``params``, (n,) for one
+    output (a model returning (n, 1), as ``nnx.Linear(h, 1)`` does, is read as (n,)) or
+    (n, C). ``graphdef``: an ``nnx.GraphDef`` (from ``split_params``) or a pure function
+    ``apply_fn(params, x)``."""
+    out = graphdef(params, x) if callable(graphdef) else nnx.merge(graphdef, params)(x)
+    return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
 
 
 def layer_norms(params) -> Array:
-    """Frobenius norm of each parameterised layer (its bias included), in order."""
-    layers = params["layers"]
-    keys = sorted(layers, key=int)
+    """Frobenius norm of each parameterised layer, in the parameters' order. A layer is
+    the group of arrays that share a parent in the pytree (a kernel and its bias), which
+    holds for gflow's models, ``nnx.Linear`` / ``nnx.Conv`` stacks and most others."""
+    groups: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        groups.setdefault(tuple(path[:-1]), []).append(leaf)
     return jnp.stack(
-        [jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(layers[k]))) for k in keys]
+        [jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in leaves)) for leaves in groups.values()]
     )
+
+
+def params_dtype(params):
+    """The floating dtype of a parameter pytree (its first floating leaf's)."""
+    for leaf in jax.tree.leaves(params):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.dtype(leaf.dtype)
+    raise ValueError("the parameters hold no floating-point array")
 
 
 class HomogeneityReport(NamedTuple):
@@ -428,19 +444,35 @@ class HomogeneityReport(NamedTuple):
 
 
 def check_homogeneity(
-    model: Sequential,
+    model,
     x: Array,
     scales: Sequence[float] = (0.5, 2.0, 7.5),
     order: int | None = None,
+    *,
+    params=None,
 ) -> HomogeneityReport:
     """Check ``Phi(c theta; x) = c^L Phi(theta; x)`` numerically for each ``c`` in ``scales``.
 
-    ``order`` defaults to the model's declared order, or its depth for a model that
+    ``model``: an ``nnx.Module``, or a pure ``apply_fn(params, x)`` (or an ``nnx.GraphDef``)
+    with ``params``.
+    ``order`` defaults to a gflow model's declared order, or its depth for one that
     declares none (bias in every layer), so that the broken homogeneity shows up as a
-    large error.
+    large error; another model's order must be given.
     """
-    L = order if order is not None else (model.order or model.depth)
-    graphdef, params = split_params(model)
+    if isinstance(model, nnx.Module):
+        graphdef, params = split_params(model)
+    elif params is not None:  # apply_fn(params, x), or an nnx.GraphDef
+        graphdef = model
+    else:
+        raise TypeError("model must be an nnx.Module, or a function apply_fn(params, x) "
+                        "given with params=")  # fmt: skip
+    if order is None:
+        if not isinstance(model, Sequential):
+            raise ValueError(
+                f"give order=L to check a model gflow did not build ({type(model).__name__})"
+            )
+        order = model.order or model.depth
+    L = order
     x = jnp.asarray(x)
     fwd = jax.jit(apply, static_argnums=0)
     base = np.asarray(fwd(graphdef, params, x), dtype=np.float64)
@@ -454,6 +486,6 @@ def check_homogeneity(
         errs.append(np.linalg.norm(out - c**L * base) / (c**L * ref_norm))
         if c != 1:
             est = math.log(np.linalg.norm(out) / ref_norm) / math.log(c)
-    tol = 1e-9 if model.dtype == jnp.float64 else 1e-4
+    tol = 1e-9 if params_dtype(params) == jnp.float64 else 1e-4
     worst = float(max(errs))
     return HomogeneityReport(int(L), worst, float(est), worst <= tol)

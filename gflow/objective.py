@@ -16,10 +16,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jaxtyping import Array
 
 from gflow import quantities as Q
-from gflow.data import Dataset
+from gflow.data import DataError, Dataset
 from gflow.invariants import balance_structure, unit_balances
 from gflow.losses import Loss, get_loss, multiclass_margins
 from gflow.models import Sequential, apply, layer_norms, split_params
@@ -27,6 +28,7 @@ from gflow.models import Sequential, apply, layer_norms, split_params
 __all__ = [
     "Objective",
     "make_objective",
+    "as_dataset",
     "shard",
     "log_loss",
     "grad_log_loss",
@@ -133,57 +135,120 @@ def _wide(out: Array) -> Array:
 
 
 def make_objective(
-    model: Sequential,
-    dataset: Dataset,
+    model,
+    dataset,
     loss: Loss | str,
     *,
     order: int | None = None,
+    params=None,
     devices=None,
 ) -> tuple[Objective, dict]:
     """Pair a model with data and a loss; returns ``(objective, initial params)``.
 
-    The data are cast to the model's dtype. Binary losses (exp, logistic) need a
-    two-class dataset and a single-output model; cross-entropy needs one output per class.
-    ``order``: a declared homogeneity order L, checked numerically on the data
-    (``Phi(c theta) = c^L Phi(theta)``); a wrong one raises ``ValueError``.
+    ``model``: any ``flax.nnx.Module`` mapping a batch (n, ...) to (n,), (n, 1) or
+    (n, classes), or a pure function ``apply_fn(params, x)`` given with ``params``.
+    ``dataset``: a ``Dataset``, or arrays ``(x, y)`` with labels in ``0..C-1`` or, for
+    two classes, in ``{-1, +1}``. The data are cast to the parameters' dtype. Binary
+    losses (exp, logistic) need two classes and one output; cross-entropy one output
+    per class.
+    ``order``: the homogeneity order L, checked numerically on the data
+    (``Phi(c theta) = c^L Phi(theta)``; a wrong one raises ``ValueError``). gflow's own
+    models declare it; any other model must be given it.
     ``devices``: shard the data over these devices (or this many; see ``shard``).
     """
+    from gflow.models import check_homogeneity, params_dtype
+
     loss = get_loss(loss) if isinstance(loss, str) else loss
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a gflow Loss or its name, got {type(loss).__name__}")
+    dataset = as_dataset(dataset)
+    if isinstance(model, nnx.Module):
+        graphdef, params = split_params(model)
+    elif callable(model) and params is not None:
+        graphdef = model
+    else:
+        raise TypeError(
+            "model must be an nnx.Module, or a function apply_fn(params, x) given with "
+            f"params=; got {type(model).__name__}"
+        )
+    ours = isinstance(model, Sequential)
+    dtype = params_dtype(params)
+    if ours and int(np.prod(dataset.input_shape)) != int(np.prod(model.in_shape)):
+        raise ValueError(
+            f"model expects inputs of shape {model.in_shape}, data have {dataset.input_shape}"
+        )
+    x = jnp.asarray(dataset.x, dtype)
+    num_outputs = _num_outputs(graphdef, params, x)
     if order is not None:
-        _check_declared_order(model, dataset, order)
+        _check_declared_order(model, graphdef, params, x, order)
+    elif not ours:
+        est = check_homogeneity(graphdef, x[:16], order=1, params=params).estimated_order
+        raise ValueError(
+            f"give make_objective the homogeneity order L of {type(model).__name__} "
+            f"(order=L; it is checked numerically): its outputs scale as c^{est:.3g} when "
+            "its parameters scale by c"
+        )
     if loss.binary:
         if not dataset.binary:
             raise ValueError(
                 f"loss {loss.name!r} is binary but {dataset.name} has {dataset.num_classes} "
                 "classes; keep two classes or use loss 'ce'"
             )
-        if model.num_outputs != 1:
-            raise ValueError(
-                f"loss {loss.name!r} needs a model with 1 output, got {model.num_outputs}"
-            )
-        y = jnp.asarray(dataset.y_signed, model.dtype)
+        if num_outputs != 1:
+            raise ValueError(f"loss {loss.name!r} needs a model with 1 output, got {num_outputs}")
+        y = jnp.asarray(dataset.y_signed, dtype)
     else:
-        if model.num_outputs != dataset.num_classes:
+        if num_outputs != dataset.num_classes:
             raise ValueError(
                 f"loss 'ce' needs {dataset.num_classes} outputs (one per class), "
-                f"the model has {model.num_outputs}"
+                f"the model has {num_outputs}"
             )
         y = jnp.asarray(dataset.y, jnp.int32)
-    if int(np.prod(dataset.input_shape)) != int(np.prod(model.in_shape)):
-        raise ValueError(
-            f"model expects inputs of shape {model.in_shape}, data have {dataset.input_shape}"
-        )
-    graphdef, params = split_params(model)
+    declared = model.order if ours else order
     obj = Objective(
-        x=jnp.asarray(dataset.x, model.dtype),
+        x=x,
         y=y,
         graphdef=graphdef,
         loss=loss,
-        order=model.order or model.depth,
-        homogeneous=model.order is not None,
+        order=int(declared or model.depth),
+        homogeneous=declared is not None,
         smooth=_smooth(model),
     )
     return (obj if devices is None else shard(obj, devices)), params
+
+
+def as_dataset(data) -> Dataset:
+    """A ``Dataset`` as it is, or one made from arrays ``(x, y)``: labels in ``0..C-1``,
+    or ``{-1, +1}`` for two classes (read as 0 and 1)."""
+    if isinstance(data, Dataset):
+        return data
+    try:
+        x, y = data
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"data must be a gflow Dataset or a pair (x, y) of arrays, got {type(data).__name__}"
+        ) from None
+    y = np.asarray(y)
+    if y.size and set(np.unique(y).tolist()) <= {-1, 1} and (y == -1).any():
+        y = (y > 0).astype(np.int64)
+    if y.size and np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"labels must be integers (class indices) or +-1, got dtype {y.dtype}")
+    classes = int(y.max()) + 1 if y.size else 0
+    return Dataset(np.asarray(x), y, max(classes, 2), "arrays")
+
+
+def _num_outputs(graphdef, params, x) -> int:
+    """Outputs per sample of the model, checked to be (n,), (n, 1) or (n, C)."""
+    probe = x[: min(2, x.shape[0])]
+    out = jax.eval_shape(lambda p, v: apply(graphdef, p, v), params, probe)
+    if out.ndim not in (1, 2) or out.shape[0] != probe.shape[0]:
+        raise ValueError(
+            f"the model maps a batch of {probe.shape[0]} to shape {out.shape}; expected "
+            "(n,), (n, 1) or (n, classes)"
+        )
+    return 1 if out.ndim == 1 else int(out.shape[1])
 
 
 def _smooth(model) -> bool | None:
@@ -233,15 +298,19 @@ def shard(objective: Objective, devices=None) -> Objective:
     return eqx.tree_at(lambda o: (o.x, o.y), objective, (place(objective.x), place(objective.y)))
 
 
-def _check_declared_order(model: Sequential, dataset: Dataset, order: int) -> None:
+def _check_declared_order(model, graphdef, params, x, order: int) -> None:
     from gflow.models import check_homogeneity
 
     if isinstance(order, bool) or not isinstance(order, int | np.integer) or order < 1:
         raise ValueError(f"declared homogeneity order must be an integer >= 1, got {order!r}")
-    x = np.asarray(dataset.x[:16], model.dtype).reshape(-1, *model.in_shape)
-    rep = check_homogeneity(model, x, order=int(order))
+    rep = check_homogeneity(graphdef, x[:16], order=int(order), params=params)
     if not rep.homogeneous:
-        actual = f"L = {model.order}" if model.order else "not homogeneous (bias in every layer)"
+        if isinstance(model, Sequential):
+            actual = (
+                f"L = {model.order}" if model.order else "not homogeneous (bias in every layer)"
+            )
+        else:
+            actual = f"scaling as c^{rep.estimated_order:.3g}"
         raise ValueError(
             f"declared homogeneity order {order} is wrong: Phi(c theta) differs from "
             f"c^{order} Phi(theta) by {rep.max_rel_error:.2g} (relative); the model is {actual}"

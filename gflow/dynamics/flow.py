@@ -50,6 +50,7 @@ from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     evals_per_step,
     is_fixed_step,
     make_solver,
+    solver_name,
     stability_edge,
 )
 from gflow.objective import Objective, quantities
@@ -101,27 +102,58 @@ def _log1p_of_log_t(log_t: float) -> float:
     return float(np.logaddexp(0.0, log_t))
 
 
-@functools.cache
-def _segment_fn(
-    clock: str, solver: str, fixed: bool, rtol: float, atol: float, steps: int,
-    dtype: str = "float64",
-):  # fmt: skip
+def _theta_norm(y):
+    """The step-size controller's error norm: the dissipation integral D (the state's last
+    entry) is a monitor, left out so that carrying it does not change theta's steps."""
+    return optx.rms_norm(y[:-1])
+
+
+def _controller(stepsize_controller, fixed: bool, rtol: float, atol: float):
+    """The step-size controller of a segment: the user's (a PID controller's norm made
+    to leave out D), else a constant step, else a PID controller at ``rtol``, ``atol``."""
+    if fixed:
+        return diffrax.ConstantStepSize()
+    if stepsize_controller is None:
+        return diffrax.PIDController(rtol=rtol, atol=atol, norm=_theta_norm)
+    if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
+        raise TypeError(
+            "stepsize_controller must be a diffrax.AbstractStepSizeController, got "
+            f"{type(stepsize_controller).__name__}"
+        )
+    if isinstance(stepsize_controller, diffrax.PIDController):
+        norm = stepsize_controller.norm
+        return eqx.tree_at(lambda c: c.norm, stepsize_controller, _Without(norm))
+    return stepsize_controller
+
+
+class _Without(eqx.Module):
+    """A user's norm applied to the state without its last entry (D)."""
+
+    norm: Callable = eqx.field(static=True)
+
+    def __call__(self, y):
+        return self.norm(y[:-1])
+
+
+def _segment_fn(clock: str, solver, controller, steps: int, dtype: str = "float64"):
     """``(segment, evals)``: one jitted ``diffeqsolve`` from ``c0`` towards ``c1`` (or the
-    loss clock's save event), cached so that later runs of the same kind compile nothing;
-    ``evals(n_steps)`` counts its gradient evaluations. ``dtype``: the state's, which sets
-    how finely the save event can be located."""
+    loss clock's save event), cached so that later runs of the same kind compile nothing
+    (solvers and controllers are compared by value); ``evals(n_steps)`` counts its
+    gradient evaluations. ``dtype``: the state's, which sets how finely the save event
+    can be located."""
+    try:
+        return _segment_cached(clock, solver, controller, steps, dtype)
+    except TypeError:  # a solver or controller holding arrays: not hashable, not cached
+        return _segment_cached.__wrapped__(clock, solver, controller, steps, dtype)
+
+
+@functools.cache
+def _segment_cached(clock: str, the_solver, controller, steps: int, dtype: str):
     field = vector_field(clock)
+    fixed = isinstance(controller, diffrax.ConstantStepSize)
     # args = (objective, z target of the loss clock's save event) for every clock
     term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
-    the_solver = make_solver(solver)
     per_step, per_start = evals_per_step(the_solver)
-    # the dissipation integral D (the state's last entry) is a monitor: it is left out of
-    # the error norm, so that carrying it does not change the steps taken for theta
-    controller = (
-        diffrax.ConstantStepSize()
-        if fixed
-        else diffrax.PIDController(rtol=rtol, atol=atol, norm=lambda y: optx.rms_norm(y[:-1]))
-    )
     event = None
     if clock == "loss":
 
@@ -208,19 +240,20 @@ class _Plan(NamedTuple):
 
 
 _PLAN_ARGS = (
-    "clock", "solver", "rtol", "atol", "dt", "cfl", "warmup", "refresh", "drift", "log_t_max",
-    "log_loss_min", "saves", "log_t_min", "log_t0", "max_steps",
+    "clock", "solver", "stepsize_controller", "rtol", "atol", "dt", "cfl", "warmup", "refresh",
+    "drift", "log_t_max", "log_loss_min", "saves", "log_t_min", "log_t0", "max_steps",
 )  # fmt: skip
 
 
 def _plan(
-    *, clock, solver, rtol, atol, dt, cfl, warmup, refresh, drift, log_t_max, log_loss_min,
-    saves, log_t_min, log_t0, max_steps, dtype,
+    *, clock, solver, stepsize_controller, rtol, atol, dt, cfl, warmup, refresh, drift,
+    log_t_max, log_loss_min, saves, log_t_min, log_t0, max_steps, dtype,
 ) -> _Plan:  # fmt: skip
     """Check ``run_flow``'s arguments (a ``ValueError`` naming the bad one) and set up."""
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    make_solver(solver)  # validates the name
+    name = solver_name(solver)  # validates a name
+    solver = make_solver(solver)
     if not (0 < rtol < 1 and atol > 0):
         raise ValueError(f"rtol must be in (0, 1) and atol positive, got rtol={rtol}, atol={atol}")
     if dt is not None and not dt > 0:
@@ -237,8 +270,10 @@ def _plan(
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if dt is not None and cfl is not None:
         raise ValueError("give a fixed step dt or a stability fraction cfl, not both")
-    if dt is None and cfl is None and is_fixed_step(solver):
-        raise ValueError(f"solver {solver!r} has no error estimate: give a fixed step dt or a cfl")
+    if stepsize_controller is not None and (dt is not None or cfl is not None):
+        raise ValueError("give a stepsize_controller, or a fixed step dt, or a cfl: one of them")
+    if dt is None and cfl is None and stepsize_controller is None and is_fixed_step(solver):
+        raise ValueError(f"solver {name!r} has no error estimate: give a fixed step dt or a cfl")
     edge = None
     if cfl is not None:
         if not 0 < cfl <= 1:
@@ -248,29 +283,33 @@ def _plan(
         if not drift > 0:
             raise ValueError(f"drift must be positive, got {drift}")
         if warmup is not None and is_fixed_step(warmup):
-            raise ValueError(f"warmup solver {warmup!r} has no error estimate")
+            raise ValueError(f"warmup solver {solver_name(warmup)!r} has no error estimate")
         edge = stability_edge(solver)
-        if warmup is not None:
-            make_solver(warmup)
 
     all_steps = int(min(max_steps, 2**31 - 1))
     stable = None
     dtype = np.dtype(dtype).name
     if cfl is None:
-        first = _segment_fn(clock, solver, dt is not None, rtol, atol, all_steps, dtype)
+        ctrl = _controller(stepsize_controller, dt is not None, rtol, atol)
+        first = _segment_fn(clock, solver, ctrl, all_steps, dtype)
     else:
         first = (
             None
             if warmup is None
-            else _segment_fn(clock, warmup, False, rtol, atol, all_steps, dtype)
+            else _segment_fn(
+                clock, make_solver(warmup), _controller(None, False, rtol, atol), all_steps, dtype
+            )  # fmt: skip
         )
-        stable = _segment_fn(clock, solver, True, rtol, atol, int(refresh), dtype)
+        stable = _segment_fn(clock, solver, diffrax.ConstantStepSize(), int(refresh), dtype)
     settings = dict(
-        dynamics="flow", clock=clock, solver=solver, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
-        warmup=warmup if cfl is not None else None, refresh=refresh, drift=drift,
+        dynamics="flow", clock=clock, solver=name, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
+        warmup=solver_name(warmup) if (cfl is not None and warmup is not None) else None,
+ refresh=refresh, drift=drift,
         log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
         log_t0=log_t0, max_steps=max_steps,
     )  # fmt: skip
+    if stepsize_controller is not None:
+        settings["stepsize_controller"] = type(stepsize_controller).__name__
     targets = [float(x) for x in log_t_grid(log_t_min, log_t_max, saves)]
     if log_t0 is not None:
         targets = [x for x in targets if x > log_t0]
@@ -365,7 +404,8 @@ def run_flow(
     params0,
     *,
     clock: str = "loss",
-    solver: str = "tsit5",
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     rtol: float = 1e-6,
     atol: float = 1e-9,
     dt: float | None = None,
@@ -390,8 +430,11 @@ def run_flow(
     **Arguments:**
 
     - ``clock``: ``"loss"``, ``"time"`` or ``"logt"`` (module docstring).
-    - ``solver``: a name from ``SOLVERS`` (or ``rkcS``); adaptive (PID controller with
-      ``rtol``, ``atol``) unless ``dt`` or ``cfl`` is given.
+    - ``solver``: any ``diffrax.AbstractSolver`` (e.g. ``diffrax.Dopri5()``), or a name
+      from ``SOLVERS`` (or ``rkcS``); adaptive (PID controller with ``rtol``, ``atol``)
+      unless ``stepsize_controller``, ``dt`` or ``cfl`` is given.
+    - ``stepsize_controller``: any diffrax step-size controller (a ``PIDController``'s
+      norm is applied to the parameters, leaving out the dissipation monitor).
     - ``dt``: a fixed step in the clock's variable.
     - ``cfl``: stability stepping. Until the first save point below the loss threshold
       the adaptive ``warmup`` solver runs at ``rtol``, ``atol`` (the early fit is
@@ -591,7 +634,8 @@ def run_flow_seeds(
     *,
     seeds: list[int],
     clock: str = "loss",
-    solver: str = "tsit5",
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     rtol: float = 1e-6,
     atol: float = 1e-9,
     dt: float | None = None,

@@ -28,6 +28,7 @@ __all__ = [
     "FIXED_STEP",
     "IMPLICIT",
     "make_solver",
+    "solver_name",
     "is_fixed_step",
     "stability_edge",
     "rkc_tableau",
@@ -57,6 +58,8 @@ class RK4(diffrax.AbstractERK):
         ),
     )
     interpolation_cls: ClassVar[Callable] = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    stability_edge: ClassVar[float] = 2.785293563
 
     def order(self, terms):
         return 4
@@ -100,6 +103,14 @@ def rkc_tableau(stages: int, damping: float = 2 / 13) -> tuple[np.ndarray, np.nd
 
 
 @functools.cache
+def _rkc_base() -> type:
+    class RKCBase(diffrax.AbstractERK):
+        """The Runge-Kutta-Chebyshev family (``rkcS``)."""
+
+    return RKCBase
+
+
+@functools.cache
 def _rkc_class(stages: int) -> type:
     A, c, beta = rkc_tableau(stages)
     s = stages
@@ -116,10 +127,12 @@ def _rkc_class(stages: int) -> type:
         a_lower=tuple(A[j, :j] for j in range(1, s)) + (A[s, :s],),
     )
 
-    class RKC(diffrax.AbstractERK):
+    class RKC(_rkc_base()):
         __doc__ = f"""{s}-stage second-order Runge-Kutta-Chebyshev with its embedded error
         estimate, stable for ``h * lambda_max <= {beta:.4g}`` on a real negative spectrum."""
         tableau: ClassVar[diffrax.ButcherTableau] = tab
+        stability_edge: ClassVar[float] = beta
+        stages: ClassVar[int] = s
         interpolation_cls: ClassVar[Callable] = (
             diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
         )
@@ -169,8 +182,15 @@ def _rkc_stages(name: str) -> int | None:
     return s
 
 
-def make_solver(name: str) -> diffrax.AbstractSolver:
-    """A solver by name: one of ``SOLVERS``, or ``rkcS`` for any S in 2..200."""
+def make_solver(name) -> diffrax.AbstractSolver:
+    """A solver by name: one of ``SOLVERS``, or ``rkcS`` for any S in 2..200. A
+    ``diffrax.AbstractSolver`` instance is returned as it is."""
+    if isinstance(name, diffrax.AbstractSolver):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(
+            f"solver must be a name or a diffrax.AbstractSolver, got {type(name).__name__}"
+        )
     s = _rkc_stages(name)
     if s is not None:
         return _rkc_class(s)()
@@ -182,26 +202,52 @@ def make_solver(name: str) -> diffrax.AbstractSolver:
         ) from None
 
 
-def is_fixed_step(name: str) -> bool:
-    """Whether the solver has no error estimate (needs a fixed ``dt``)."""
-    return name in FIXED_STEP
+def solver_name(solver) -> str:
+    """The name a run's config records: the shorthand of one of ``SOLVERS`` (or ``rkcS``),
+    else the solver's class name."""
+    if isinstance(solver, str):
+        make_solver(solver)
+        return solver
+    solver = make_solver(solver)
+    stages = getattr(type(solver), "stages", None)
+    if isinstance(solver, _rkc_base()) and stages:
+        return f"rkc{stages}"
+    for name, cls in SOLVERS.items():
+        if type(solver) is cls:
+            return name
+    return type(solver).__name__
 
 
-def stability_edge(name: str) -> float:
-    """Largest stable ``h * lambda_max`` on a real non-positive spectrum."""
-    s = _rkc_stages(name)
-    if s is not None:
-        return rkc_tableau(s)[2]
+def is_fixed_step(solver) -> bool:
+    """Whether the solver (a name or an instance) has no error estimate, so needs a fixed
+    ``dt`` or a ``cfl``: Euler, or a Runge-Kutta tableau whose error weights are zero."""
+    if isinstance(solver, str) and solver in FIXED_STEP:
+        return True
+    solver = make_solver(solver)
+    if isinstance(solver, diffrax.Euler):
+        return True
+    tab = getattr(solver, "tableau", None)
+    return tab is not None and not np.any(np.asarray(tab.b_error))
+
+
+def stability_edge(solver) -> float:
+    """Largest stable ``h * lambda_max`` on a real non-positive spectrum, for a name or an
+    instance: a solver class's ``stability_edge`` attribute, else the known table."""
+    edge = getattr(type(make_solver(solver)), "stability_edge", None)
+    if edge is not None:
+        return float(edge)
+    name = solver_name(solver)
     try:
         return _EDGES[name]
     except KeyError:
         raise ValueError(
-            f"no stability edge known for solver {name!r}; use one of {sorted(_EDGES)} or rkcS"
+            f"no stability edge known for solver {name!r}; use one of {sorted(_EDGES)} or "
+            "rkcS, or give the solver class a stability_edge attribute"
         ) from None
 
 
-def default_cfl(name: str) -> float | None:
-    """The stability fraction ``gflow run`` uses for ``name`` when given no ``--dt``;
+def default_cfl(solver) -> float | None:
+    """The stability fraction ``gflow run`` uses for ``solver`` when given no ``--dt``;
     ``None`` for error-controlled solvers. Chosen from measured accuracy on the default
     problem (``benchmarks/flow_accuracy.py``, every save point to log t = 30 against
     three references): the two-stage methods (``ralston``, ``midpoint``, ``heun``) at
@@ -210,6 +256,7 @@ def default_cfl(name: str) -> float | None:
     with the step, not with the order: per gradient evaluation, a two-stage method's
     steps are half as long as RK4's and its balance drift half as large. RKC: 0.5
     (weakly damped near its edge); Euler: 0.9 (GD-like, not accurate)."""
+    name = solver_name(solver)
     if _rkc_stages(name) is not None:
         return 0.5
     if name in ("ralston", "midpoint", "heun"):
