@@ -11,10 +11,16 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 from gflow import data, losses, models, objective, quantities  # noqa: E402
+from gflow.compare import compare  # noqa: E402
 from gflow.data import DataError, Dataset  # noqa: E402
+from gflow.dynamics import run_flow, run_flow_seeds, run_gd, run_gd_seeds  # noqa: E402
+from gflow.dynamics.gd import LossBased  # noqa: E402
+from gflow.kkt import kkt_residual  # noqa: E402
 from gflow.losses import CrossEntropy, Exponential, Logistic, get_loss  # noqa: E402
 from gflow.models import build_model, check_homogeneity, split_params  # noqa: E402
-from gflow.objective import Objective, make_objective  # noqa: E402
+from gflow.objective import Objective, load_objective, make_objective  # noqa: E402
+from gflow.theory import check_run, check_trajectory  # noqa: E402
+from gflow.trajectory import Trajectory  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,4 +41,15 @@ __all__ = [
     "split_params",
     "Objective",
     "make_objective",
+    "load_objective",
+    "Trajectory",
+    "run_gd",
+    "run_gd_seeds",
+    "run_flow",
+    "run_flow_seeds",
+    "LossBased",
+    "check_run",
+    "check_trajectory",
+    "kkt_residual",
+    "compare",
 ]

@@ -790,7 +790,7 @@ def cmd_run(args) -> int:
         times[kind] = time.perf_counter() - t0
         trajs[kind] = tr
         tr.config["wall_seconds"] = times[kind]
-        tr.save(folder)
+        tr.save(folder, objective=False)
         _settle_checkpoint(ck, [tr], kind, out)
         print(f"{kind}: {tr.status}: {tr.message} ({times[kind]:.1f} s) -> {folder}")
         if _interrupted([tr]):
@@ -1008,7 +1008,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
             wall = time.perf_counter() - t0
             for folder, tr in zip(folders, runs, strict=True):
                 tr.config["wall_seconds"] = wall / len(runs)
-                tr.save(folder)
+                tr.save(folder, objective=False)
                 atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
             _settle_checkpoint(ck, runs, kind, out)
             if _interrupted(runs):
@@ -1037,6 +1037,15 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     _warn_never_below({f"{k} seed {s}": tr for k, runs in groups.items()
                        for s, tr in zip(seeds, runs, strict=True)}, obj)  # fmt: skip
     return 0 if all(tr.status != "failed" for r in groups.values() for tr in r) else 1
+
+
+def _objective_of(folder, cfg: dict):
+    """The objective of a saved run: rebuilt from its options (``gflow run``), else read
+    from its ``objective.pkl`` (a library run); None when neither is there."""
+    from gflow.objective import load_objective
+
+    problem = _problem_from_config(cfg)
+    return problem[2] if problem is not None else load_objective(folder)
 
 
 def _problem_from_config(cfg: dict):
@@ -1074,8 +1083,8 @@ def cmd_check(args) -> int:
     status = 0
     for folder in _run_folders(args.run_dir):
         tr = Trajectory.load(folder)
-        problem = None if args.no_kkt else _problem_from_config(tr.config)
-        verdicts = check_run(tr, None if problem is None else problem[2], kkt=not args.no_kkt)
+        obj = None if args.no_kkt else _objective_of(folder, tr.config)
+        verdicts = check_run(tr, obj, kkt=not args.no_kkt)
         print(f"{folder} ({tr.kind}, {tr.status}, log t up to {tr['log_t'][-1]:.4g}):")
         for v in verdicts:
             print(f"  {v}")
@@ -1129,25 +1138,26 @@ def cmd_attack(args) -> int:
 
     import jax.numpy as jnp
 
-    from gflow.models import split_params
     from gflow.robustness import Attack, minimal_eps, robust_accuracy
     from gflow.trajectory import Trajectory, atomic_write
 
     for folder in _run_folders(args.run_dir):
         tr = Trajectory.load(folder)
-        problem = _problem_from_config(tr.config)
-        if problem is None:
-            raise ValueError(f"{folder} was not made by gflow run: its problem cannot be rebuilt")
-        ds, model, obj, _ = problem
-        graphdef, _ = split_params(model)
+        obj = _objective_of(folder, tr.config)
+        if obj is None:
+            raise ValueError(
+                f"{folder}: its problem cannot be rebuilt (neither gflow run's options nor a "
+                "saved objective.pkl)"
+            )
+        graphdef = obj.graphdef
         points = {f"log t {tr['log_t'][i]:.4g}": s for i, s in enumerate(tr.snapshots)}
         points.update({f"loss mark {k}": v["params"] for k, v in tr.checkpoints.items()})
         if tr.final_params is not None:
             points["end"] = tr.final_params
         if not points:
             raise ValueError(f"{folder} saved no parameters")
-        n = min(args.n, len(ds))
-        x, y = jnp.asarray(ds.x[:n], obj.dtype), jnp.asarray(obj.y[:n])
+        n = min(args.n, obj.num_samples)
+        x, y = jnp.asarray(obj.x[:n]), jnp.asarray(obj.y[:n])
         att = Attack(norm=args.norm, steps=args.steps, restarts=args.restarts)
         grid = np.linspace(0.0, args.eps_max, 21)
         out = {"norm": args.norm, "n": n, "eps_max": args.eps_max, "grid": grid.tolist()}

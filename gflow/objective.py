@@ -10,6 +10,7 @@ their jitted forms taking ``(objective, params)``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -29,6 +30,7 @@ __all__ = [
     "Objective",
     "make_objective",
     "as_dataset",
+    "load_objective",
     "shard",
     "log_loss",
     "grad_log_loss",
@@ -69,12 +71,31 @@ class Objective(eqx.Module):
         """What a run's config records about the objective (for later checks)."""
         return dict(
             loss=self.loss.name,
+            log_threshold=self.loss.log_threshold,
             order=self.order,
             homogeneous=self.homogeneous,
             num_samples=self.num_samples,
             dtype=np.dtype(self.dtype).name,
             smooth=self.smooth,
         )
+
+    def save(self, folder) -> None:
+        """Write ``objective.pkl`` (the model structure and the loss, by cloudpickle, so a
+        model class defined in a script is kept by value) and ``objective.npz`` (the data)
+        into ``folder``; ``load_objective`` reads them back."""
+        import cloudpickle
+
+        from gflow.distributed import to_host
+        from gflow.trajectory import _npz_bytes, atomic_write
+
+        folder = Path(folder)
+        static = dict(
+            graphdef=self.graphdef, loss=self.loss, order=self.order,
+            homogeneous=self.homogeneous, smooth=self.smooth,
+        )  # fmt: skip
+        atomic_write(folder / "objective.pkl", cloudpickle.dumps(static))
+        data = {"x": to_host(self.x), "y": to_host(self.y)}
+        atomic_write(folder / "objective.npz", _npz_bytes(data))
 
     def outputs(self, params) -> Array:
         return apply(self.graphdef, params, self.x)
@@ -127,6 +148,27 @@ class Objective(eqx.Module):
         """Why a monitor column stays empty for this model: ``{column: reason}``."""
         structure, why = balance_structure(self.graphdef, params)
         return {} if structure is not None else {"balance_drift": why, "layer_balance_drift": why}
+
+
+def load_objective(folder) -> Objective | None:
+    """The ``Objective`` saved in a run folder by ``Objective.save`` (``Trajectory.save``
+    of a library run), or None when there is none. Unpickling runs code: load only run
+    folders you trust (as with any pickle)."""
+    import pickle
+
+    folder = Path(folder)
+    pkl, npz = folder / "objective.pkl", folder / "objective.npz"
+    if not (pkl.is_file() and npz.is_file()):
+        return None
+    try:
+        static = pickle.loads(pkl.read_bytes())
+        with np.load(npz) as z:
+            x, y = z["x"], z["y"]
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which
+        from gflow.errors import summarize
+
+        raise ValueError(f"cannot read the objective saved in {folder} ({summarize(e)})") from None
+    return Objective(x=jnp.asarray(x), y=jnp.asarray(y), **static)
 
 
 def _wide(out: Array) -> Array:

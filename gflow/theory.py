@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gflow.losses import get_loss
+from gflow.losses import Loss, get_loss
 from gflow.trajectory import Trajectory
 
 __all__ = [
@@ -295,22 +295,29 @@ def fidelity(traj: Trajectory) -> Verdict:
 def check_trajectory(
     traj: Trajectory,
     *,
-    loss: str | None = None,
+    loss: Loss | str | None = None,
     order: int | None = None,
     rtol: float = 1e-9,
     band: float = 3.0,
 ) -> list[Verdict]:
-    """Monotonicity and rates on one run; ``loss`` and ``order`` default to its config.
+    """Monotonicity and rates on one run; ``loss`` (a ``Loss``, or a name) and ``order``
+    default to its config (a loss of one's own by the threshold recorded there).
 
     A run of a model that is not homogeneous gets the same checks (with its depth as
     ``L``), and a note saying the theory does not cover it.
     """
     cfg = traj.config
-    loss = loss or cfg.get("loss")
     order = order or cfg.get("order")
-    if loss is None or order is None:
-        raise ValueError("the run's config names no loss / order: pass loss= and order=")
-    log_threshold = get_loss(loss).log_threshold
+    if order is None:
+        raise ValueError("the run's config names no order: pass order=")
+    if isinstance(loss, Loss):
+        log_threshold = loss.log_threshold
+    elif loss is None and cfg.get("log_threshold") is not None:  # a loss of one's own
+        log_threshold = float(cfg["log_threshold"])
+    elif loss or cfg.get("loss"):
+        log_threshold = get_loss(loss or cfg["loss"]).log_threshold
+    else:
+        raise ValueError("the run's config names no loss: pass loss=")
     out = monotonicity(traj, log_threshold, rtol=rtol) + rates(
         traj, order, log_threshold, band=band
     )
@@ -348,7 +355,7 @@ def kkt_along(traj: Trajectory, objective) -> list[dict]:
 def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Verdict]:
     """``check_trajectory`` plus, for a homogeneous ``objective``, the KKT residual along
     the run's saved parameters: it must fall from the first to the last (Theorem 4.4)."""
-    verdicts = check_trajectory(traj)
+    verdicts = check_trajectory(traj, loss=None if objective is None else objective.loss)
     if not (kkt and objective is not None and objective.homogeneous):
         return verdicts
     ks = kkt_along(traj, objective)

@@ -126,6 +126,8 @@ class Trajectory:
     status: str = "completed"
     message: str = ""
     checkpoints: dict = field(default_factory=dict)
+    # the Objective the run trained (set by run_gd / run_flow; not part of the record)
+    objective: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         lengths = {k: len(v) for k, v in self.columns.items()}
@@ -158,10 +160,17 @@ class Trajectory:
             w.writerow([repr(float(self.columns[c][i])) for c in names])
         return buf.getvalue()
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the run folder's files (creating the folder); returns its path."""
+    def save(self, folder: str | Path, objective: bool = True) -> Path:
+        """Write the run folder's files (creating the folder); returns its path.
+
+        ``objective``: also write the run's objective (``objective.pkl``, ``objective.npz``:
+        model structure, loss, order and data; ``gflow.objective.load_objective``), so that
+        ``gflow check`` (KKT) and ``gflow attack`` can rebuild any model's problem. ``gflow
+        run`` leaves it out: it rebuilds its problems from their options."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if objective and self.objective is not None:
+            self.objective.save(folder)
         meta = {
             "kind": self.kind,
             "status": self.status,
@@ -349,7 +358,9 @@ class TrajectoryRecorder:
             self.progress(row)
         return row
 
-    def finish(self, final_params=None, status: str = "completed", message: str = "") -> Trajectory:
+    def finish(
+        self, final_params=None, status: str = "completed", message: str = "", objective=None
+    ) -> Trajectory:
         names = list(self.rows[0]) if self.rows else list(CSV_COLUMNS)
         cols = {k: np.asarray([r.get(k, math.nan) for r in self.rows], np.float64) for k in names}
         return Trajectory(
@@ -361,4 +372,5 @@ class TrajectoryRecorder:
             status=status,
             message=message,
             checkpoints=self.checkpoints,
+            objective=objective,
         )

@@ -584,7 +584,7 @@ def run_flow(
                 break
     except KeyboardInterrupt:
         status, message = "stopped", "interrupted"
-    return rec.finish(y[0], status, message)
+    return rec.finish(y[0], status, message, objective)
 
 
 @functools.cache
@@ -826,4 +826,6 @@ def run_flow_seeds(
         for i in np.flatnonzero(alive):
             status[i], message[i] = "stopped", "interrupted"
     finals = jax.device_get(y[0])
-    return [recs[i].finish(lane(finals, i), status[i], message[i]) for i in range(k_runs)]
+    return [
+        recs[i].finish(lane(finals, i), status[i], message[i], objective) for i in range(k_runs)
+    ]

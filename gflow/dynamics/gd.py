@@ -50,6 +50,7 @@ __all__ = [
     "GDState",
     "run_gd",
     "run_gd_seeds",
+    "LossBased",
     "log_t_grid",
     "UP",
     "DOWN",
@@ -94,24 +95,41 @@ def _tree_select(pred, a, b):
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
 
 
-def _make_epoch(schedule: str, batch_size: int | None, n: int):
-    """One epoch: (objective, state, optimiser) -> state, with accept / roll-back."""
+def _make_epoch(
+    schedule: str, batch_size: int | None, n: int, optimizer=None, gradient: str = "loss"
+):  # fmt: skip
+    """One epoch: (objective, state, optimiser) -> state, with accept / roll-back.
+    ``optimizer``: a user's optax transformation (``schedule == "optax"``), fed the
+    gradient of the sum loss (``gradient="loss"``) or of its log (``"log_loss"``)."""
     loss_based = schedule == "loss-based"
-    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+    custom = optimizer is not None
+    opt = optimizer if custom else optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
 
     def apply_update(params, opt_state, direction, lr):
-        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+        if not custom:
+            hyper = {**opt_state.hyperparams, "learning_rate": lr}
+            opt_state = opt_state._replace(hyperparams=hyper)
         updates, opt_state = opt.update(direction, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, updates), opt_state, updates
+
+    def arc_log_eta(updates, log_grad_norm):
+        # the step on the flow's clock: |d theta| / |grad Loss| (d theta / dt = -grad Loss
+        # on the flow); for plain GD it is the learning rate
+        return 0.5 * jnp.log(sq_norm(updates)) - log_grad_norm
 
     def full_batch(obj: Objective, s: GDState):
         ell, g = s.log_loss, s.grad
-        if loss_based:
+        if custom:
+            direction = g if gradient == "log_loss" else jax.tree.map(lambda v: jnp.exp(ell) * v, g)
+            params, opt_state, updates = apply_update(s.params, s.opt_state, direction, s.alpha)
+            log_eta = arc_log_eta(updates, ell + 0.5 * jnp.log(sq_norm(g)))
+        elif loss_based:
             # eta = alpha / Loss: the update alpha * grad log Loss never over/underflows.
             direction, log_eta = g, jnp.log(s.alpha) - ell
         else:
             direction, log_eta = jax.tree.map(lambda v: jnp.exp(ell) * v, g), jnp.log(s.alpha)
-        params, opt_state = apply_update(s.params, s.opt_state, direction, s.alpha)
+        if not custom:
+            params, opt_state, _ = apply_update(s.params, s.opt_state, direction, s.alpha)
         ell_new, g_new = obj.value_and_grad(params)
         finite = jnp.isfinite(ell_new) & _finite_tree(g_new)
         sq = sq_norm(g)
@@ -144,8 +162,13 @@ def _make_epoch(schedule: str, batch_size: int | None, n: int):
                 w, log_eta = jnp.exp(log_scale + ell_b - frame), jnp.log(s.alpha) - frame
             else:
                 w, log_eta = jnp.exp(log_scale + ell_b), jnp.log(s.alpha)
+            if custom:
+                log_w = log_scale + ell_b
+                w = jnp.exp(log_w) if gradient == "loss" else jnp.ones((), ell_b.dtype)
             direction = jax.tree.map(lambda v: w * v, g_b)
-            params, opt_state = apply_update(params, opt_state, direction, s.alpha)
+            params, opt_state, updates = apply_update(params, opt_state, direction, s.alpha)
+            if custom:
+                log_eta = arc_log_eta(updates, log_w + 0.5 * jnp.log(sq_norm(g_b)))
             return (params, opt_state, jnp.logaddexp(log_t, log_eta)), log_eta
 
         (params, opt_state, log_t), log_etas = jax.lax.scan(
@@ -212,10 +235,39 @@ def _initial_state(objective: Objective, opt, params, seed, batch_size, alpha) -
     )
 
 
+class LossBased(NamedTuple):
+    """The paper's loss-based schedule as an ``optimizer`` for ``run_gd``: steps
+    ``eta = alpha / Loss`` with ``alpha`` from ``alpha0``, raised by 2^(1/5) after an epoch
+    that lowered the loss, lowered by 2^(1/10) and the epoch rolled back otherwise. (Not an
+    optax transformation: its roll-back needs the loss after the step.)"""
+
+    alpha0: float = 0.1
+
+
+def _resolve(optimizer, gradient, schedule, lr, alpha0):
+    """``(optimizer, schedule, lr, alpha0)`` from ``run_gd``'s ways of giving the steps."""
+    if callable(lr):  # an optax schedule
+        optimizer, lr = optax.sgd(lr), None
+    if isinstance(optimizer, LossBased):
+        schedule, alpha0, optimizer = "loss-based", float(optimizer.alpha0), None
+    if optimizer is not None:
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                "optimizer must be an optax.GradientTransformation or LossBased, got "
+                f"{type(optimizer).__name__}"
+            )
+        if gradient not in ("loss", "log_loss"):
+            raise ValueError(f"gradient must be 'loss' or 'log_loss', got {gradient!r}")
+        schedule, lr = "optax", None
+    return optimizer, schedule, lr, alpha0
+
+
 def _check_schedule(schedule: str, lr: float, alpha0: float, batch_size, n: int):
     """Validate the step options; returns the batch size (None for full batch)."""
-    if schedule not in SCHEDULES:
+    if schedule not in SCHEDULES + ("optax",):
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "optax":
+        lr = 1.0  # the optimizer holds its own
     if not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr}")
     if not alpha0 > 0:
@@ -235,7 +287,9 @@ def _reasons(objective: Objective, params, batch_size) -> dict:
     return out
 
 
-def _nonfinite_message(step: int, lr: float) -> str:
+def _nonfinite_message(step: int, lr) -> str:
+    if lr is None:
+        return f"non-finite loss or gradient at step {step} with the given optax optimizer"
     return (
         f"non-finite loss or gradient at step {step} with constant lr {lr:g}; "
         "try --schedule loss-based or a smaller --lr"
@@ -246,8 +300,10 @@ def run_gd(
     objective: Objective,
     params0,
     *,
+    optimizer: optax.GradientTransformation | LossBased | None = None,
+    gradient: str = "loss",
     schedule: str = "constant",
-    lr: float = 0.01,
+    lr: float | Callable = 0.01,
     alpha0: float = 0.1,
     batch_size: int | None = None,
     log_t_max: float | None = None,
@@ -268,7 +324,15 @@ def run_gd(
 
     **Arguments:**
 
-    - ``schedule``: ``"constant"`` (step ``lr``) or ``"loss-based"`` (``alpha0 / Loss``).
+    - ``optimizer``: any ``optax.GradientTransformation`` (``optax.sgd(0.1,
+      momentum=0.9)``, ``optax.adam(...)``, schedules included), fed the gradient of the
+      sum loss (``gradient="loss"``) or of its log (``gradient="log_loss"``, for a
+      scale-free optimizer late in training, when the loss underflows). Its clock is
+      ``t = sum |d theta| / |grad Loss|``, the flow's time for the same path length,
+      which for plain GD is ``sum lr``. ``LossBased(alpha0)``: the paper's schedule.
+      None: ``schedule``.
+    - ``schedule``: ``"constant"`` (step ``lr``; an optax schedule as ``lr`` is
+      ``optimizer=optax.sgd(lr)``) or ``"loss-based"`` (``alpha0 / Loss``).
     - ``batch_size``: ``None`` for full-batch GD, else mini-batch SGD.
     - ``log_t_max`` / ``max_steps`` / ``log_loss_min``: stop at whichever comes first.
     - ``saves``: save points evenly spaced in log t on ``[log_t_min, log_t_max]`` (by
@@ -284,6 +348,7 @@ def run_gd(
       reproducing the uninterrupted run exactly.
     """
     n = objective.num_samples
+    optimizer, schedule, lr, alpha0 = _resolve(optimizer, gradient, schedule, lr, alpha0)
     batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
     if not math.isfinite(log_t_min) or (log_t_max is not None and not math.isfinite(log_t_max)):
         raise ValueError(f"log_t_min and log_t_max must be finite, got {log_t_min} and {log_t_max}")
@@ -294,8 +359,8 @@ def run_gd(
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
 
-    opt, epoch = _make_epoch(schedule, batch_size, n)
-    alpha_init = alpha0 if schedule == "loss-based" else lr
+    opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient)
+    alpha_init = {"loss-based": alpha0, "optax": 1.0}.get(schedule, lr)
     dtype = objective.dtype
 
     @jax.jit
@@ -317,6 +382,7 @@ def run_gd(
         schedule=schedule,
         lr=lr,
         alpha0=alpha0,
+        **({"gradient": gradient} if schedule == "optax" else {}),
         batch_size=batch_size,
         log_t_max=log_t_max,
         max_steps=max_steps,
@@ -420,7 +486,7 @@ def run_gd(
                 break
     except KeyboardInterrupt:
         status, message = "stopped", f"interrupted at step {int(state.step)}"
-    return rec.finish(state.params, status, message)
+    return rec.finish(state.params, status, message, objective)
 
 
 @jax.jit
@@ -435,8 +501,10 @@ def run_gd_seeds(
     params0: list,
     *,
     seeds: list[int],
+    optimizer: optax.GradientTransformation | LossBased | None = None,
+    gradient: str = "loss",
     schedule: str = "constant",
-    lr: float = 0.01,
+    lr: float | Callable = 0.01,
     alpha0: float = 0.1,
     batch_size: int | None = None,
     log_t_max: float = 10.0,
@@ -462,13 +530,14 @@ def run_gd_seeds(
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
     n = objective.num_samples
+    optimizer, schedule, lr, alpha0 = _resolve(optimizer, gradient, schedule, lr, alpha0)
     batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
     if not log_t_max > log_t_min:
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
     k = len(seeds)
-    opt, epoch = _make_epoch(schedule, batch_size, n)
+    opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient)
     dtype = objective.dtype
-    alpha_init = alpha0 if schedule == "loss-based" else lr
+    alpha_init = {"loss-based": alpha0, "optax": 1.0}.get(schedule, lr)
 
     def init(p, seed):
         return _initial_state(objective, opt, p, seed, batch_size, alpha_init)
@@ -579,6 +648,6 @@ def run_gd_seeds(
                 status[i], message[i] = "stopped", f"interrupted at step {int(state.step[i])}"
     finals = jax.device_get(state.params)
     return [
-        recs[i].finish(jax.tree.map(lambda a, i=i: a[i], finals), status[i], message[i])
+        recs[i].finish(jax.tree.map(lambda a, i=i: a[i], finals), status[i], message[i], objective)
         for i in range(k)
     ]
