@@ -7,16 +7,14 @@ import json
 from pathlib import Path
 
 import gflow  # noqa: F401  (float64)
-from gflow.cli import RUN_DEFAULTS, build_problem
+from gflow.problem import Problem
 
 FIGURES = Path(__file__).parent / "figures"
 
 
 def problem(**overrides):
     """``(dataset, model, objective, params0)`` of ``gflow run``'s default, with overrides."""
-    cfg = dict(RUN_DEFAULTS, bias="none", activation="relu", seed=0, dtype="float64")
-    cfg.update(overrides)
-    return build_problem(argparse.Namespace(**cfg))
+    return Problem(**overrides).build()
 
 
 def out_dir(name: str, given: str | None) -> Path:

@@ -47,6 +47,8 @@ def main():
               f"  margin {r['margin_gap']:.3e}")  # fmt: skip
     print(f"fitted orders: params {res['order_param']:.3f}, log loss {res['order_log_loss']:.3f},"
           f" margin {res['order_margin']:.3f}")  # fmt: skip
+    for note in res["notes"]:
+        print(f"warning: {note}")
     top = np.nanmax(res["eta_lambda_max_largest_step"])
     print(f"eta * lambda_max along lr {big:g}: max {top:.3g}")
     fig, ax = plt.subplots(figsize=(5, 4), constrained_layout=True)

@@ -2,7 +2,7 @@
 
 A bias-free linear model (L = 1) on separable data (digits 0 vs 1, unit-norm, 200
 images), exponential loss, flow to ``--log-t-max``. The limit direction is the hard-margin
-SVM without intercept (THEORY.md item 5), solved independently by SciPy's SLSQP on the
+SVM without intercept (docs/theory.md item 5), solved independently by SciPy's SLSQP on the
 primal QP. Reports, along the run, the angle between theta and the SVM direction and the
 normalized margin's relative gap to the SVM margin 1/|w*|.
 

@@ -1,6 +1,6 @@
 """The paper's CIFAR-10 experiment: VGG-16 (no batch norm, no dropout, bias in the first
 layer, L = 14), cross-entropy, SGD batch 100, constant step against the loss-based
-schedule, the same epochs for both (THEORY.md, "The paper's experiments").
+schedule, the same epochs for both (docs/theory.md, "The paper's experiments").
 
 Reads the CIFAR-10 python batches from ``--data cifar10:DIR`` (never downloads). The
 full run (50,000 images, 10,000 epochs) is an accelerator's job; ``--train``,

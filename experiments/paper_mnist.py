@@ -1,5 +1,5 @@
 """The paper's MNIST experiment: normalized margins under a constant step and under the
-loss-based schedule, the same epochs for both (THEORY.md, "The paper's experiments").
+loss-based schedule, the same epochs for both (docs/theory.md, "The paper's experiments").
 
 The paper's CNN (C32(5x5)-pool-C64(3x3)-pool-F1024-F10, ReLU, SAME, bias in the first
 layer only, L = 4, He-normal), cross-entropy, SGD with batch 100:

@@ -151,53 +151,18 @@ def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--dtype", choices=("float64", "float32"), default="float64")
 
 
-def build_problem(args):
-    """``(dataset, model, objective, params0)`` from parsed problem options."""
-    from gflow import data as D
-    from gflow.objective import make_objective, shard
+def _problem_of(args):
+    """The ``Problem`` of parsed problem options (``devices``: ``gflow run``'s --devices,
+    all devices that divide the samples when not given)."""
+    from gflow.problem import Problem
 
-    ds = D.load(args.data, seed=args.seed, n=max(args.n, 2))
-    if args.classes != "all":
-        ds = D.keep_classes(ds, args.classes)
-    if args.n > len(ds):  # (a silent cap would run on fewer samples than asked for)
-        raise ValueError(f"--n {args.n}: {ds.name} has only {len(ds)} samples")
-    ds = D.normalize(D.sample(ds, args.n, seed=args.seed), args.scale)
-    model = _model(args, ds, args.seed)
-    obj, params = make_objective(model, ds, args.loss, order=getattr(args, "declared_order", None))
-    if hasattr(args, "devices"):
-        obj = shard(obj, _device_count(args.devices, obj.num_samples))
-    return ds, model, obj, params
-
-
-def _model(args, ds, seed: int):
-    """The model of the problem options for ``ds``, initialised from ``seed``."""
-    import jax.numpy as jnp
-
-    from gflow.models import build_model
-
-    return build_model(
-        args.model,
-        ds.input_shape,
-        1 if args.loss in ("exp", "logistic") else ds.num_classes,
-        width=args.width,
-        depth=args.depth,
-        bias=args.bias,
-        activation=args.activation,
-        seed=seed,
-        dtype=jnp.float64 if args.dtype == "float64" else jnp.float32,
-    )
-
-
-def _device_count(requested: int | None, n: int) -> int:
-    """``--devices``: as requested, else all devices or the most that divide ``n``."""
-    import jax
-
-    if requested is not None:
-        return requested
-    k = jax.device_count()
-    while n % k:
-        k -= 1
-    return k
+    return Problem(
+        data=args.data, classes=args.classes, n=args.n, scale=args.scale, model=args.model,
+        width=args.width, depth=args.depth, bias=args.bias, activation=args.activation,
+        order=getattr(args, "declared_order", None), loss=args.loss, seed=args.seed,
+        dtype=args.dtype,
+        devices=(args.devices or "auto") if hasattr(args, "devices") else None,
+    )  # fmt: skip
 
 
 def _format_table(rows: list[tuple[str, str]]) -> str:
@@ -212,7 +177,7 @@ def cmd_demo(args) -> int:
     from gflow.models import check_homogeneity
 
     t0 = time.perf_counter()
-    ds, model, obj, params = build_problem(args)
+    ds, model, obj, params = _problem_of(args).build()
     print(ds.describe())
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     order = model.order if model.order is not None else "none (bias in every layer)"
@@ -242,16 +207,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-RUN_DEFAULTS = dict(
-    data="mnist5k",
-    classes=(0, 1),
-    n=300,
-    scale="unit",
-    model="mlp",
-    width=50,
-    depth=2,
-    loss="logistic",
-)
 RUN_HELP = """The default run: a bias-free 2-layer ReLU MLP (width 50, L = 2) on 300 real MNIST
 digits 0 vs 1 from mnist5k, each image scaled to unit norm, logistic loss, float64;
 GD with the paper's loss-based schedule and the gradient flow on the loss clock, both to
@@ -704,7 +659,7 @@ def cmd_run(args) -> int:
         if out.is_dir() and any(out.iterdir()):
             raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     _validate_run(args)
-    ds, model, obj, params0 = build_problem(args)
+    ds, model, obj, params0 = _problem_of(args).build()
     config = {
         k: (list(v) if isinstance(v, tuple) else v)
         for k, v in vars(args).items()
@@ -968,7 +923,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
 
     resume = args.resume is not None
     seeds = [args.seed + i for i in range(args.seeds)]
-    inits = [split_params(_model(args, ds, s))[1] for s in seeds]
+    inits = [split_params(_problem_of(args).make_model(ds, s))[1] for s in seeds]
     groups, table = {}, []
     for kind in which:
         ck = None if args.no_checkpoint else Checkpointer(out / kind)
@@ -1043,23 +998,10 @@ def _objective_of(folder, cfg: dict):
     """The objective of a saved run: rebuilt from its options (``gflow run``), else read
     from its ``objective.pkl`` (a library run); None when neither is there."""
     from gflow.objective import load_objective
+    from gflow.problem import Problem
 
-    problem = _problem_from_config(cfg)
-    return problem[2] if problem is not None else load_objective(folder)
-
-
-def _problem_from_config(cfg: dict):
-    """Rebuild ``(dataset, model, objective, params0)`` of a run made by ``gflow run``."""
-    need = ("data", "classes", "n", "scale", "model", "width", "depth", "bias", "loss")
-    if any(k not in cfg for k in need):
-        return None
-    ns = argparse.Namespace(**cfg)
-    if isinstance(ns.classes, list):
-        ns.classes = tuple(ns.classes)
-    for k, v in dict(activation="relu", seed=0, dtype="float64").items():
-        if not hasattr(ns, k):
-            setattr(ns, k, v)
-    return build_problem(ns)
+    problem = Problem.from_config(cfg)
+    return problem.build()[2] if problem is not None else load_objective(folder)
 
 
 def _run_folders(path) -> list:
@@ -1274,6 +1216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the gradient-flow ODE, on one clock (log t).\n\n" + RUN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from gflow.problem import RUN_DEFAULTS
+
     add_problem_options(run, **RUN_DEFAULTS)
     add_run_options(run)
     run.set_defaults(func=cmd_run)

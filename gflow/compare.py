@@ -1,12 +1,13 @@
-"""GD against gradient flow (THEORY.md, "Dynamics": GD is Euler on the flow).
+"""GD against gradient flow (GD is Euler's method on the flow: ``docs/theory.md``).
 
 * ``compare(a, b)``: align two trajectories on ``log t`` (``b``'s columns interpolated
-  at ``a``'s save points, monotone cubic in ``log t``) and report the differences in
-  log loss, ``rho`` (relative), normalized and smoothed margin, and the relative
-  parameter distance where both runs saved parameters at the same ``log t``.
+  at ``a``'s save points, monotone cubic in ``log t``, and both at the last time both
+  reached) and report the differences in log loss, ``rho`` (relative), normalized and
+  smoothed margin, and the relative parameter distance, the snapshots of both runs
+  interpolated in ``log t``.
 * ``gd_flow_gap``: GD at several constant steps against the flow at the same time ``t``
   (an RK4 reference on the time clock), and the fitted order of the gap in the step
-  (about 1: GD is a first-order method).
+  (about 1: GD is a first-order method), with a note when GD left the flow.
 * ``sharpness_along``: ``eta * lambda_max`` along a GD run from its snapshots, with
   ``lambda_max`` the top Hessian eigenvalue of ``Loss``; GD can track the flow only
   while it stays below 2.
@@ -70,39 +71,79 @@ class Comparison:
         return out
 
 
-def compare(a: Trajectory, b: Trajectory, names: tuple[str, str] = ("a", "b")) -> Comparison:
-    """Differences ``a - b`` at ``a``'s save points inside ``b``'s ``log t`` range."""
-    la, lb = np.asarray(a["log_t"]), np.asarray(b["log_t"])
-    fb = np.isfinite(lb)
+def _series(tr: Trajectory) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, log t)`` of a run's save points with ``t > 0``, sorted, one per log t."""
+    lt = np.asarray(tr["log_t"], np.float64)
+    idx = np.nonzero(np.isfinite(lt))[0]
+    idx = idx[np.argsort(lt[idx], kind="stable")]
+    keep = np.concatenate([[True], np.diff(lt[idx]) > 0]) if idx.size else idx.astype(bool)
+    return idx[keep], lt[idx[keep]]
+
+
+def _snapshot_curve(tr: Trajectory):
+    """``(log t, flat parameters)`` of a run's snapshots (t > 0), for interpolation."""
+    n = min(len(tr.snapshots), len(tr))
+    if n < 2:
+        return None
+    lt = np.asarray(tr["log_t"][:n], np.float64)
+    idx = [i for i in range(n) if np.isfinite(lt[i])]
+    idx = [i for k, i in enumerate(idx) if k == 0 or lt[i] > lt[idx[k - 1]]]
+    if len(idx) < 2:
+        return None
+    return lt[idx], np.stack([_flat(tr.snapshots[i]) for i in idx])
+
+
+def compare(
+    a: Trajectory, b: Trajectory, names: tuple[str, str] = ("a", "b"), *, tol: float = 1e-9
+) -> Comparison:
+    """Differences ``a - b`` on ``log t``, at ``a``'s save points inside ``b``'s range
+    and at the last time both reached.
+
+    ``b`` is interpolated (monotone cubic in ``log t``) at ``a``'s save points; a point
+    within ``tol * max(1, |log t|)`` of ``b``'s ends counts as inside (float jitter at the
+    last save point). Runs that overshoot their last save target (GD's steps end past
+    it) are compared at the earlier of the two end times, with ``a`` interpolated there
+    too. ``param_distance``: ``|theta_a - theta_b| / |theta_b|`` where both saved
+    parameters, each run's snapshots interpolated in ``log t`` (their save points need
+    not coincide: GD's never do the flow's)."""
+    ia, la = _series(a)
+    ib, lb = _series(b)
     notes = []
-    if fb.sum() < 2:
+    if lb.size < 2:
         raise ValueError("the second trajectory needs at least two save points with t > 0")
-    lbf = lb[fb]
-    order = np.argsort(lbf, kind="stable")
-    lbf = lbf[order]
-    uniq = np.concatenate([[True], np.diff(lbf) > 0])
-    lbf = lbf[uniq]
-    inside = np.isfinite(la) & (la >= lbf[0]) & (la <= lbf[-1])
-    if not inside.all():
-        notes.append(
-            f"{int((~inside).sum())} save points of {names[0]} lie outside {names[1]}'s range"
-        )
-    lt = la[inside]
+    if la.size < 1:
+        raise ValueError("the first trajectory has no save point with t > 0")
+    slack = tol * max(1.0, float(np.max(np.abs(lb))))
+    inside = (la >= lb[0] - slack) & (la <= lb[-1] + slack)
+    lt = np.clip(la[inside], lb[0], lb[-1])
+    end = min(la[-1], lb[-1])
+    if la.size >= 2 and end >= lb[0] and (lt.size == 0 or end > lt[-1] + slack):
+        lt = np.append(lt, end)  # the last time both reached
+    outside = int((~inside).sum())
+    if outside:
+        notes.append(f"{outside} save points of {names[0]} lie outside {names[1]}'s range")
     diffs = {}
     for col, how in COMPARED:
-        vb = np.asarray(b[col])[fb][order][uniq]
-        va = np.asarray(a[col])[inside]
-        ib = PchipInterpolator(lbf, vb)(lt)
-        diffs[col] = (va - ib) / np.abs(ib) if how == "rel" else va - ib
+        vb = PchipInterpolator(lb, np.asarray(b[col], np.float64)[ib])(lt)
+        va_all = np.asarray(a[col], np.float64)[ia]
+        va = va_all[inside]
+        if lt.size > va.size:  # the common end point
+            va = np.append(va, PchipInterpolator(la, va_all)(lt[-1]) if la.size >= 2 else np.nan)
+        diffs[col] = (va - vb) / np.abs(vb) if how == "rel" else va - vb
     dist = np.full(lt.size, math.nan)
-    if a.snapshots and b.snapshots:
-        idx_a = np.nonzero(inside)[0]
-        for k, i in enumerate(idx_a):
-            j = np.nonzero(np.abs(lb - la[i]) <= 1e-9 * max(1.0, abs(la[i])))[0]
-            if j.size and i < len(a.snapshots) and j[0] < len(b.snapshots):
-                ta, tb = _flat(a.snapshots[i]), _flat(b.snapshots[j[0]])
-                dist[k] = np.linalg.norm(ta - tb) / np.linalg.norm(tb)
+    ca, cb = _snapshot_curve(a), _snapshot_curve(b)
+    if ca is not None and cb is not None:
+        lo, hi = max(ca[0][0], cb[0][0]) - slack, min(ca[0][-1], cb[0][-1]) + slack
+        ok = (lt >= lo) & (lt <= hi)
+        if ok.any():
+            pts = np.clip(lt[ok], max(ca[0][0], cb[0][0]), min(ca[0][-1], cb[0][-1]))
+            ta = PchipInterpolator(ca[0], ca[1], axis=0)(pts)
+            tb = PchipInterpolator(cb[0], cb[1], axis=0)(pts)
+            dist[ok] = np.linalg.norm(ta - tb, axis=1) / np.linalg.norm(tb, axis=1)
     return Comparison(lt, diffs, dist, names, notes)
+
+
+LEFT_THE_FLOW = 0.1  # relative parameter gap past which GD no longer follows the flow
 
 
 def fit_order(steps, gaps) -> float:
@@ -166,9 +207,20 @@ def gd_flow_gap(
             )
         )
     steps = [r["lr"] for r in rows]
+    # the fitted order is the method's only while GD follows the flow: a gap of the size
+    # of the parameters themselves says GD went elsewhere (past the edge of stability)
+    left = [r["lr"] for r in rows if not r["param_gap"] < LEFT_THE_FLOW]
+    notes = (
+        [f"GD left the flow at lr {', '.join(f'{v:g}' for v in left)} (relative parameter gap"
+         f" >= {LEFT_THE_FLOW:g}): the fitted orders do not measure the method's order; use "
+         "smaller steps or an earlier t_end"]
+        if left else []
+    )  # fmt: skip
     return dict(
         t_end=t_end,
         rows=rows,
+        notes=notes,
+        followed_the_flow=not left,
         reference=dict(
             solver="rk4", dt=float(lrs[0]) / ref_substeps, log_loss=float(ref["log_loss"][-1])
         ),

@@ -1,4 +1,4 @@
-"""Exact invariants of the gradient flow, as reference-free error monitors (THEORY.md,
+"""Exact invariants of the gradient flow, as reference-free error monitors (docs/theory.md,
 "Exact invariants").
 
 * **Per-unit balance.** A hidden unit (a dense layer's output column, or a convolution's

@@ -1,4 +1,4 @@
-"""The (eps, delta)-KKT residual of THEORY.md item 4.
+"""The (eps, delta)-KKT residual of docs/theory.md item 4.
 
 For ``theta_s = theta / q_min(theta)^(1/L)`` (so ``q_min(theta_s) = 1``) find
 ``lambda >= 0`` minimising ``|theta_s - sum_n lambda_n grad q_n(theta_s)|``; then

@@ -1,4 +1,4 @@
-"""Margin-based losses kept in log space (THEORY.md, "Numerics the theory forces on us").
+"""Margin-based losses kept in log space (docs/theory.md, "Numerics the theory forces on us").
 
 Late in training the sum loss is far below the smallest float64 (the paper reaches
 1e-800), so every loss here returns ``log Loss`` and never forms ``Loss`` itself.
@@ -81,7 +81,7 @@ def log_expm1_exp(ell: Array) -> Array:
 
 
 def multiclass_margins(logits: Float[Array, "n c"], y: Int[Array, " n"]) -> Float[Array, " n"]:
-    """``q_n = Phi_{y_n} - max_{j != y_n} Phi_j`` (THEORY.md, "Margins")."""
+    """``q_n = Phi_{y_n} - max_{j != y_n} Phi_j`` (docs/theory.md, "Margins")."""
 
     def one(z, k):
         others = jnp.where(jnp.arange(z.shape[0], dtype=k.dtype) == k, -jnp.inf, z)
@@ -110,7 +110,7 @@ class Loss:
 
     @property
     def threshold(self) -> float:
-        """The sum-loss threshold of THEORY.md (may be huge or tiny: prefer log_threshold)."""
+        """The sum-loss threshold of docs/theory.md (may be huge or tiny: prefer log_threshold)."""
         return math.exp(self.log_threshold)
 
 

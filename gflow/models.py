@@ -1,4 +1,4 @@
-"""Homogeneous networks in Flax NNX (THEORY.md, "Objects").
+"""Homogeneous networks in Flax NNX (docs/theory.md, "Objects").
 
 Every model here is a plain sequence of parameterised layers (dense or convolution),
 each followed by the activation except the last, with 2x2 max-pooling and flatten in
@@ -9,7 +9,7 @@ order (the paper's experiments); biases everywhere break it (a non-homogeneous c
 
 Convolutions are written as shifted slices + one matrix product (im2col) and
 max-pooling as reshape + max: XLA's own convolution runs 25-40x slower inside
-``lax.scan`` / diffrax loops on CPU (DESIGN.md, "Known traps"). ``impl="xla"`` keeps the
+``lax.scan`` / diffrax loops on CPU (docs/theory.md, "Known traps"). ``impl="xla"`` keeps the
 ``lax.conv_general_dilated`` formulation as a reference; the tests check both agree with
 ``nnx.Conv``.
 

@@ -1,4 +1,4 @@
-"""The quantities the paper's theorems name (THEORY.md, "Objects"), as pure jittable functions.
+"""The quantities the paper's theorems name (docs/theory.md, "Objects"), as pure jittable functions.
 
 Each takes arrays (margins, log loss, parameter pytrees) and returns arrays, so they
 compose under ``jax.jit`` and ``jax.vmap`` (over samples inside, over seeds outside).
@@ -50,7 +50,7 @@ def log_rho(params) -> Float[Array, ""]:
 
 
 def normalized_margin(q_min: Array, rho_: Array, order: int) -> Array:
-    """``gamma_bar = q_min / rho^L`` (THEORY.md, "Normalized margin")."""
+    """``gamma_bar = q_min / rho^L`` (docs/theory.md, "Normalized margin")."""
     return q_min * jnp.exp(-order * jnp.log(rho_))
 
 

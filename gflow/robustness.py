@@ -1,4 +1,4 @@
-"""Adversarial robustness of a trained model (THEORY.md, "The paper's experiments").
+"""Adversarial robustness of a trained model (docs/theory.md, "The paper's experiments").
 
 Attacks minimise the classification margin ``m(x) = Phi_y(x) - max_{j != y} Phi_j(x)``
 (``y * Phi(x)`` for a single-output binary model); a point is broken once ``m < 0``.

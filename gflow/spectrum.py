@@ -3,7 +3,7 @@
 The Jacobian of the gradient-flow field is minus the Hessian (of ``log Loss`` on the loss
 clock, of ``Loss`` on the time clock), symmetric with a real spectrum: an explicit
 solver is stable while ``step * lambda_max`` stays inside its stability region, and GD
-can track the flow only while ``eta * lambda_max < 2`` (THEORY.md, "What integrating the
+can track the flow only while ``eta * lambda_max < 2`` (docs/theory.md, "What integrating the
 flow costs"). Hessian-vector products are ``jax.jvp`` of ``jax.grad``: two gradient
 evaluations each, the Hessian itself is never formed.
 """

@@ -1,4 +1,4 @@
-"""Verdicts on the paper's claims from a recorded trajectory (THEORY.md, "Claims to check").
+"""Verdicts on the paper's claims from a recorded trajectory (docs/theory.md, "Claims to check").
 
 Every check works from the saved columns alone (log quantities, never ``Loss`` itself),
 so it applies to GD and flow runs alike; for GD, ``t`` is the sum of the step sizes,

@@ -99,7 +99,7 @@ def test_tight_integration_keeps_the_balance_to_its_tolerance(digits):
     most rtol |y| + atol per entry (the controller's norm), which moves sum_j |Q_j| by at
     most 4 rho ||error|| (each parameter in at most two units), so the drift is at most
     4 N (rtol + sqrt(P) atol / rho_min) over N steps. Linear activations: a ReLU
-    field's kinks make tight tolerances never end (THEORY.md), and so do max-pooling's
+    field's kinks make tight tolerances never end (docs/theory.md), and so do max-pooling's
     (the CNN's balances are checked on the field itself, above)."""
     for obj, p0 in (_dense(digits, "linear", depth=3),):
         rtol, atol = 1e-10, 1e-13

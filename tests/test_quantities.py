@@ -1,4 +1,4 @@
-"""Quantities: bounds of THEORY.md, scale invariance, brute force, one compile per shape."""
+"""Quantities: bounds of docs/theory.md, scale invariance, brute force, one compile per shape."""
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ def _problem(seed, loss="exp", name="mlp", n=40, depth=3, bias="none"):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_exponential_smoothed_margin_bounds(seed):
-    # gamma_bar - log(N)/rho^L <= gamma_tilde <= gamma_bar (THEORY.md, smoothed margin)
+    # gamma_bar - log(N)/rho^L <= gamma_tilde <= gamma_bar (docs/theory.md, smoothed margin)
     obj, p = _problem(seed, depth=1 + seed % 3)
     p = jax.tree.map(lambda a: a * (1 + seed), p)  # larger norms, sharper LSE
     qs = objective.quantities(obj, p)

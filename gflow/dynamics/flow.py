@@ -1,4 +1,4 @@
-"""Gradient flow on diffrax (THEORY.md, "Dynamics").
+"""Gradient flow on diffrax (docs/theory.md, "Dynamics").
 
 Three clocks for one path ``d theta / dt = -grad Loss``:
 

@@ -1,4 +1,4 @@
-"""Discrete dynamics on optax: full-batch GD and mini-batch SGD (THEORY.md, "Dynamics").
+"""Discrete dynamics on optax: full-batch GD and mini-batch SGD (docs/theory.md, "Dynamics").
 
 Schedules:
 
