@@ -151,33 +151,15 @@ def add_problem_options(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--dtype", choices=("float64", "float32"), default="float64")
 
 
-def _problem_of(args):
-    """The ``Problem`` of parsed problem options (``devices``: ``gflow run``'s --devices,
-    all devices that divide the samples when not given)."""
-    from gflow.problem import Problem
-
-    return Problem(
-        data=args.data, classes=args.classes, n=args.n, scale=args.scale, model=args.model,
-        width=args.width, depth=args.depth, bias=args.bias, activation=args.activation,
-        order=getattr(args, "declared_order", None), loss=args.loss, seed=args.seed,
-        dtype=args.dtype,
-        devices=(args.devices or "auto") if hasattr(args, "devices") else None,
-    )  # fmt: skip
-
-
-def _format_table(rows: list[tuple[str, str]]) -> str:
-    w = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
-
-
 def cmd_demo(args) -> int:
     import jax
 
     from gflow import objective as O
     from gflow.models import check_homogeneity
+    from gflow.runs import format_table, problem_of
 
     t0 = time.perf_counter()
-    ds, model, obj, params = _problem_of(args).build()
+    ds, model, obj, params = problem_of(args).build()
     print(ds.describe())
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     order = model.order if model.order is not None else "none (bias in every layer)"
@@ -202,7 +184,7 @@ def cmd_demo(args) -> int:
         ("below loss threshold", str(float(q.log_loss) < obj.loss.log_threshold)),
     ]
     print("at initialisation:")
-    print(_format_table(rows))
+    print(format_table(rows))
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -488,73 +470,6 @@ def _apply_config_file(parser: argparse.ArgumentParser, args, argv: list[str]) -
         setattr(args, dest, conv)
 
 
-def _validate_run(args) -> None:
-    from gflow.dynamics.solvers import default_cfl, is_fixed_step, stability_edge
-
-    if args.log_t_max <= args.log_t_min:
-        raise ValueError(
-            f"--log-t-max must exceed --log-t-min = {args.log_t_min}, got {args.log_t_max}"
-        )
-    if args.dynamics != "gd":
-        if args.dt is not None and args.cfl is not None:
-            raise ValueError("give --dt or --cfl, not both")
-        if args.dt is None and args.cfl is None:
-            args.cfl = default_cfl(args.solver)
-        if is_fixed_step(args.solver) and args.dt is None and args.cfl is None:
-            raise ValueError(f"--solver {args.solver} needs a fixed step --dt or a --cfl")
-        if args.cfl is not None:
-            stability_edge(args.solver)  # raises for solvers without a known edge
-    if args.dynamics != "gd" and args.clock == "time" and args.log_t_max > 700:
-        raise ValueError(
-            f"--clock time cannot reach --log-t-max {args.log_t_max:g}; use loss or logt"
-        )
-
-
-class _Progress:
-    """A tqdm bar over log t that appears after two seconds."""
-
-    def __init__(self, label: str, log_t_max: float, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=round(log_t_max, 3),
-                desc=label,
-                unit="log t",
-                delay=2.0,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| log t {n:.4g}/{total:.4g} "
-                "[{elapsed}<{remaining}{postfix}]",
-            )
-
-    def __call__(self, row: dict) -> None:
-        if self.bar is None:
-            return
-        lt = row.get("log_t", float("-inf"))
-        if lt == lt and lt > self.bar.n:
-            self.bar.n = round(min(lt, self.bar.total), 3)
-        post = {"log_loss": f"{row['log_loss']:.4g}"}
-        if "smoothed_margin" in row:
-            post["margin~"] = f"{row['smoothed_margin']:.4g}"
-        self.bar.set_postfix(post, refresh=False)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _Slowest:
-    """Progress of K runs at once: the bar shows the run that is furthest behind."""
-
-    def __init__(self, k: int, bar: _Progress):
-        self.k, self.bar, self.log_t = k, bar, {}
-
-    def __call__(self, row: dict) -> None:
-        self.log_t[row["seed"]] = row["log_t"]
-        if len(self.log_t) == self.k:
-            self.bar({**row, "log_t": min(self.log_t.values())})
-
-
 _RESUME_KEEPS = ("--resume", "--no-progress", "--no-plot")
 
 
@@ -570,428 +485,16 @@ def _refuse_changes_on_resume(given: list[str]) -> None:
         )
 
 
-def _check_saved_options(path, saved, args) -> None:
-    """``run.json`` holds an object whose values have the options' types (a hand-edited
-    or foreign file would otherwise fail deep inside the run)."""
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume: {path} must hold a JSON object, got {type(saved).__name__}")
-    for key, value in saved.items():
-        default = getattr(args, key, None)
-        if default is None or value is None or key == "classes":
-            continue
-        number = isinstance(default, int | float) and not isinstance(default, bool)
-        ok = (
-            isinstance(value, bool) == isinstance(default, bool)
-            and (not number or isinstance(value, int | float))
-            and (not isinstance(default, str) or isinstance(value, str))
-        )
-        if not ok:
-            raise ValueError(
-                f"--resume: {path}: {key!r} is {value!r}, expected a {type(default).__name__}"
-            )
-
-
-def _resumed_args(args, out) -> argparse.Namespace:
-    """The options a run folder was made with (its ``run.json``), for ``--resume``."""
-    import json
-
-    path = out / "run.json"
-    if not out.is_dir():
-        raise ValueError(f"--resume {out}: no such folder")
-    if not path.is_file():
-        raise ValueError(f"--resume {out}: not a gflow run folder (no run.json)")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--resume {out}: cannot read run.json: {e}") from None
-    _check_saved_options(path, saved, args)
-    _refuse_changes_on_resume(getattr(args, "given", []))
-    merged = argparse.Namespace(**{**vars(args), **saved})
-    merged.resume, merged.out = str(out), str(out)
-    merged.no_progress, merged.no_plot = args.no_progress, args.no_plot
-    if isinstance(merged.classes, list):
-        merged.classes = tuple(merged.classes)
-    return merged
-
-
 def cmd_run(args) -> int:
-    import json
-    import shutil
-    import tempfile
-    from datetime import datetime
+    """``gflow run``: the options, checked on the command line, to ``gflow.runs.run``."""
     from pathlib import Path
 
-    import jax
+    from gflow.runs import RunOptions, run, saved_options
 
-    from gflow.checkpoint import Checkpointer
-    from gflow.distributed import is_writer
-    from gflow.dynamics import run_flow, run_gd
-    from gflow.plots import plot_trajectories
-    from gflow.theory import check_run, checks_json
-    from gflow.trajectory import atomic_write
-
-    resume = args.resume is not None
-    hosts = jax.process_count()
-    if hosts > 1 and resume:
-        raise ValueError("--resume of a multi-host run is not supported; rerun it")
-    if args.seeds > 1 and hosts > 1:
-        raise ValueError(f"--seeds {args.seeds} runs on one host")
-    scratch = None
-    if not is_writer():  # process 0 writes the run folder; the others compute only
-        scratch = tempfile.TemporaryDirectory(prefix="gflow-worker-")
-        args.out = str(Path(scratch.name) / "run")
-    if resume:
-        out = Path(args.resume)
-        args = _resumed_args(args, out)
-    else:
-        out = (
-            Path(args.out)
-            if args.out
-            else Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
-        )
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is a file")
-        holder = _lock_holder(out / _LOCK) if out.is_dir() else None
-        if holder is not None:
-            raise ValueError(
-                f"{out} is in use by another gflow run (process {holder}); choose another --out"
-            )
-        if out.is_dir() and any(out.iterdir()):
-            raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
-    _validate_run(args)
-    ds, model, obj, params0 = _problem_of(args).build()
-    config = {
-        k: (list(v) if isinstance(v, tuple) else v)
-        for k, v in vars(args).items()
-        if k not in ("func", "resume", "given")
-    }
-    out, created = _claim(out, unique=not (args.out or resume), resume=resume)
-    if not resume:
-        atomic_write(out / "run.json", (json.dumps(config, indent=2) + "\n").encode())
-    config.update(
-        order=obj.order,
-        homogeneous=obj.homogeneous,
-        dataset=ds.name,
-        num_samples=len(ds),
-        num_devices=len(getattr(obj.x, "sharding", None).device_set),
-        num_processes=hosts,
-    )
-    print(ds.describe())
-    print(
-        f"model {args.model}: {model.depth} layers, order L = {model.order}, "
-        f"loss {args.loss}, {args.dtype}"
-    )
-    which = ["gd", "flow"] if args.dynamics == "both" else [args.dynamics]
-    if args.seeds > 1:
-        return _run_seeds(args, out, ds, obj, config, which)
-    trajs, times, checks = {}, {}, {}
-    for kind in which:
-        folder = out / kind if len(which) > 1 else out
-        ck = Checkpointer(folder) if hosts == 1 and not args.no_checkpoint else None
-        done = _completed_runs([folder]) if resume else None
-        if done is not None:
-            print(f"{kind}: already completed -> {folder}")
-            trajs[kind], times[kind] = done[0], done[0].config.get("wall_seconds", float("nan"))
-            checks[kind] = check_run(done[0], obj)
-            _repair(folder, done[0], checks[kind])
-            continue
-        if resume and ck is not None and ck.exists():
-            print(f"{kind}: resuming from the checkpoint in {ck.path}")
-        bar = _Progress(kind, args.log_t_max, not args.no_progress)
-        t0 = time.perf_counter()
-        try:
-            common = dict(
-                log_t_max=args.log_t_max,
-                log_loss_min=args.log_loss_min,
-                saves=args.saves,
-                log_t_min=args.log_t_min,
-                save_params=args.save_params,
-                config=config,
-                progress=bar,
-                checkpoint=ck,
-                resume=resume,
-            )
-            if kind == "gd":
-                tr = run_gd(
-                    obj,
-                    params0,
-                    schedule=args.schedule,
-                    lr=args.lr,
-                    alpha0=args.alpha0,
-                    batch_size=args.batch_size,
-                    max_steps=args.steps or 100_000,
-                    seed=args.seed,
-                    **common,
-                )
-            else:
-                tr = run_flow(
-                    obj,
-                    params0,
-                    clock=args.clock,
-                    solver=args.solver,
-                    rtol=args.rtol,
-                    atol=args.atol,
-                    dt=args.dt,
-                    cfl=args.cfl,
-                    max_steps=args.steps or 1_000_000,
-                    **common,
-                )
-        except ValueError:
-            if created and not trajs and not (ck is not None and ck.exists()):
-                shutil.rmtree(out, ignore_errors=True)  # bad input: leave no folder
-            raise
-        finally:
-            bar.close()
-        times[kind] = time.perf_counter() - t0
-        trajs[kind] = tr
-        tr.config["wall_seconds"] = times[kind]
-        tr.save(folder, objective=False)
-        _settle_checkpoint(ck, [tr], kind, out)
-        print(f"{kind}: {tr.status}: {tr.message} ({times[kind]:.1f} s) -> {folder}")
-        if _interrupted([tr]):
-            return _stop_interrupted(out)
-        checks[kind] = check_run(tr, obj)
-        atomic_write(folder / "checks.json", checks_json(checks[kind]).encode())
-    _print_summary(trajs, times, checks, {k: _threshold_log_t(t, obj) for k, t in trajs.items()})
-    if not args.no_plot:
-        title = f"{ds.name}, {args.model} (L={obj.order}), {args.loss} loss"
-        path = plot_trajectories(trajs, out / "plots.png", title)
-        print(f"plots: {path}")
-    summary = {
-        kind: {**tr.last(), "status": tr.status, "message": tr.message,
-               "wall_seconds": times[kind], "threshold_log_t": _threshold_log_t(tr, obj)}
-        for kind, tr in trajs.items()
-    }  # fmt: skip
-    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    _warn_never_below(trajs, obj)
-    return 0 if all(t.status != "failed" for t in trajs.values()) else 1
-
-
-_LOCK = ".gflow-lock"
-_HELD: list = []  # run folders' lock files this process holds (released by main)
-
-
-def _claim(out, *, unique: bool, resume: bool):
-    """Create the run folder ``out`` and take it for this process: ``(folder, created)``.
-
-    ``unique``: ``out`` is a default name, and ``out-2``, ``out-3``, ... are tried until one
-    can be created (``mkdir`` is atomic), so that runs started in the same second get
-    folders of their own. Otherwise a lock file created with ``O_EXCL`` holds the folder;
-    a second run naming it gets a one-line error while the holder lives (a lock whose
-    process is gone, e.g. killed, is taken over, so ``--resume`` works after a crash)."""
-    import os
-    from pathlib import Path
-
-    if unique:
-        base, k = Path(out), 1
-        while True:
-            out = base if k == 1 else base.with_name(f"{base.name}-{k}")
-            try:
-                out.mkdir(parents=True)
-                break
-            except FileExistsError:
-                k += 1
-        created = True
-    else:
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-    lock = out / _LOCK
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise ValueError(
-                    f"{out} is in use by another gflow run (process {holder}); choose another --out"
-                ) from None
-            lock.unlink(missing_ok=True)  # its process is gone: take the folder over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    _HELD.append(lock)
-    others = [p for p in out.iterdir() if p.name != _LOCK]
-    if not resume and others:
-        _release()
-        raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
-    return out, created
-
-
-def _lock_holder(lock) -> int | None:
-    """The live process holding ``lock``, or None when there is none."""
-    import os
-
-    try:
-        pid = int(lock.read_text().strip() or "0")
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # it exists, as another user's
-    return pid
-
-
-def _release() -> None:
-    """Give up the run folders this process holds."""
-    while _HELD:
-        _HELD.pop().unlink(missing_ok=True)
-
-
-def _threshold_log_t(tr, obj) -> float | None:
-    """log t of the first save point below the loss threshold (the theory's t0), or None."""
-    from gflow.theory import threshold_index
-
-    i = threshold_index(tr, obj.loss.log_threshold)
-    return None if i is None else float(tr["log_t"][i])
-
-
-def _warn_never_below(trajs: dict, obj) -> None:
-    """Say on stderr which runs never fell below the loss threshold: the paper's one
-    assumption does not hold there (non-separable data, or too short a run)."""
-    never = [k for k, tr in trajs.items() if _threshold_log_t(tr, obj) is None]
-    if never:
-        print(
-            f"gflow: warning: {', '.join(never)} never fell below the loss threshold "
-            f"(log Loss < {obj.loss.log_threshold:.4g}): the theory's assumption does not "
-            "hold (the data may not be separable by this model, or the run is too short)",
-            file=sys.stderr,
-        )
-
-
-def _repair(folder, tr, verdicts) -> None:
-    """A completed run's derived files, written again where a kill left them out: the
-    checks (written after the trajectory) and the CSV (from the npz)."""
-    from gflow.theory import checks_json
-    from gflow.trajectory import atomic_write
-
-    if not (folder / "checks.json").is_file():
-        atomic_write(folder / "checks.json", checks_json(verdicts).encode())
-    if not (folder / "trajectory.csv").is_file():
-        atomic_write(folder / "trajectory.csv", tr.to_csv().encode())
-
-
-def _interrupted(runs) -> bool:
-    """Whether Ctrl-C stopped these runs (their loops stop at the next safe point)."""
-    return any(tr.status == "stopped" and tr.message.startswith("interrupted") for tr in runs)
-
-
-def _stop_interrupted(out) -> int:
-    """After Ctrl-C: what was reached is saved and checkpointed; nothing else starts."""
-    print(f"gflow: interrupted; go on with: gflow run --resume {out}", file=sys.stderr)
-    return 130
-
-
-def _completed_runs(folders) -> list | None:
-    """The runs saved in ``folders`` when every one of them completed (``--resume`` keeps
-    them), else None."""
-    from gflow.trajectory import Trajectory
-
-    if not all((f / "config.json").is_file() for f in folders):
-        return None
-    runs = [Trajectory.load(f) for f in folders]
-    return runs if all(tr.status == "completed" for tr in runs) else None
-
-
-def _settle_checkpoint(ck, runs, kind, out) -> None:
-    """Clear the checkpoint once every run completed; else say how to go on."""
-    if ck is None:
-        return
-    if all(tr.status == "completed" for tr in runs):
-        ck.clear()
-    else:
-        print(f"{kind}: the last good state is checkpointed; gflow run --resume {out}")
-
-
-def _run_seeds(args, out, ds, obj, config, which) -> int:
-    """``gflow run --seeds K``: GD for all seeds in one vmapped run, the flow in another."""
-    import json
-
-    import numpy as np
-
-    from gflow.checkpoint import Checkpointer
-    from gflow.dynamics import run_flow_seeds, run_gd_seeds
-    from gflow.models import split_params
-    from gflow.plots import plot_seed_bands
-    from gflow.theory import check_run, checks_json
-    from gflow.trajectory import atomic_write
-
-    resume = args.resume is not None
-    seeds = [args.seed + i for i in range(args.seeds)]
-    inits = [split_params(_problem_of(args).make_model(ds, s))[1] for s in seeds]
-    groups, table = {}, []
-    for kind in which:
-        ck = None if args.no_checkpoint else Checkpointer(out / kind)
-        folders = [out / kind / f"seed-{s}" for s in seeds]
-        runs = _completed_runs(folders) if resume else None
-        if runs is not None:
-            print(f"{kind}: already completed -> {out / kind}")
-            wall = sum(tr.config.get("wall_seconds", float("nan")) for tr in runs)
-            for folder, tr in zip(folders, runs, strict=True):
-                if not (folder / "checks.json").is_file():
-                    _repair(folder, tr, check_run(tr, obj))
-        else:
-            if resume and ck is not None and ck.exists():
-                print(f"{kind}: resuming from the checkpoint in {ck.path}")
-            t0 = time.perf_counter()
-            bar = _Progress(f"{kind} x{len(seeds)}", args.log_t_max, not args.no_progress)
-            common = dict(
-                seeds=seeds, log_t_max=args.log_t_max, saves=args.saves,
-                log_t_min=args.log_t_min, config=config, progress=_Slowest(len(seeds), bar),
-                checkpoint=ck, resume=resume,
-            )  # fmt: skip
-            try:
-                if kind == "gd":
-                    runs = run_gd_seeds(
-                        obj, inits, schedule=args.schedule, lr=args.lr, alpha0=args.alpha0,
-                        batch_size=args.batch_size, max_steps=args.steps or 100_000, **common,
-                    )  # fmt: skip
-                else:
-                    runs = run_flow_seeds(
-                        obj, inits, clock=args.clock, solver=args.solver, rtol=args.rtol,
-                        atol=args.atol, dt=args.dt, cfl=args.cfl,
-                        log_loss_min=args.log_loss_min, max_steps=args.steps or 1_000_000,
-                        **common,
-                    )  # fmt: skip
-            finally:
-                bar.close()
-            wall = time.perf_counter() - t0
-            for folder, tr in zip(folders, runs, strict=True):
-                tr.config["wall_seconds"] = wall / len(runs)
-                tr.save(folder, objective=False)
-                atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
-            _settle_checkpoint(ck, runs, kind, out)
-            if _interrupted(runs):
-                return _stop_interrupted(out)
-        groups[kind] = runs
-        final = {c: np.array([tr[c][-1] for tr in runs]) for c in ("normalized_margin",
-                 "smoothed_margin", "log_loss")}  # fmt: skip
-        ok = sum(tr.status == "completed" for tr in runs)
-        print(f"{kind}: {len(runs)} seeds in {wall:.1f} s, {ok} completed -> {out / kind}")
-        for c, v in final.items():
-            stats = f"mean {v.mean():.6g}  min {v.min():.6g}  max {v.max():.6g}"
-            table.append((f"{kind} {c}", stats))
-    print(_format_table(table))
-    if not args.no_plot:
-        title = f"{ds.name}, {args.model} (L={obj.order}), {args.loss} loss"
-        print(f"plots: {plot_seed_bands(groups, out / 'plots.png', title)}")
-    summary = {
-        kind: [
-            {**tr.last(), "seed": s, "status": tr.status,
-             "threshold_log_t": _threshold_log_t(tr, obj)}
-            for s, tr in zip(seeds, runs, strict=True)
-        ]
-        for kind, runs in groups.items()
-    }  # fmt: skip
-    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    _warn_never_below({f"{k} seed {s}": tr for k, runs in groups.items()
-                       for s, tr in zip(seeds, runs, strict=True)}, obj)  # fmt: skip
-    return 0 if all(tr.status != "failed" for r in groups.values() for tr in r) else 1
+    if args.resume is not None:
+        saved_options(Path(args.resume))  # a damaged run.json: one line naming it
+        _refuse_changes_on_resume(getattr(args, "given", []))
+    return run(RunOptions.from_namespace(args))
 
 
 def _objective_of(folder, cfg: dict):
@@ -1042,6 +545,7 @@ def cmd_compare(args) -> int:
 
     from gflow.compare import compare
     from gflow.plots import plot_comparison
+    from gflow.runs import format_table
     from gflow.trajectory import Trajectory, atomic_write
 
     a, b = Trajectory.load(args.run_a), Trajectory.load(args.run_b)
@@ -1062,7 +566,7 @@ def cmd_compare(args) -> int:
             label = k + (" (relative)" if k in ("rho", "param_distance") else "")
             largest = summ[k].get("max_abs", summ[k].get("max"))
             rows.append((label, f"final {summ[k]['final']:+.4g}, largest {largest:.4g}"))
-    print(_format_table(rows))
+    print(format_table(rows))
     if args.out:
         # the plot is PNG whatever the name says; the summary goes beside it as .json (a
         # name ending in .json would otherwise be the summary and the plot at once)
@@ -1130,60 +634,6 @@ def jax_tree_asarray(tree):
     return jax.tree.map(jnp.asarray, tree)
 
 
-def _print_summary(
-    trajs: dict, times: dict, checks: dict | None = None, below: dict | None = None
-) -> None:
-    """The run table; ``below``: each run's log t of first falling below the loss
-    threshold (None: never)."""
-    keys = [
-        ("status", None),
-        ("steps", "step"),
-        ("grad evals", "grad_evals"),
-        ("log t", "log_t"),
-        ("log Loss", "log_loss"),
-        ("rho", "rho"),
-        ("q_min", "q_min"),
-        ("normalized margin", "normalized_margin"),
-        ("smoothed margin", "smoothed_margin"),
-        ("train accuracy", "accuracy"),
-        ("balance drift", "balance_drift"),
-        ("below threshold", None),
-        ("wall s", None),
-    ]
-    names = list(trajs)
-    print()
-    print(f"{'':<18}" + "".join(f"{n:>16}" for n in names))
-    for label, col in keys:
-        cells = []
-        for n in names:
-            tr = trajs[n]
-            if label == "status":
-                cells.append(tr.status)
-            elif label == "wall s":
-                cells.append(f"{times[n]:.1f}")
-            elif label == "below threshold":
-                at = (below or {}).get(n, "?")
-                cells.append("NEVER" if at is None else "?" if at == "?" else f"log t {at:.4g}")
-            elif col in tr.columns and len(tr):
-                v = float(tr[col][-1])
-                cells.append(f"{int(v)}" if col in ("step", "grad_evals") else f"{v:.6g}")
-            else:
-                cells.append("-")
-        print(f"{label:<18}" + "".join(f"{c:>16}" for c in cells))
-    if checks:
-        labels = []
-        for vs in checks.values():
-            labels += [v.name for v in vs if v.name not in labels]
-        mark = {True: "pass", False: "FAIL", None: "n/a"}
-        for label in labels:
-            cells = []
-            for n in names:
-                v = next((v for v in checks.get(n, []) if v.name == label), None)
-                cells.append("-" if v is None else mark[v.passed])
-            print(f"{label:<18}" + "".join(f"{c:>16}" for c in cells))
-        print("(details: checks.json in each run folder; gflow check RUN_DIR)")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``gflow: error: ...``, exit code 2. No abbreviated
     options: ``--ste 9`` would otherwise lose, silently, to a ``--config`` file's
@@ -1217,9 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from gflow.problem import RUN_DEFAULTS
+    from gflow.runs import RunOptions
 
     add_problem_options(run, **RUN_DEFAULTS)
     add_run_options(run)
+    # the library's defaults are the command line's (and --help shows them)
+    run.set_defaults(**{k: v for k, v in RunOptions.defaults().items() if k != "command"})
     run.set_defaults(func=cmd_run)
     parser._run_parser = run  # for --config
     check = sub.add_parser(
@@ -1306,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from gflow.data import DataError
     from gflow.errors import one_line
+    from gflow.runs import held_folder, release
 
     try:
         args.given = [tok.split("=", 1)[0] for tok in argv[1:] if tok.startswith("--")]
@@ -1319,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # an unwritable --out, a full disk: what and where, in one line
         where = f": {e.filename}" if e.filename else ""
-        folder = _HELD[-1].parent if _HELD else None
+        folder = held_folder()
         if folder is not None and (folder / "run.json").is_file():
             where += f"; go on with: gflow run --resume {folder}"
         print(f"gflow: error: {one_line(e.strerror or str(e))}{where}", file=sys.stderr)
@@ -1328,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gflow: interrupted", file=sys.stderr)
         return 130
     finally:
-        _release()
+        release()
 
 
 if __name__ == "__main__":
