@@ -35,13 +35,11 @@ import optax
 from gflow.checkpoint import (
     Checkpointer,
     pack,
-    recorder_state,
     recorders_state,
-    restore_recorder,
     restore_recorders,
     unpack,
 )
-from gflow.objective import Objective, quantities
+from gflow.objective import Objective
 from gflow.quantities import sq_norm
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
@@ -347,146 +345,14 @@ def run_gd(
       non-finite loss). With ``resume=True`` the run continues from the latest one,
       reproducing the uninterrupted run exactly.
     """
-    n = objective.num_samples
-    optimizer, schedule, lr, alpha0 = _resolve(optimizer, gradient, schedule, lr, alpha0)
-    batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
-    if not math.isfinite(log_t_min) or (log_t_max is not None and not math.isfinite(log_t_max)):
-        raise ValueError(f"log_t_min and log_t_max must be finite, got {log_t_min} and {log_t_max}")
-    if log_loss_min is not None and math.isnan(log_loss_min):
-        raise ValueError("log_loss_min must be a number or None, got nan")
-    if log_t_max is not None and log_t_max <= log_t_min:
-        raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-
-    opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient)
-    alpha_init = {"loss-based": alpha0, "optax": 1.0}.get(schedule, lr)
-    dtype = objective.dtype
-
-    @jax.jit
-    def advance(obj, s: GDState, target, step_limit, loss_floor):
-        def cond(s):
-            return (
-                (s.log_t < target)
-                & (s.step < step_limit)
-                & (s.stop == RUNNING)
-                & (s.log_loss > loss_floor)
-            )
-
-        return jax.lax.while_loop(cond, lambda s: epoch(obj, s), s)
-
-    state = _initial_state(objective, opt, params0, seed, batch_size, alpha_init)
-    cfg = {**objective.describe(), **(config or {})}
-    cfg.update(
-        dynamics="gd" if batch_size is None else "sgd",
-        schedule=schedule,
-        lr=lr,
-        alpha0=alpha0,
-        **({"gradient": gradient} if schedule == "optax" else {}),
-        batch_size=batch_size,
-        log_t_max=log_t_max,
-        max_steps=max_steps,
-        log_loss_min=log_loss_min,
-        saves=saves,
-        log_t_min=log_t_min,
-        seed=seed,
-    )
-    rec = TrajectoryRecorder(
-        "gd", cfg, save_params, progress, _reasons(objective, params0, batch_size)
-    )
-
-    def record(s: GDState):
-        rec.add(
-            int(s.step),
-            float(s.log_t),
-            quantities(objective, s.params),
-            s.params,
-            dissipation=None if batch_size is not None else float(s.dissipation),
-            log_lr=float(s.log_eta),
-            alpha=float(s.alpha),
-            grad_evals=float(s.grad_evals),
-            rejected=float(s.rejected),
-        )
-
-    pending = sorted((float(v) for v in checkpoint_log_losses), reverse=True)
-    if log_t_max is not None:
-        targets = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
-    else:
-        targets = []
-        step_marks = np.unique(np.linspace(1, max_steps, max(saves, 2)).astype(int))
-    status, message = "completed", ""
-    first = True
-    got = checkpoint.restore() if (checkpoint is not None and resume) else None
-    if got is None:
-        record(state)
-    else:
-        arrays, meta = got
-        state = unpack("gd/", state, arrays)
-        restore_recorder(rec, arrays, meta)
-        pending, targets, first = meta["pending"], meta["targets"], False
-
-    def save_checkpoint():
-        if checkpoint is not None:
-            arrays, meta = recorder_state(rec)
-            arrays.update(pack("gd/", state))
-            checkpoint.save(len(rec.rows), arrays, {**meta, "pending": pending, "targets": targets})
-
-    try:
-        while True:
-            step = int(state.step)
-            if first:
-                target, limit = np.inf, 1
-            elif log_t_max is not None:
-                target, limit = targets[0], min(max_steps, step + chunk)
-            else:
-                nxt = step_marks[step_marks > step]
-                target, limit = np.inf, int(min(nxt[0] if nxt.size else max_steps, step + chunk))
-            floor = pending[0] if pending else -np.inf
-            state = advance(
-                objective,
-                state,
-                jnp.asarray(target, dtype),
-                jnp.asarray(limit),
-                jnp.asarray(floor, dtype),
-            )
-            log_t, step, stop = float(state.log_t), int(state.step), int(state.stop)
-            hit = first or (log_t >= target) or (log_t_max is None and step in step_marks)
-            first = False
-            done_t = log_t_max is not None and log_t >= log_t_max
-            done_loss = log_loss_min is not None and float(state.log_loss) <= log_loss_min
-            while pending and float(state.log_loss) <= pending[0]:
-                # the first step (epoch, for SGD) whose log loss is at or below a mark
-                label = f"{pending.pop(0):.6g}"
-                rec.checkpoint(label, state.params, step=step, log_t=log_t)
-            done = done_t or done_loss or step >= max_steps or stop != RUNNING
-            if hit or done:
-                record(state)
-                while targets and targets[0] <= log_t:
-                    targets.pop(0)
-                save_checkpoint()
-            elif progress is not None:
-                progress({"step": step, "log_t": log_t, "log_loss": float(state.log_loss)})
-            if stop == STOP_ALPHA:
-                status = "stopped"
-                message = (
-                    f"alpha fell below {ALPHA_MIN:g} at step {step}: no step decreases the loss"
-                )
-                break
-            if stop == STOP_NONFINITE:
-                status = "failed"
-                message = _nonfinite_message(step + 1, lr)
-                break
-            if done:
-                if done_t:
-                    message = f"reached log t = {log_t:.6g}"
-                elif done_loss:
-                    message = f"log loss {float(state.log_loss):.6g} <= target {log_loss_min:g}"
-                else:
-                    message = f"reached max steps {max_steps}"
-                break
-    except KeyboardInterrupt:
-        status, message = "stopped", f"interrupted at step {int(state.step)}"
-    return rec.finish(state.params, status, message, objective)
+    (tr,) = _drive(
+        objective, [params0], [seed], single=True, optimizer=optimizer, gradient=gradient,
+        schedule=schedule, lr=lr, alpha0=alpha0, batch_size=batch_size, log_t_max=log_t_max,
+        max_steps=max_steps, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
+        save_params=save_params, chunk=chunk, checkpoint_log_losses=checkpoint_log_losses,
+        config=config, progress=progress, checkpoint=checkpoint, resume=resume,
+    )  # fmt: skip
+    return tr
 
 
 @jax.jit
@@ -507,11 +373,14 @@ def run_gd_seeds(
     lr: float | Callable = 0.01,
     alpha0: float = 0.1,
     batch_size: int | None = None,
-    log_t_max: float = 10.0,
+    log_t_max: float | None = 10.0,
     max_steps: int = 100_000,
+    log_loss_min: float | None = None,
     saves: int = 50,
     log_t_min: float = 0.0,
+    save_params: bool = False,
     chunk: int = 5_000,
+    checkpoint_log_losses=(),
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
@@ -521,19 +390,42 @@ def run_gd_seeds(
     (SGD's shuffling) per run; returns their K trajectories.
 
     Each run follows exactly the steps its own ``run_gd(params0[k], seed=seeds[k])``
-    takes (up to the rounding of batched matrix products): every run stops at its own
-    save points, and ``lax.while_loop`` under ``vmap`` holds a finished run while the
-    others go on. Horizons are in log t only (``log_t_max``); there are no loss-mark
-    checkpoints. ``checkpoint`` / ``resume``: as in ``run_gd``, the whole batch's state
+    takes: ``run_gd`` is this driver with K = 1. Every run stops at its own save points
+    and loss marks, and ``lax.while_loop`` under ``vmap`` holds a finished run while the
+    others go on. ``checkpoint`` / ``resume``: as in ``run_gd``, the whole batch's state
     whenever a run reaches a save point.
     """
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
+    return _drive(
+        objective, list(params0), list(seeds), single=False, optimizer=optimizer,
+        gradient=gradient, schedule=schedule, lr=lr, alpha0=alpha0, batch_size=batch_size,
+        log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
+        log_t_min=log_t_min, save_params=save_params, chunk=chunk,
+        checkpoint_log_losses=checkpoint_log_losses, config=config, progress=progress,
+        checkpoint=checkpoint, resume=resume,
+    )  # fmt: skip
+
+
+def _drive(
+    objective: Objective, params0: list, seeds: list, *, single: bool, optimizer, gradient,
+    schedule, lr, alpha0, batch_size, log_t_max, max_steps, log_loss_min, saves, log_t_min,
+    save_params, chunk, checkpoint_log_losses, config, progress, checkpoint, resume,
+) -> list[Trajectory]:  # fmt: skip
+    """The one GD driver: K runs (K = 1 for ``run_gd``) in one jitted, vmapped loop, each
+    stopping at its own save points, loss marks and limits (``lax.while_loop`` under
+    ``vmap`` holds a finished run while the others go on)."""
     n = objective.num_samples
     optimizer, schedule, lr, alpha0 = _resolve(optimizer, gradient, schedule, lr, alpha0)
     batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
-    if not log_t_max > log_t_min:
+    if not math.isfinite(log_t_min) or (log_t_max is not None and not math.isfinite(log_t_max)):
+        raise ValueError(f"log_t_min and log_t_max must be finite, got {log_t_min} and {log_t_max}")
+    if log_loss_min is not None and math.isnan(log_loss_min):
+        raise ValueError("log_loss_min must be a number or None, got nan")
+    if log_t_max is not None and log_t_max <= log_t_min:
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     k = len(seeds)
     opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient)
     dtype = objective.dtype
@@ -543,14 +435,19 @@ def run_gd_seeds(
         return _initial_state(objective, opt, p, seed, batch_size, alpha_init)
 
     @jax.jit
-    def advance(obj, states: GDState, target, limits):
-        def one(s, limit):
+    def advance(obj, states: GDState, target, limits, floors):
+        def one(s, limit, floor):
             def cond(s):
-                return (s.log_t < target) & (s.step < limit) & (s.stop == RUNNING)
+                return (
+                    (s.log_t < target)
+                    & (s.step < limit)
+                    & (s.stop == RUNNING)
+                    & (s.log_loss > floor)
+                )
 
             return jax.lax.while_loop(cond, lambda s: epoch(obj, s), s)
 
-        return jax.vmap(one)(states, limits)
+        return jax.vmap(one)(states, limits, floors)
 
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *params0)
     state = jax.jit(jax.vmap(init))(stacked, jnp.asarray(seeds))
@@ -559,29 +456,42 @@ def run_gd_seeds(
         cfg = {**objective.describe(), **(config or {})}
         cfg.update(
             dynamics="gd" if batch_size is None else "sgd", schedule=schedule, lr=lr,
-            alpha0=alpha0, batch_size=batch_size, log_t_max=log_t_max, max_steps=max_steps,
-            saves=saves, log_t_min=log_t_min, seed=int(s), seeds=[int(v) for v in seeds],
+            alpha0=alpha0, batch_size=batch_size,
+            **({"gradient": gradient} if schedule == "optax" else {}),
+            log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
+            log_t_min=log_t_min, seed=int(s),
+            **({} if single else {"seeds": [int(v) for v in seeds]}),
         )  # fmt: skip
-        recs.append(
-            TrajectoryRecorder("gd", cfg, False, None, _reasons(objective, params0[0], batch_size))
-        )
+        recs.append(TrajectoryRecorder(
+            "gd", cfg, save_params, progress if single else None,
+            _reasons(objective, params0[0], batch_size),
+        ))  # fmt: skip
 
     def record(state, which):
         q = quantities_many(objective, state.params)
         host = jax.device_get((q, state.step, state.log_t, state.log_eta, state.alpha,
                                state.grad_evals, state.rejected, state.dissipation))  # fmt: skip
         q, step, log_t, log_eta, alpha, evals, rejected, dissipated = host
+        params = jax.device_get(state.params) if save_params else None
         for i in which:
             row = recs[i].add(
                 int(step[i]), float(log_t[i]), jax.tree.map(lambda a, i=i: a[i], q),
+                None if params is None else jax.tree.map(lambda a, i=i: a[i], params),
                 dissipation=None if batch_size is not None else float(dissipated[i]),
                 log_lr=float(log_eta[i]), alpha=float(alpha[i]), grad_evals=float(evals[i]),
                 rejected=float(rejected[i]),
             )  # fmt: skip
-            if progress is not None:
+            if progress is not None and not single:
                 progress({**row, "seed": int(seeds[i])})
 
-    grid = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
+    marks = sorted((float(v) for v in checkpoint_log_losses), reverse=True)
+    pending = [list(marks) for _ in range(k)]
+    if log_t_max is not None:
+        grid = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
+        step_marks = None
+    else:
+        grid = []
+        step_marks = np.unique(np.linspace(1, max_steps, max(saves, 2)).astype(int))
     targets = [list(grid) for _ in range(k)]
     status = ["completed"] * k
     message = [""] * k
@@ -595,14 +505,15 @@ def run_gd_seeds(
         restore_recorders(recs, arrays, meta["recorders"])
         state = unpack("state/", state, arrays)
         targets, status, message = meta["targets"], meta["status"], meta["message"]
-        finished, first = meta["finished"], meta["first"]
+        finished, first, pending = meta["finished"], meta["first"], meta["pending"]
 
     def save_checkpoint():
         if checkpoint is not None:
             arrays, metas = recorders_state(recs)
             arrays.update(pack("state/", state))
             meta = dict(recorders=metas, targets=targets, status=status, message=message,
-                        finished=[bool(v) for v in finished], first=bool(first))  # fmt: skip
+                        finished=[bool(v) for v in finished], first=bool(first),
+                        pending=pending)  # fmt: skip
             checkpoint.save(sum(len(r.rows) for r in recs), arrays, meta)
 
     try:
@@ -610,34 +521,59 @@ def run_gd_seeds(
             steps = np.asarray(state.step)
             if first:
                 target, limits = np.inf, np.ones(k, np.int64)
-            else:
+            elif step_marks is None:
                 target = min(targets[i][0] for i in range(k) if not finished[i])
                 limits = np.minimum(max_steps, steps + chunk)
-            state = advance(objective, state, jnp.asarray(target, dtype), jnp.asarray(limits))
-            log_t, step, stop = jax.device_get((state.log_t, state.step, state.stop))
+            else:
+                target = np.inf
+                limits = np.array([
+                    min(int(nxt[0]) if nxt.size else max_steps, int(st) + chunk)
+                    for st in steps for nxt in [step_marks[step_marks > st]]
+                ])  # fmt: skip
+            floors = np.array([p[0] if p else -np.inf for p in pending])
+            state = advance(objective, state, jnp.asarray(target, dtype), jnp.asarray(limits),
+                            jnp.asarray(floors, dtype))  # fmt: skip
+            log_t, step, stop, log_loss = jax.device_get(
+                (state.log_t, state.step, state.stop, state.log_loss)
+            )
             hits = []
             for i in range(k):
                 if finished[i]:
                     continue
                 # its own next save point (the call stops every run at the earliest one)
                 hit = first or bool(targets[i] and log_t[i] >= targets[i][0])
-                done_t = log_t[i] >= log_t_max
-                done = done_t or step[i] >= max_steps or stop[i] != RUNNING
+                hit = hit or (step_marks is not None and step[i] in step_marks)
+                done_t = log_t_max is not None and log_t[i] >= log_t_max
+                done_loss = log_loss_min is not None and float(log_loss[i]) <= log_loss_min
+                while pending[i] and float(log_loss[i]) <= pending[i][0]:
+                    # the first step (epoch, for SGD) whose log loss is at or below a mark
+                    label = f"{pending[i].pop(0):.6g}"
+                    params_i = jax.tree.map(lambda a, i=i: a[i], state.params)
+                    recs[i].checkpoint(label, params_i, step=int(step[i]), log_t=float(log_t[i]))
+                done = done_t or done_loss or step[i] >= max_steps or stop[i] != RUNNING
                 if hit or done:
                     hits.append(i)
                     while targets[i] and targets[i][0] <= log_t[i]:
                         targets[i].pop(0)
+                elif progress is not None and single:
+                    progress({"step": int(step[i]), "log_t": float(log_t[i]),
+                              "log_loss": float(log_loss[i])})  # fmt: skip
                 if stop[i] == STOP_ALPHA:
                     status[i] = "stopped"
-                    message[i] = f"alpha fell below {ALPHA_MIN:g} at step {step[i]}"
+                    message[i] = (
+                        f"alpha fell below {ALPHA_MIN:g} at step {step[i]}: no step decreases "
+                        "the loss"
+                    )
                 elif stop[i] == STOP_NONFINITE:
                     status[i] = "failed"
                     message[i] = _nonfinite_message(int(step[i]) + 1, lr)
                 elif done_t:
                     message[i] = f"reached log t = {log_t[i]:.6g}"
+                elif done_loss:
+                    message[i] = f"log loss {float(log_loss[i]):.6g} <= target {log_loss_min:g}"
                 elif done:
                     message[i] = f"reached max steps {max_steps}"
-                finished[i] = done
+                finished[i] = bool(done)
             first = False
             if hits:
                 record(state, hits)
