@@ -103,9 +103,13 @@ FLOW_CASES = {
     "rk4-dt-logt": ("relu", dict(clock="logt", solver="rk4", dt=0.01, log_t_max=4.0, saves=4),
                     1e-12),
     "tsit5-time": ("linear", dict(clock="time", solver="tsit5", log_t_max=4.0, saves=4), 1e-12),
-    # gflow run's default: Tsit5 warm-up, then RK4 at 0.9 of its stability edge
+    # Tsit5 warm-up, then RK4 at 0.9 of its stability edge, on ReLU: the adaptive warm-up
+    # crosses kinks, where the field jumps, so a rounding difference between batch sizes
+    # (run_flow is this driver with K = 1) is not bounded by rounding times a smooth
+    # growth; the bound is the solver's tolerance, rtol = 1e-4. The same step and
+    # evaluation counts (compared exactly) show that each run took its own steps.
     "rk4-cfl-loss": ("relu", dict(clock="loss", solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7,
-                                  log_t_max=8.0, saves=4), 1e-10),
+                                  log_t_max=8.0, saves=4), 1e-4),
 }  # fmt: skip
 
 

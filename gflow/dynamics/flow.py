@@ -37,9 +37,7 @@ from jax.flatten_util import ravel_pytree
 from gflow.checkpoint import (
     Checkpointer,
     pack,
-    recorder_state,
     recorders_state,
-    restore_recorder,
     restore_recorders,
     unpack,
 )
@@ -53,9 +51,9 @@ from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     solver_name,
     stability_edge,
 )
-from gflow.objective import Objective, quantities
+from gflow.objective import Objective
 from gflow.quantities import sq_norm
-from gflow.spectrum import lanczos_top, lanczos_top_many
+from gflow.spectrum import lanczos_top_many
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = [
@@ -237,12 +235,6 @@ class _Plan(NamedTuple):
     edge: float | None  # the solver's stability edge (cfl only)
     targets: list  # save points in log t
     z0: float  # log(1 + t) at the start
-
-
-_PLAN_ARGS = (
-    "clock", "solver", "stepsize_controller", "rtol", "atol", "dt", "cfl", "warmup", "refresh",
-    "drift", "log_t_max", "log_loss_min", "saves", "log_t_min", "log_t0", "max_steps",
-)  # fmt: skip
 
 
 def _plan(
@@ -460,131 +452,15 @@ def run_flow(
     - ``checkpoint`` / ``resume``: as in ``run_gd``; the ODE state, clock, step size,
       Lanczos vector and counters are saved at every save point.
     """
-    plan = _plan(**{k: v for k, v in locals().items() if k in _PLAN_ARGS}, dtype=objective.dtype)
-    first, stable, edge = plan.first, plan.stable, plan.edge
-    dtype = objective.dtype
-    cfg = {**objective.describe(), **(config or {}), **plan.settings}
-    rec = TrajectoryRecorder(
-        "flow", cfg, save_params, progress, objective.invariant_reasons(params0)
-    )
-
-    totals = {"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0}
-
-    def record(y, log_t):
-        theta = y[0]
-        return rec.add(
-            totals["accepted"],
-            log_t,
-            quantities(objective, theta),
-            theta,
-            dissipation=float(y[-1]),
-            grad_evals=float(totals["grad_evals"]),
-            solver_steps=float(totals["steps"]),
-            rejected=float(totals["rejected"]),
-        )
-
-    if cfl is not None:
-        flat0, unravel = ravel_pytree(params0)
-        dim = flat0.size
-        jac_matvec, drift_dt = _stiffness_fns(clock)
-        warm = {"vector": None}
-
-    def stable_dt(y, c) -> float:
-        """The ``cfl`` step (see ``run_flow``'s arguments)."""
-        c_ = jnp.asarray(c, dtype)
-        eig = lanczos_top(
-            lambda v: ravel_pytree(jac_matvec(objective, c_, y, unravel(jnp.asarray(v, dtype))))[0],
-            dim,
-            **_LANCZOS,
-            v0=warm["vector"],
-        )
-        warm["vector"] = eig.vector
-        totals["grad_evals"] += 2 * eig.matvecs + 1
-        return _stable_step(eig.value, float(drift_dt(objective, c_, y)), cfl, edge, drift)
-
-    y, c = _start(clock, params0, plan.z0, dtype)
-    targets = plan.targets
-    # cfl: stepping by stability (past the loss threshold, or from the start without warmup)
-    stabilised = cfl is not None and warmup is None
-    log_threshold = objective.loss.log_threshold
-    dt0 = dt
-    status, message = "completed", f"reached log t = {log_t_max:.6g}"
-    done = 0  # targets reached
-    got = checkpoint.restore() if (checkpoint is not None and resume) else None
-    if got is None:
-        row = record(y, -math.inf if log_t0 is None else log_t0)
-    else:
-        arrays, meta = got
-        restore_recorder(rec, arrays, meta)
-        y = unpack("y/", y, arrays)
-        c, dt0, stabilised, done = meta["c"], meta["dt0"], meta["stabilised"], meta["done"]
-        totals.update(meta["totals"])
-        if cfl is not None and meta["warm"]:
-            warm["vector"] = jnp.asarray(arrays["warm"])
-
-    def save_checkpoint():
-        if checkpoint is not None:
-            arrays, meta = recorder_state(rec)
-            arrays.update(pack("y/", y))
-            w = warm["vector"] if cfl is not None else None
-            if w is not None:
-                arrays["warm"] = np.asarray(w)
-            meta.update(
-                c=float(c), dt0=None if dt0 is None else float(dt0), stabilised=stabilised,
-                done=done, totals=totals, warm=w is not None,
-            )  # fmt: skip
-            checkpoint.save(len(rec.rows), arrays, meta)
-
-    try:
-        for target in targets[done:]:
-            z_target, c1 = _target_clock(clock, target)
-            while True:
-                if clock == "loss":
-                    # tau to the event is unknown: integrate over a long span, the event stops it.
-                    c1 = c + _LOSS_SPAN
-                segment, evals = stable if stabilised else first
-                if stabilised:
-                    dt0 = stable_dt(y, c)
-                y_new, c_new, result, n_steps, n_acc = segment(
-                    objective,
-                    y,
-                    jnp.asarray(c, dtype),
-                    jnp.asarray(c1, dtype),
-                    None if dt0 is None else jnp.asarray(dt0, dtype),
-                    jnp.asarray(z_target, dtype),
-                )
-                n_steps, n_acc = int(n_steps), int(n_acc)
-                _count(totals, n_steps, n_acc, evals)
-                ok = bool(_segment_ok(result, stabilised))
-                finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(y_new))
-                if not (ok and finite):
-                    status = "failed"
-                    message = _failure(solver, target, result, ok, totals["steps"])
-                    # keep what was reached: the last finite state becomes the last row
-                    if finite:
-                        y, c = y_new, float(c_new)
-                        record(y, _log_t(clock, y, c))
-                    break
-                if dt is None and not stabilised and n_acc > 0:
-                    dt0 = (float(c_new) - c) / n_acc
-                y, c = y_new, float(c_new)
-                if bool(_reached(clock, result)) or totals["steps"] >= max_steps:
-                    break
-            if status == "failed":
-                break
-            log_t = _log_t(clock, y, c)
-            row = record(y, log_t)
-            if cfl is not None and row["log_loss"] < log_threshold:
-                stabilised = True
-            done += 1
-            save_checkpoint()
-            stop = _stop_reason(row, log_t, totals["steps"], max_steps, log_loss_min)
-            if stop is not None:
-                status, message = stop
-                break
-    except KeyboardInterrupt:
-        status, message = "stopped", "interrupted"
-    return rec.finish(y[0], status, message, objective)
+    (tr,) = _drive(
+        objective, [params0], [0], single=True, clock=clock, solver=solver,
+        stepsize_controller=stepsize_controller, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
+        warmup=warmup, refresh=refresh, drift=drift, log_t_max=log_t_max,
+        log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min, log_t0=log_t0,
+        max_steps=max_steps, save_params=save_params, config=config, progress=progress,
+        checkpoint=checkpoint, resume=resume,
+    )  # fmt: skip
+    return tr
 
 
 @functools.cache
@@ -669,9 +545,29 @@ def run_flow_seeds(
     """
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
+    return _drive(
+        objective, list(params0), list(seeds), single=False, clock=clock, solver=solver,
+        stepsize_controller=stepsize_controller, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
+        warmup=warmup, refresh=refresh, drift=drift, log_t_max=log_t_max,
+        log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min, log_t0=None,
+        max_steps=max_steps, save_params=save_params, config=config, progress=progress,
+        checkpoint=checkpoint, resume=resume,
+    )  # fmt: skip
+
+
+def _drive(
+    objective: Objective, params0: list, seeds: list, *, single: bool, clock, solver,
+    stepsize_controller, rtol, atol, dt, cfl, warmup, refresh, drift, log_t_max,
+    log_loss_min, saves, log_t_min, log_t0, max_steps, save_params, config, progress,
+    checkpoint, resume,
+) -> list[Trajectory]:  # fmt: skip
+    """The one flow driver: K runs (K = 1 for ``run_flow``) in one vmapped integration
+    (``run_flow_seeds``' docstring)."""
     plan = _plan(
-        **{k: v for k, v in locals().items() if k in _PLAN_ARGS}, log_t0=None,
-        dtype=objective.dtype,
+        clock=clock, solver=solver, stepsize_controller=stepsize_controller, rtol=rtol,
+        atol=atol, dt=dt, cfl=cfl, warmup=warmup, refresh=refresh, drift=drift,
+        log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
+        log_t0=log_t0, max_steps=max_steps, dtype=objective.dtype,
     )  # fmt: skip
     k_runs, dtype = len(seeds), objective.dtype
     first = _vmapped(plan.first) if plan.first is not None else None
@@ -683,12 +579,14 @@ def run_flow_seeds(
     recs = []
     for s in seeds:
         cfg = {**objective.describe(), **(config or {}), **plan.settings}
-        cfg.update(seed=int(s), seeds=[int(v) for v in seeds])
+        if not single:
+            cfg.update(seed=int(s), seeds=[int(v) for v in seeds])
         recs.append(
             TrajectoryRecorder(
-                "flow", cfg, save_params, None, objective.invariant_reasons(params0[0])
+                "flow", cfg, save_params, progress if single else None,
+                objective.invariant_reasons(params0[0]),
             )
-        )
+        )  # fmt: skip
     totals = [{"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0} for _ in seeds]
 
     starts = [_start(clock, p, plan.z0, dtype) for p in params0]
@@ -700,17 +598,18 @@ def run_flow_seeds(
     status = ["completed"] * k_runs
     message = [f"reached log t = {log_t_max:.6g}"] * k_runs
 
-    def record(which) -> list[dict]:
+    def record(which, log_t=None) -> list[dict]:
         q, host_y = jax.device_get((quantities_many(objective, y[0]), y))
         rows = []
         for i in which:
+            at = _log_t(clock, lane(host_y, i), float(c[i])) if log_t is None else log_t
             row = recs[i].add(
-                totals[i]["accepted"], _log_t(clock, lane(host_y, i), float(c[i])),
+                totals[i]["accepted"], at,
                 lane(q, i), lane(host_y[0], i) if save_params else None,
                 dissipation=float(host_y[-1][i]), grad_evals=float(totals[i]["grad_evals"]),
                 solver_steps=float(totals[i]["steps"]), rejected=float(totals[i]["rejected"]),
             )  # fmt: skip
-            if progress is not None:
+            if progress is not None and not single:
                 progress({**row, "seed": int(seeds[i])})
             rows.append(row)
         return rows
@@ -736,7 +635,7 @@ def run_flow_seeds(
     done = 0  # save points reached
     got = checkpoint.restore() if (checkpoint is not None and resume) else None
     if got is None:
-        record(range(k_runs))
+        record(range(k_runs), -math.inf if log_t0 is None else log_t0)
     else:
         arrays, meta = got
         restore_recorders(recs, arrays, meta["recorders"])
