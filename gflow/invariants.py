@@ -69,11 +69,13 @@ def balance_structure(graphdef, params) -> tuple[Structure | None, str]:
     ``(None, reason)``: the balance columns are then left empty (NaN)."""
     from gflow.models import Conv, Sequential
 
+    if callable(graphdef):
+        return None, "the model is a function apply_fn(params, x): its hidden units are not known"
     model = nnx.merge(graphdef, params)
     if not isinstance(model, Sequential):
         return None, (
             f"the model ({type(model).__name__}) is not a gflow Sequential: its hidden "
-            "units, and so its balance invariants, are not known"
+            "units, and so its per-unit balance invariants, are not known"
         )
     layer_ops = [op[1] for op in model.ops if op[0] != "P"]
     if len(layer_ops) < 2:
@@ -161,3 +163,40 @@ class Monitor:
         b = state["balances0"]
         return cls(None if b is None else [np.asarray(x, np.float64) for x in b],
                    state["log_loss0"])  # fmt: skip
+
+
+def layer_groups(apply_fn, params, x, tol: float) -> tuple[int, ...] | None:
+    """The layers of a model gflow did not build, when its layer balances are invariants:
+    the parameter arrays grouped by their parent in the pytree (a kernel and its bias),
+    as one group index per leaf (``jax.tree.leaves`` order), if the model is
+    1-homogeneous in each group on ``x`` (``Phi`` doubles when one group doubles, to
+    ``tol`` relative). Then ``<grad_j Phi, theta_j> = Phi`` for each group ``j``, so every
+    ``d/dt ||theta_j||^2`` along the flow is the same, and ``||theta_j||^2 -
+    ||theta_k||^2`` is conserved. None otherwise (or with fewer than two groups)."""
+    import numpy as np
+
+    paths = [tuple(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    names = list(dict.fromkeys(paths))
+    if len(names) < 2:
+        return None
+    groups = tuple(names.index(p) for p in paths)
+    leaves, treedef = jax.tree.flatten(params)
+    base = np.asarray(apply_fn(params, x), np.float64)
+    scale = np.linalg.norm(base)
+    if scale == 0:
+        return None
+    for j in range(len(names)):
+        scaled = [a * 2 if g == j else a for a, g in zip(leaves, groups, strict=True)]
+        out = np.asarray(apply_fn(jax.tree.unflatten(treedef, scaled), x), np.float64)
+        if not np.linalg.norm(out - 2 * base) <= tol * 2 * scale:
+            return None
+    return groups
+
+
+def group_balances(groups: tuple[int, ...], params) -> list:
+    """``||theta_j||^2 - ||theta_{j+1}||^2`` for consecutive groups of ``layer_groups``, each
+    as a one-entry array (the ``unit_balances`` layout, one "unit" a layer)."""
+    sq = {}
+    for a, g in zip(jax.tree.leaves(params), groups, strict=True):
+        sq[g] = sq.get(g, 0.0) + jnp.sum(jnp.square(a))
+    return [jnp.reshape(sq[j] - sq[j + 1], (1,)) for j in range(len(sq) - 1)]

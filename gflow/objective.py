@@ -22,7 +22,7 @@ from jaxtyping import Array
 
 from gflow import quantities as Q
 from gflow.data import DataError, Dataset
-from gflow.invariants import balance_structure, unit_balances
+from gflow.invariants import balance_structure, group_balances, layer_groups, unit_balances
 from gflow.losses import Loss, get_loss, multiclass_margins
 from gflow.models import Sequential, apply, layer_norms, split_params
 
@@ -58,6 +58,9 @@ class Objective(eqx.Module):
     # whether the gradient field is smooth (linear activations); False for ReLU / leaky
     # ReLU, whose field jumps at kinks; None when not known
     smooth: bool | None = eqx.field(static=True, default=None)
+    # a model gflow did not build that is 1-homogeneous in each layer: the group of each
+    # parameter leaf (gflow.invariants.layer_groups), for its layer balances; else None
+    layer_groups: tuple | None = eqx.field(static=True, default=None)
 
     @property
     def num_samples(self) -> int:
@@ -91,7 +94,7 @@ class Objective(eqx.Module):
         folder = Path(folder)
         static = dict(
             graphdef=self.graphdef, loss=self.loss, order=self.order,
-            homogeneous=self.homogeneous, smooth=self.smooth,
+            homogeneous=self.homogeneous, smooth=self.smooth, layer_groups=self.layer_groups,
         )  # fmt: skip
         atomic_write(folder / "objective.pkl", cloudpickle.dumps(static))
         data = {"x": to_host(self.x), "y": to_host(self.y)}
@@ -140,14 +143,21 @@ class Objective(eqx.Module):
         """Per-unit balances ``||w_in||^2 - ||w_out||^2`` (``gflow.invariants``), in ``q``'s
         precision, one array per hidden layer; None when the model's units are unknown."""
         structure, _ = balance_structure(self.graphdef, params)
-        if structure is None:
-            return None
-        return unit_balances(structure, jax.tree.map(_wide, params))
+        if structure is not None:
+            return unit_balances(structure, jax.tree.map(_wide, params))
+        if self.layer_groups is not None:
+            return group_balances(self.layer_groups, jax.tree.map(_wide, params))
+        return None
 
     def invariant_reasons(self, params) -> dict:
         """Why a monitor column stays empty for this model: ``{column: reason}``."""
         structure, why = balance_structure(self.graphdef, params)
-        return {} if structure is not None else {"balance_drift": why, "layer_balance_drift": why}
+        if structure is not None:
+            return {}
+        if self.layer_groups is not None:
+            return {"balance_drift": why + "; its layer balances are monitored (it is "
+                    "1-homogeneous in each layer)"}  # fmt: skip
+        return {"balance_drift": why, "layer_balance_drift": why}
 
 
 def load_objective(folder) -> Objective | None:
@@ -247,6 +257,10 @@ def make_objective(
             )
         y = jnp.asarray(dataset.y, jnp.int32)
     declared = model.order if ours else order
+    groups = None
+    if not ours:
+        tol = 1e-9 if dtype == jnp.float64 else 1e-4  # check_homogeneity's
+        groups = layer_groups(lambda p, v: apply(graphdef, p, v), params, x[:16], tol)
     obj = Objective(
         x=x,
         y=y,
@@ -255,6 +269,7 @@ def make_objective(
         order=int(declared or model.depth),
         homogeneous=declared is not None,
         smooth=_smooth(model),
+        layer_groups=groups,
     )
     return (obj if devices is None else shard(obj, devices)), params
 

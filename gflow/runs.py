@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gflow.problem import Problem
+
 __all__ = [
     "RunOptions", "run", "claim", "release", "held_folder", "saved_options", "problem_of",
     "format_table",
@@ -33,20 +35,20 @@ class RunOptions:
     order of ``run.json``'s keys."""
 
     command: str = "run"
-    # the problem
-    data: str = "mnist5k"
-    classes: tuple | str = (0, 1)
-    n: int = 300
-    scale: str = "unit"
-    model: str = "mlp"
-    width: int = 50
-    depth: int = 2
-    bias: str = "none"
-    activation: str = "relu"
-    declared_order: int | None = None
-    loss: str = "logistic"
-    seed: int = 0
-    dtype: str = "float64"
+    # the problem (``Problem``'s defaults)
+    data: str = Problem.data
+    classes: tuple | str = Problem.classes
+    n: int = Problem.n
+    scale: str = Problem.scale
+    model: str = Problem.model
+    width: int = Problem.width
+    depth: int = Problem.depth
+    bias: str = Problem.bias
+    activation: str = Problem.activation
+    declared_order: int | None = Problem.order
+    loss: str = Problem.loss
+    seed: int = Problem.seed
+    dtype: str = Problem.dtype
     # the dynamics
     dynamics: str = "both"
     seeds: int = 1
@@ -112,8 +114,6 @@ class RunOptions:
 
 def problem_of(opts, devices=None):
     """The ``Problem`` of parsed problem options (any object with their attributes)."""
-    from gflow.problem import Problem
-
     return Problem(
         data=opts.data, classes=opts.classes, n=opts.n, scale=opts.scale, model=opts.model,
         width=opts.width, depth=opts.depth, bias=opts.bias, activation=opts.activation,

@@ -215,7 +215,7 @@ def rates(
     return [Verdict("rates", ok, s, det)]
 
 
-def fidelity_tolerance(traj: Trajectory) -> float:
+def fidelity_tolerance(traj: Trajectory) -> float | None:
     """The largest invariant error a flow run may show: ``rtol + 2 eps N``.
 
     ``rtol`` is the relative accuracy the run asked for (its error-controlled solver's;
@@ -228,6 +228,8 @@ def fidelity_tolerance(traj: Trajectory) -> float:
     cfg = traj.config
     eps = float(np.finfo(np.dtype(cfg.get("dtype", "float64"))).eps)
     steps = float(traj["solver_steps"][-1]) if "solver_steps" in traj.columns else 0.0
+    if cfg.get("rtol") is None:  # a step-size controller of one's own without an rtol
+        return None
     return float(cfg["rtol"]) + 2 * eps * steps
 
 
@@ -251,9 +253,10 @@ def fidelity(traj: Trajectory) -> Verdict:
         worst, where = _worst(traj, col)
         det[col] = {"max": worst, "at_log_t": where}
     det["empty"] = cfg.get("invariants", {})
-    b, d = det["balance_drift"]["max"], det["dissipation_defect"]["max"]
+    col = "balance_drift" if math.isfinite(det["balance_drift"]["max"]) else "layer_balance_drift"
+    b, d = det[col]["max"], det["dissipation_defect"]["max"]
     shown = (
-        f"balance drift {b:.2g} (worst at log t = {det['balance_drift']['at_log_t']:.4g}), "
+        f"{col.replace('_', ' ')} {b:.2g} (worst at log t = {det[col]['at_log_t']:.4g}), "
         f"dissipation defect {d:.2g}"
     )
     if traj.kind != "flow":
@@ -271,6 +274,12 @@ def fidelity(traj: Trajectory) -> Verdict:
         return Verdict("flow fidelity", None, f"not measurable: {why}", det)
     tol = fidelity_tolerance(traj)
     det["tolerance"] = tol
+    if tol is None:
+        return Verdict(
+            "flow fidelity", None,
+            f"the run asked for no accuracy (its step-size controller has no rtol): {shown}",
+            det,
+        )  # fmt: skip
     bad = [c for c in judged if not det[c]["max"] <= tol]
     note = ""
     if smooth is False:

@@ -350,6 +350,9 @@ class TrajectoryRecorder:
             {f"support_{k}": float(c) for k, c in zip(SUPPORT_DECADES, support, strict=True)}
         )
         row.update(self.monitor.columns(balances, q.rho, q.log_loss, dissipation))
+        for col in self.config.get("invariants", {}):  # a column left empty, with its reason
+            if col in row:
+                row[col] = math.nan
         row.update({k: float(v) for k, v in extra.items()})
         self.rows.append(row)
         if self.save_params and params is not None:

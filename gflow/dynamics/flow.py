@@ -302,6 +302,10 @@ def _plan(
     )  # fmt: skip
     if stepsize_controller is not None:
         settings["stepsize_controller"] = type(stepsize_controller).__name__
+        # the accuracy asked for is the controller's (the fidelity verdict reads rtol)
+        for key in ("rtol", "atol"):
+            value = getattr(stepsize_controller, key, None)
+            settings[key] = float(value) if isinstance(value, int | float) else None
     targets = [float(x) for x in log_t_grid(log_t_min, log_t_max, saves)]
     if log_t0 is not None:
         targets = [x for x in targets if x > log_t0]
