@@ -13,8 +13,14 @@ jax.config.update("jax_enable_x64", True)
 from gflow import data, losses, models, objective, quantities  # noqa: E402
 from gflow.compare import compare  # noqa: E402
 from gflow.data import DataError, Dataset  # noqa: E402
-from gflow.dynamics import run_flow, run_flow_seeds, run_gd, run_gd_seeds  # noqa: E402
-from gflow.dynamics.gd import LossBased  # noqa: E402
+from gflow.dynamics import (  # noqa: E402
+    LossBased,
+    StabilityStepping,
+    run_flow,
+    run_flow_seeds,
+    run_gd,
+    run_gd_seeds,
+)
 from gflow.kkt import kkt_residual  # noqa: E402
 from gflow.losses import CrossEntropy, Exponential, Logistic, get_loss  # noqa: E402
 from gflow.models import build_model, check_homogeneity, split_params  # noqa: E402
@@ -48,6 +54,7 @@ __all__ = [
     "run_flow",
     "run_flow_seeds",
     "LossBased",
+    "StabilityStepping",
     "check_run",
     "check_trajectory",
     "kkt_residual",

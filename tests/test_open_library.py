@@ -199,3 +199,17 @@ def test_layer_balances_only_where_they_are_invariants(problem):
     obj, p0 = make_objective(Twice(3, nnx.Rngs(1)), data, "logistic", order=3)
     assert obj.layer_groups is None
     assert set(obj.invariant_reasons(p0)) == {"balance_drift", "layer_balance_drift"}
+
+
+def test_stability_stepping_is_a_controller_object(problem):
+    """``stepsize_controller=StabilityStepping(cfl)`` is ``cfl=`` (and its defaults): the
+    same run to the bit."""
+    from gflow import StabilityStepping
+
+    model, data = problem
+    obj, p0 = make_objective(model, data, "logistic", order=3)
+    kw = dict(solver="ralston", log_t_max=2.0, saves=3, rtol=1e-4, atol=1e-7)
+    a = run_flow(obj, p0, cfl=0.14, **kw)
+    b = run_flow(obj, p0, stepsize_controller=StabilityStepping(), **kw)
+    np.testing.assert_array_equal(a["log_loss"], b["log_loss"])
+    assert b.config["cfl"] == 0.14 and b.config["warmup"] == "tsit5"

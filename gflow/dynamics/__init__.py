@@ -1,6 +1,9 @@
 """The two dynamics: discrete GD / SGD (``gd``) and the gradient-flow ODE (``flow``)."""
 
-from gflow.dynamics.flow import CLOCKS, SOLVERS, run_flow, run_flow_seeds
-from gflow.dynamics.gd import SCHEDULES, run_gd, run_gd_seeds
+from gflow.dynamics.flow import CLOCKS, SOLVERS, StabilityStepping, run_flow, run_flow_seeds
+from gflow.dynamics.gd import SCHEDULES, LossBased, run_gd, run_gd_seeds
 
-__all__ = ["run_gd", "run_gd_seeds", "run_flow", "run_flow_seeds", "SCHEDULES", "CLOCKS", "SOLVERS"]
+__all__ = [
+    "run_gd", "run_gd_seeds", "run_flow", "run_flow_seeds", "LossBased", "StabilityStepping",
+    "SCHEDULES", "CLOCKS", "SOLVERS",
+]  # fmt: skip

@@ -45,6 +45,7 @@ from gflow.dynamics.gd import log_t_grid, quantities_many
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
     SOLVERS,
+    default_cfl,
     evals_per_step,
     is_fixed_step,
     make_solver,
@@ -58,7 +59,7 @@ from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = [
     "CLOCKS", "SOLVERS", "make_solver", "vector_field", "run_flow", "run_flow_seeds",
-    "log_t_of_log1p",
+    "log_t_of_log1p", "StabilityStepping",
 ]  # fmt: skip
 
 CLOCKS = ("loss", "time", "logt")
@@ -98,6 +99,19 @@ def log_t_of_log1p(z: float) -> float:
 def _log1p_of_log_t(log_t: float) -> float:
     """``log(1 + t)`` from ``log t`` without overflow."""
     return float(np.logaddexp(0.0, log_t))
+
+
+class StabilityStepping(NamedTuple):
+    """gflow's stability stepping as a ``stepsize_controller`` for ``run_flow``: the
+    adaptive ``warmup`` solver until the loss threshold, then the solver's steps at
+    ``cfl`` of its stability edge over the field's top eigenvalue, bounded by ``drift``
+    relative parameter change, re-set every ``refresh`` steps (``run_flow``'s ``cfl``).
+    ``cfl=None``: the solver's default (``solvers.default_cfl``, e.g. 0.14 for Ralston)."""
+
+    cfl: float | None = None
+    warmup: str | None = "tsit5"
+    refresh: int = 48
+    drift: float = 0.05
 
 
 def _theta_norm(y):
@@ -430,7 +444,8 @@ def run_flow(
       from ``SOLVERS`` (or ``rkcS``); adaptive (PID controller with ``rtol``, ``atol``)
       unless ``stepsize_controller``, ``dt`` or ``cfl`` is given.
     - ``stepsize_controller``: any diffrax step-size controller (a ``PIDController``'s
-      norm is applied to the parameters, leaving out the dissipation monitor).
+      norm is applied to the parameters, leaving out the dissipation monitor), or
+      ``StabilityStepping(cfl, warmup, refresh, drift)``: ``cfl`` below, as an object.
     - ``dt``: a fixed step in the clock's variable.
     - ``cfl``: stability stepping. Until the first save point below the loss threshold
       the adaptive ``warmup`` solver runs at ``rtol``, ``atol`` (the early fit is
@@ -567,6 +582,14 @@ def _drive(
 ) -> list[Trajectory]:  # fmt: skip
     """The one flow driver: K runs (K = 1 for ``run_flow``) in one vmapped integration
     (``run_flow_seeds``' docstring)."""
+    if isinstance(stepsize_controller, StabilityStepping):
+        st, stepsize_controller = stepsize_controller, None
+        cfl = st.cfl if st.cfl is not None else default_cfl(solver)
+        if cfl is None:
+            raise ValueError(
+                f"give StabilityStepping a cfl: no default for {solver_name(solver)!r}"
+            )
+        warmup, refresh, drift = st.warmup, st.refresh, st.drift
     plan = _plan(
         clock=clock, solver=solver, stepsize_controller=stepsize_controller, rtol=rtol,
         atol=atol, dt=dt, cfl=cfl, warmup=warmup, refresh=refresh, drift=drift,

@@ -431,8 +431,8 @@ def _drive(
     dtype = objective.dtype
     alpha_init = {"loss-based": alpha0, "optax": 1.0}.get(schedule, lr)
 
-    def init(p, seed):
-        return _initial_state(objective, opt, p, seed, batch_size, alpha_init)
+    def init(obj, p, seed):  # the objective as an argument: a multi-host one cannot be a constant
+        return _initial_state(obj, opt, p, seed, batch_size, alpha_init)
 
     @jax.jit
     def advance(obj, states: GDState, target, limits, floors):
@@ -450,7 +450,7 @@ def _drive(
         return jax.vmap(one)(states, limits, floors)
 
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *params0)
-    state = jax.jit(jax.vmap(init))(stacked, jnp.asarray(seeds))
+    state = jax.jit(jax.vmap(init, in_axes=(None, 0, 0)))(objective, stacked, jnp.asarray(seeds))
     recs = []
     for s in seeds:
         cfg = {**objective.describe(), **(config or {})}
