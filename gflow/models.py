@@ -259,14 +259,24 @@ class Sequential(nnx.Module):
         inputs: list[Array] = []
         return self._forward(x, None, offsets, inputs), inputs
 
+    def with_slopes(self, x: Array, slopes: Sequence[Array]) -> Array:
+        """Outputs with the activation pattern frozen: hidden layer k's activation is
+        ``slopes[k] * z`` (an array of its pre-activations' shape, e.g. ReLU's 1 / 0),
+        so the network is linear in each layer given the pattern. At a kink this gives
+        the one-sided fields (``gflow.kinks``); with the pattern of ``theta`` itself it
+        equals ``self(x)``."""
+        return self._forward(x, None, slopes=slopes)
+
     def _forward(
         self,
         x: Array,
         collect: list | None,
         offsets: Sequence[Array] | None = None,
         inputs: list | None = None,
+        slopes: Sequence[Array] | None = None,
     ) -> Array:
         act = ACTIVATIONS[self.activation]
+        hidden = 0
         n = x.shape[0]
         h = x.astype(self.dtype)
         if h.shape[1:] != self.in_shape:
@@ -287,7 +297,8 @@ class Sequential(nnx.Module):
             if i != last:
                 if collect is not None:
                     collect.append(h)
-                h = act(h)
+                h = act(h) if slopes is None else slopes[hidden] * h
+                hidden += 1
         return h[:, 0] if self.num_outputs == 1 else h
 
 

@@ -1,0 +1,153 @@
+"""Where a ReLU network's gradient flow meets its kinks (``docs/theory.md``, "What
+integrating the flow costs"): the first block of an event-driven integrator.
+
+A hidden unit ``j`` on sample ``n`` switches where its pre-activation ``z_nj(theta)``
+crosses 0; there the field ``f = -grad log Loss`` jumps, because the unit's activation
+slope ``s_nj`` jumps (ReLU: 1 on the active side, 0 on the other; leaky ReLU: 1 and its
+slope). With every other unit's slope held (``Sequential.with_slopes``), the field is
+affine in ``s_nj``, and so is the pair's normal speed ``v(s) = <grad z_nj, f(s)>``. From
+the two one-sided speeds ``v+ = v(1)`` and ``v- = v(s-)``:
+
+* **crossing**: ``v+`` and ``v-`` have one sign; the flow passes through the surface;
+* **attracting**: ``v+ < 0 < v-``, both sides flow into the surface: the flow slides
+  along it (Filippov) with the slope ``s*`` in ``[s-, 1]`` that makes ``v(s*) = 0``, the
+  minimum-norm Clarke selection's velocity; autodiff's one-sided gradient instead
+  chatters across it, and every solver with it converges at first order;
+* **repelling**: ``v+ > 0 > v-``: both sides flow away (the flow is not unique there).
+
+``kink_report`` finds the pairs near their surface and classifies them. It supports
+gflow's dense networks (MLPs); a convolution's or max-pool's kinks are not covered yet.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gflow.models import LEAKY_SLOPE, Sequential
+from gflow.objective import Objective
+
+__all__ = ["KinkReport", "pattern", "field_with", "kink_report", "CROSSING", "ATTRACTING",
+           "REPELLING"]  # fmt: skip
+
+CROSSING, ATTRACTING, REPELLING, TANGENT = "crossing", "attracting", "repelling", "tangent"
+
+
+def _model(objective: Objective, params) -> Sequential:
+    model = nnx.merge(objective.graphdef, params) if not callable(objective.graphdef) else None
+    if not isinstance(model, Sequential) or model.activation not in ("relu", "leaky_relu"):
+        raise ValueError("kinks are known for gflow's ReLU / leaky-ReLU networks only")
+    if any(op[0] != "F" for op in model.ops):
+        raise ValueError("kink analysis covers dense networks (MLPs) for now")
+    return model
+
+
+def _off_slope(model: Sequential) -> float:
+    return 0.0 if model.activation == "relu" else LEAKY_SLOPE
+
+
+def pattern(objective: Objective, params) -> list:
+    """The activation pattern at ``params``: each hidden layer's slopes (n, units), 1
+    where the pre-activation is positive, else 0 (leaky ReLU: its slope)."""
+    model = _model(objective, params)
+    off = _off_slope(model)
+    return [jnp.where(z > 0, 1.0, off).astype(z.dtype) for z in model.preactivations(objective.x)]
+
+
+def _preacts(objective: Objective, params, slopes) -> list:
+    found: list = []
+    nnx.merge(objective.graphdef, params)._forward(objective.x, found, slopes=slopes)
+    return found
+
+
+def field_with(objective: Objective, params, slopes):
+    """``-grad log Loss`` with the activation pattern frozen at ``slopes`` (the flow's
+    direction on every clock, up to a positive factor)."""
+
+    def log_loss(p):
+        out = nnx.merge(objective.graphdef, p).with_slopes(objective.x, slopes)
+        return objective.loss.log_loss(out, objective._labels(out))
+
+    return jax.tree.map(jnp.negative, jax.grad(log_loss)(params))
+
+
+class KinkReport(NamedTuple):
+    """The pairs within ``tol`` of their surface, one entry each: ``layer`` (hidden layer
+    index), ``sample``, ``unit``, ``z`` (the pre-activation) and ``z_rel`` (it over
+    ``|h_n| |w_j|``), the one-sided normal speeds ``v_plus`` / ``v_minus``, ``kind``
+    (``CROSSING`` / ``ATTRACTING`` / ``REPELLING`` / ``TANGENT``) and ``slope``, the
+    sliding slope ``s*`` for an attracting pair (NaN otherwise)."""
+
+    layer: np.ndarray
+    sample: np.ndarray
+    unit: np.ndarray
+    z: np.ndarray
+    z_rel: np.ndarray
+    v_plus: np.ndarray
+    v_minus: np.ndarray
+    kind: np.ndarray
+    slope: np.ndarray
+
+    def counts(self) -> dict:
+        kinds, n = np.unique(self.kind, return_counts=True)
+        return {str(k): int(c) for k, c in zip(kinds, n, strict=True)}
+
+
+def _one_sided(objective: Objective, params, slopes, layer: int, sample, unit, value):
+    """The normal speed of pair (layer, sample, unit) with its slope set to ``value``."""
+    s = list(slopes)
+    s[layer] = s[layer].at[sample, unit].set(value)
+    f = field_with(objective, params, s)
+    _, dz = jax.jvp(lambda p: _preacts(objective, p, s)[layer][sample, unit], (params,), (f,))
+    return dz
+
+
+def kink_report(objective: Objective, params, *, tol: float = 1e-6) -> KinkReport:
+    """Classify every (sample, unit) pair whose pre-activation is within ``tol`` of 0
+    relative to ``|h_n| |w_j|`` (its input's and its weights' norms), from its two
+    one-sided normal speeds (module docstring)."""
+    model = _model(objective, params)
+    off = _off_slope(model)
+    slopes = pattern(objective, params)
+    zs = model.preactivations(objective.x)
+    # the inputs of each hidden layer: x, then the activations below
+    ins = [objective.x.reshape(objective.num_samples, -1)]
+    for z, s in zip(zs[:-1], slopes[:-1], strict=True):
+        ins.append(s * z)
+    rows = []
+    for k, z in enumerate(zs):
+        w = params["layers"][k]["kernel"]  # (fan_in, units)
+        scale = jnp.linalg.norm(ins[k], axis=1)[:, None] * jnp.linalg.norm(w, axis=0)[None, :]
+        rel = np.asarray(jnp.abs(z) / jnp.where(scale > 0, scale, 1.0))
+        near = np.argwhere(rel <= tol)
+        if not near.size:
+            continue
+        ns, js = jnp.asarray(near[:, 0]), jnp.asarray(near[:, 1])
+
+        def speeds(n, j, k=k):
+            up = _one_sided(objective, params, slopes, k, n, j, 1.0)
+            down = _one_sided(objective, params, slopes, k, n, j, off)
+            return up, down
+
+        vp, vm = jax.jit(jax.vmap(speeds))(ns, js)
+        for (n, j), a, b in zip(near, np.asarray(vp), np.asarray(vm), strict=True):
+            rows.append((k, int(n), int(j), float(z[n, j]), float(rel[n, j]), float(a), float(b)))
+    if not rows:
+        empty = np.zeros(0)
+        return KinkReport(empty.astype(int), empty.astype(int), empty.astype(int), empty,
+                          empty, empty, empty, np.zeros(0, dtype="<U10"), empty)  # fmt: skip
+    layer, sample, unit, z, z_rel, vp, vm = (np.asarray(c) for c in zip(*rows, strict=True))
+    kind = np.select(
+        [vp * vm > 0, (vp < 0) & (vm > 0), (vp > 0) & (vm < 0)],
+        [CROSSING, ATTRACTING, REPELLING],
+        TANGENT,
+    )
+    # v is affine in the slope: v(s) = v- + (s - s-) / (1 - s-) (v+ - v-); v(s*) = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        star = off + (1 - off) * vm / (vm - vp)
+    slope = np.where(kind == ATTRACTING, star, np.nan)
+    return KinkReport(layer, sample, unit, z, z_rel, vp, vm, kind, slope)

@@ -1,0 +1,94 @@
+"""``gflow.kinks``: one-sided fields at ReLU kinks, and sliding seen independently.
+
+On digits 0/1 (60 samples, width 8) the flow has a pair, sample 16 / unit 7, that stays
+on its surface from log t ~ 6 to 20 (``kink_report`` at every save point). The
+classification is checked against what the flow's own field does there: explicit Euler
+on autodiff's gradient chatters across an attracting surface and passes a crossing one.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gflow import data as D
+from gflow import make_objective, run_flow
+from gflow.kinks import ATTRACTING, CROSSING, _one_sided, _preacts, field_with, kink_report, pattern
+from gflow.models import build_model
+from gflow.objective import grad_log_loss
+
+
+@pytest.fixture(scope="module")
+def sliding():
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=8, seed=3), ds,
+                             "logistic")  # fmt: skip
+    tr = run_flow(obj, p0, solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8, log_t_max=9.0,
+                  log_t_min=8.0, saves=2, save_params=True)  # fmt: skip
+    return obj, p0, jax.tree.map(jnp.asarray, tr.snapshots[-1])
+
+
+def test_the_frozen_pattern_is_the_network_and_its_field(sliding):
+    obj, p0, _ = sliding
+    from flax import nnx
+
+    model = nnx.merge(obj.graphdef, p0)
+    np.testing.assert_array_equal(model.with_slopes(obj.x, pattern(obj, p0)), model(obj.x))
+    f, g = field_with(obj, p0, pattern(obj, p0)), grad_log_loss(obj, p0)
+    # the same sums over the N samples in another order (ReLU's derivative against a
+    # multiplication by the slope): N eps of the largest entry
+    eps, n = np.finfo(np.float64).eps, obj.num_samples
+    for a, b in zip(jax.tree.leaves(f), jax.tree.leaves(g), strict=True):
+        np.testing.assert_allclose(a, -b, rtol=0, atol=n * eps * float(jnp.abs(b).max()))
+
+
+def _euler_z(obj, params, n, j, h, steps):
+    """The pre-activation of pair (n, j) along explicit Euler on autodiff's field."""
+    zs = []
+    for _ in range(steps):
+        g = grad_log_loss(obj, params)
+        params = jax.tree.map(lambda a, b: a - h * b, params, g)
+        zs.append(float(_preacts(obj, params, pattern(obj, params))[0][n, j]))
+    return np.asarray(zs)
+
+
+def test_an_attracting_pair_is_one_the_flow_chatters_across(sliding):
+    obj, _, p = sliding
+    tol = 1e-3
+    r = kink_report(obj, p, tol=tol)
+    att = np.flatnonzero(r.kind == ATTRACTING)
+    assert att.size >= 1, r.counts()
+    i = int(att[0])
+    n, j = int(r.sample[i]), int(r.unit[i])
+    assert r.v_plus[i] < 0 < r.v_minus[i] and 0 < r.slope[i] < 1
+    # the sliding slope zeroes the normal speed; v is affine in the slope on the surface,
+    # and off it (|z| <= tol of its scale) by O(z_rel) relative
+    v_star = float(_one_sided(obj, p, pattern(obj, p), 0, n, j, float(r.slope[i])))
+    assert abs(v_star) <= tol * (abs(r.v_plus[i]) + abs(r.v_minus[i]))
+    # Euler on autodiff's one-sided gradient, steps moving z by 1e-4 of its scale:
+    # it chatters across the surface at nearly every step and stays within a step of it
+    w = p["layers"][0]["kernel"]
+    scale = float(jnp.linalg.norm(obj.x[n]) * jnp.linalg.norm(w[:, j]))
+    h = 1e-4 * scale / max(abs(r.v_plus[i]), abs(r.v_minus[i]))
+    z = _euler_z(obj, p, n, j, h, 100)
+    assert np.sum(np.diff(np.sign(z)) != 0) >= 50
+    assert np.abs(z).max() <= 4e-4 * scale
+
+
+def test_a_crossing_pair_is_passed_once():
+    """Early in training (log t ~ 0) sample 21 / unit 6 is near its surface and both
+    sides move it the same way: Euler passes it and does not come back."""
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=8, seed=3), ds,
+                             "logistic")  # fmt: skip
+    r = kink_report(obj, p0, tol=1e-3)
+    assert set(r.kind) == {CROSSING}, r.counts()
+    i = int(np.argmin(r.z_rel))
+    n, j = int(r.sample[i]), int(r.unit[i])
+    w = p0["layers"][0]["kernel"]
+    scale = float(jnp.linalg.norm(obj.x[n]) * jnp.linalg.norm(w[:, j]))
+    speed = max(abs(r.v_plus[i]), abs(r.v_minus[i]))
+    h = 2 * abs(r.z[i]) / speed / 20  # reaches the surface in about 20 steps
+    z = _euler_z(obj, p0, n, j, h, 60)
+    assert np.sum(np.diff(np.sign(np.concatenate([[r.z[i]], z]))) != 0) == 1, z
+    assert abs(z[-1]) > 1e-6 * scale  # and moved on, away from the surface
