@@ -31,8 +31,8 @@ from flax import nnx
 from gflow.models import LEAKY_SLOPE, Sequential
 from gflow.objective import Objective
 
-__all__ = ["KinkReport", "pattern", "field_with", "kink_report", "CROSSING", "ATTRACTING",
-           "REPELLING"]  # fmt: skip
+__all__ = ["KinkReport", "pattern", "field_with", "kink_report", "sliding_field", "CROSSING",
+           "ATTRACTING", "REPELLING"]  # fmt: skip
 
 CROSSING, ATTRACTING, REPELLING, TANGENT = "crossing", "attracting", "repelling", "tangent"
 
@@ -151,3 +151,46 @@ def kink_report(objective: Objective, params, *, tol: float = 1e-6) -> KinkRepor
         star = off + (1 - off) * vm / (vm - vp)
     slope = np.where(kind == ATTRACTING, star, np.nan)
     return KinkReport(layer, sample, unit, z, z_rel, vp, vm, kind, slope)
+
+
+def _with_pairs(slopes, pairs, values):
+    out = list(slopes)
+    for (layer, n, j), v in zip(pairs, values, strict=True):
+        out[layer] = out[layer].at[n, j].set(v)
+    return out
+
+
+def normal_speeds(objective: Objective, params, slopes, pairs):
+    """``d z_k / d tau`` of each pair ``(layer, sample, unit)`` in ``pairs`` along the
+    field with the pattern ``slopes`` (one gradient and one Jacobian-vector product)."""
+    f = field_with(objective, params, slopes)
+
+    def zs(p):
+        pre = _preacts(objective, p, slopes)
+        return jnp.stack([pre[layer][n, j] for layer, n, j in pairs])
+
+    return jax.jvp(zs, (params,), (f,))[1]
+
+
+def sliding_field(objective: Objective, params, slopes, pairs, *, iters: int = 2):
+    """The Filippov field with the pairs ``pairs`` sliding: their slopes chosen so that
+    every one's normal speed is zero, the rest of the pattern ``slopes`` held. Returns
+    ``(field, sliding slopes)``. The normal speeds are affine in each slope, and jointly
+    affine for pairs in one hidden layer; Newton's method on the K x K system (its
+    columns from K + 1 evaluations of the speeds) is then exact in one step, and the
+    second step absorbs the bilinear terms of pairs in different layers. Slopes outside
+    ``[s-, 1]`` mean that a pair leaves its surface (the caller's event)."""
+    pairs = [tuple(int(v) for v in p) for p in pairs]
+    k = len(pairs)
+    dtype = slopes[0].dtype
+    s = jnp.asarray([slopes[layer][n, j] for layer, n, j in pairs], dtype)
+    for _ in range(iters):
+        v0 = normal_speeds(objective, params, _with_pairs(slopes, pairs, s), pairs)
+        cols = []
+        for m in range(k):
+            shifted = s.at[m].add(1.0)
+            vm = normal_speeds(objective, params, _with_pairs(slopes, pairs, shifted), pairs)
+            cols.append(vm - v0)
+        s = s - jnp.linalg.solve(jnp.stack(cols, axis=1), v0)
+    final = _with_pairs(slopes, pairs, s)
+    return field_with(objective, params, final), s

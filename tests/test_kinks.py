@@ -92,3 +92,48 @@ def test_a_crossing_pair_is_passed_once():
     z = _euler_z(obj, p0, n, j, h, 60)
     assert np.sum(np.diff(np.sign(np.concatenate([[r.z[i]], z]))) != 0) == 1, z
     assert abs(z[-1]) > 1e-6 * scale  # and moved on, away from the surface
+
+
+def test_the_sliding_field_keeps_the_flow_on_the_surface_to_rounding(sliding):
+    """Put the sliding pair exactly on its surface (``w_j`` moved along ``x_n``), then
+    integrate the Filippov field (its slope from ``sliding_field``) by RK4: its
+    pre-activation stays zero to rounding while the weights move by about 1%. Autodiff's
+    field at the same step leaves the surface at once (the chattering test above)."""
+    from gflow.kinks import normal_speeds, sliding_field
+
+    obj, _, p = sliding
+    r = kink_report(obj, p, tol=1e-3)
+    i = int(np.flatnonzero(r.kind == ATTRACTING)[0])
+    n, j = int(r.sample[i]), int(r.unit[i])
+    x = obj.x[n].reshape(-1)
+    w = p["layers"][0]["kernel"]
+    w = w.at[:, j].add(-(x @ w[:, j]) * x / (x @ x))
+    p = {"layers": {**p["layers"], 0: {**p["layers"][0], "kernel": w}}}
+    scale = float(jnp.linalg.norm(x) * jnp.linalg.norm(w[:, j]))
+    slopes, pairs = pattern(obj, p), [(0, n, j)]
+    f, s = sliding_field(obj, p, slopes, pairs)
+    assert 0 < float(s[0]) < 1
+    assert abs(float(s[0]) - r.slope[i]) < 0.05  # near the report's slope (made off the surface)
+    v = normal_speeds(obj, p, [slopes[0].at[n, j].set(s[0])], pairs)
+    assert abs(float(v[0])) <= 64 * np.finfo(np.float64).eps * abs(r.v_plus[i])
+
+    def field(th):
+        return sliding_field(obj, th, slopes, pairs)[0]
+
+    def add(a, b, c):
+        return jax.tree.map(lambda u, v: u + c * v, a, b)
+
+    h = 1e-4 * scale / max(abs(r.v_plus[i]), abs(r.v_minus[i]))
+    th, zs = p, []
+    for _ in range(20):
+        k1 = field(th)
+        k2 = field(add(th, k1, h / 2))
+        k3 = field(add(th, k2, h / 2))
+        k4 = field(add(th, k3, h))
+        th = jax.tree.map(lambda a, b, c, d, e: a + h / 6 * (b + 2 * c + 2 * d + e),
+                          th, k1, k2, k3, k4)  # fmt: skip
+        zs.append(float(x @ th["layers"][0]["kernel"][:, j]))
+    moved = float(jnp.linalg.norm(th["layers"][0]["kernel"] - w) / jnp.linalg.norm(w))
+    assert moved > 1e-3
+    # rounding: 20 steps, each a few ulps of the dot product's scale
+    assert np.abs(zs).max() <= 20 * 16 * np.finfo(np.float64).eps * scale
