@@ -9,7 +9,7 @@ to stderr) and returns the command's exit code: 0, 1 when a run failed, 130 when
 interrupted. ``gflow/cli.py`` only parses options into a ``RunOptions`` and calls it.
 
 Run-folder ownership: ``claim`` takes a folder for this process (an atomic ``mkdir`` for
-default names, an ``O_EXCL`` lock file otherwise), ``release`` gives up every folder the
+default names, then an ``flock`` on its lock file), ``release`` gives up every folder the
 process holds (``gflow``'s ``main`` calls it on the way out, whatever happened).
 """
 
@@ -229,14 +229,19 @@ def run(args: RunOptions) -> int:
             if args.out
             else Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
         )
-        if out.exists() and not out.is_dir():
+        # an --out named on the command line: refused now, before the problem is built
+        # (a default name that another run took in the same second gets -2, -3, ... in
+        # `claim` instead)
+        if args.out and out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is a file")
-        holder = _lock_holder(out / _LOCK) if out.is_dir() else None
-        if holder is not None:
+        if args.out and out.is_dir() and _in_use(out / _LOCK):
+            holder = _lock_holder(out / _LOCK)
             raise ValueError(
-                f"{out} is in use by another gflow run (process {holder}); choose another --out"
+                f"{out} is in use by another gflow run"
+                + (f" (process {holder})" if holder is not None else "")
+                + "; choose another --out"
             )
-        if out.is_dir() and any(out.iterdir()):
+        if args.out and out.is_dir() and any(out.iterdir()):
             raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     _validate(args)
     ds, model, obj, params0 = args.problem.build()
@@ -345,6 +350,7 @@ def run(args: RunOptions) -> int:
 
 _LOCK = ".gflow-lock"
 _HELD: list = []  # run folders' lock files this process holds (released by main)
+_FDS: dict = {}  # their open, flock-ed descriptors
 
 
 def claim(out, *, unique: bool, resume: bool):
@@ -352,9 +358,11 @@ def claim(out, *, unique: bool, resume: bool):
 
     ``unique``: ``out`` is a default name, and ``out-2``, ``out-3``, ... are tried until one
     can be created (``mkdir`` is atomic), so that runs started in the same second get
-    folders of their own. Otherwise a lock file created with ``O_EXCL`` holds the folder;
-    a second run naming it gets a one-line error while the holder lives (a lock whose
-    process is gone, e.g. killed, is taken over, so ``--resume`` works after a crash)."""
+    folders of their own. The folder is then held by an ``flock`` on its lock file: a
+    second run naming it gets a one-line error while the holder lives, and the kernel
+    drops the lock when the holder's process ends, however it ends (so ``--resume``
+    works after a kill)."""
+    import fcntl
     import os
     from pathlib import Path
 
@@ -373,18 +381,29 @@ def claim(out, *, unique: bool, resume: bool):
         out.mkdir(parents=True, exist_ok=True)
     lock = out / _LOCK
     while True:
+        # an flock on the lock file: the kernel releases it when the process ends, however
+        # it ends, so no stale lock is ever taken over by guesswork about pids
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             holder = _lock_holder(lock)
-            if holder is not None:
-                raise ValueError(
-                    f"{out} is in use by another gflow run (process {holder}); choose another --out"
-                ) from None
-            lock.unlink(missing_ok=True)  # its process is gone: take the folder over
+            raise ValueError(
+                f"{out} is in use by another gflow run"
+                + (f" (process {holder})" if holder is not None else "")
+                + "; choose another --out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it between our open and our flock: again
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _FDS[str(lock)] = fd
         break
     _HELD.append(lock)
     others = [p for p in out.iterdir() if p.name != _LOCK]
@@ -395,22 +414,30 @@ def claim(out, *, unique: bool, resume: bool):
 
 
 def _lock_holder(lock) -> int | None:
-    """The live process holding ``lock``, or None when there is none."""
-    import os
-
+    """The process id written in ``lock`` (for messages), or None."""
     try:
         pid = int(lock.read_text().strip() or "0")
     except (OSError, ValueError):
         return None
-    if pid <= 0:
-        return None
+    return pid if pid > 0 else None
+
+
+def _in_use(lock) -> bool:
+    """Whether another run holds ``lock`` (its flock) now."""
+    import fcntl
+    import os
+
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # it exists, as another user's
-    return pid
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (closing drops the flock taken here)
+    return False
 
 
 def held_folder() -> Path | None:
@@ -420,8 +447,14 @@ def held_folder() -> Path | None:
 
 def release() -> None:
     """Give up the run folders this process holds."""
+    import os
+
     while _HELD:
-        _HELD.pop().unlink(missing_ok=True)
+        lock = _HELD.pop()
+        lock.unlink(missing_ok=True)
+        fd = _FDS.pop(str(lock), None)
+        if fd is not None:
+            os.close(fd)
 
 
 def _threshold_log_t(tr, obj) -> float | None:

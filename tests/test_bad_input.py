@@ -105,10 +105,20 @@ def _nan_margins(tmp):
     return ["check", "--no-kkt", str(folder)]
 
 
+_HOLDERS: list = []  # descriptors of the locks held by _busy (closed with the process)
+
+
 def _busy(tmp):
+    """A folder another run holds: its lock file flock-ed (here by this process, through
+    a descriptor of its own, which conflicts like another process's would)."""
+    import fcntl
+
     folder = tmp / "busy"
     folder.mkdir()
-    (folder / ".gflow-lock").write_text(str(os.getpid()))  # a live process holds it
+    fd = os.open(folder / ".gflow-lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, str(os.getpid()).encode())
+    _HOLDERS.append(fd)
     return ["--out", str(folder)]
 
 
