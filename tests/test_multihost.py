@@ -118,40 +118,35 @@ def test_gflow_run_on_two_hosts_writes_the_single_host_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no stray folders
 
 
-def test_an_unreachable_coordinator_is_one_line_after_the_timeout(tmp_path):
-    """Process 1 with no process 0 listening: a one-line error once --coordinator-timeout
-    has passed (XLA itself would abort the process with a C++ stack trace, after waiting
-    minutes), exit 2, no run folder."""
-    out = tmp_path / "run"
+def _alone(out, process_id: int, timeout: int) -> tuple[int, str]:
+    """One process of a 2-process run with nobody else there: ``(exit code, its one
+    error line)``, after checking that it printed no traceback and left no folder."""
     p = subprocess.run(
         [sys.executable, "-m", "gflow", "run", "--data", "synthetic", "--model", "linear",
          "--n", "40", "--dynamics", "gd", "--no-plot", "--no-progress", "--out", str(out),
          "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-         "--process-id", "1", "--coordinator-timeout", "2"],
+         "--process-id", str(process_id), "--coordinator-timeout", str(timeout)],
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
-    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "Check failure" not in p.stderr, p.stderr[-2000:]
+    assert not out.exists()
     errors = [line for line in p.stderr.splitlines() if line.startswith("gflow: error:")]
-    assert len(errors) == 1 and "not reachable within 2 s" in errors[0], p.stderr
-    assert "Traceback" not in p.stderr and not out.exists()
+    assert len(errors) == 1, p.stderr[-2000:]
+    return p.returncode, errors[0]
+
+
+def test_an_unreachable_coordinator_is_one_line_after_the_timeout(tmp_path):
+    """Process 1 with no process 0 listening: a one-line error once --coordinator-timeout
+    has passed (XLA itself would abort the process with a C++ stack trace, after waiting
+    minutes), exit 2, no run folder."""
+    rc, error = _alone(tmp_path / "run", process_id=1, timeout=2)
+    assert rc == 2 and "not reachable within 2 s" in error
 
 
 def test_process_0_whose_peers_never_join_is_one_line_after_the_timeout(tmp_path):
     """Process 0 of 2 alone: its port is free, so it listens, and nobody comes. A one-line
     error once --coordinator-timeout has passed and exit 2 (XLA would abort the process
     with a C++ stack trace after its own timeout), no run folder."""
-    out = tmp_path / "run"
-    p = subprocess.run(
-        [sys.executable, "-m", "gflow", "run", "--data", "synthetic", "--model", "linear",
-         "--n", "40", "--dynamics", "gd", "--no-plot", "--no-progress", "--out", str(out),
-         "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-         "--process-id", "0", "--coordinator-timeout", "3"],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert p.returncode == 2, p.stderr[-2000:]
-    errors = [line for line in p.stderr.splitlines() if line.startswith("gflow: error:")]
-    assert len(errors) == 1 and "did not start within 3 s" in errors[0], p.stderr
-    assert "Traceback" not in p.stderr and "Check failure" not in p.stderr
-    assert not out.exists()
+    rc, error = _alone(tmp_path / "run", process_id=0, timeout=3)
+    assert rc == 2 and "did not start within 3 s" in error
