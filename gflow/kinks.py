@@ -31,8 +31,8 @@ from flax import nnx
 from gflow.models import LEAKY_SLOPE, Sequential
 from gflow.objective import Objective
 
-__all__ = ["KinkReport", "pattern", "field_with", "kink_report", "sliding_field", "CROSSING",
-           "ATTRACTING", "REPELLING"]  # fmt: skip
+__all__ = ["KinkReport", "pattern", "field_with", "kink_report", "kinks_along", "sliding_field",
+           "CROSSING", "ATTRACTING", "REPELLING"]  # fmt: skip
 
 CROSSING, ATTRACTING, REPELLING, TANGENT = "crossing", "attracting", "repelling", "tangent"
 
@@ -194,3 +194,19 @@ def sliding_field(objective: Objective, params, slopes, pairs, *, iters: int = 2
         s = s - jnp.linalg.solve(jnp.stack(cols, axis=1), v0)
     final = _with_pairs(slopes, pairs, s)
     return field_with(objective, params, final), s
+
+
+def kinks_along(objective: Objective, traj, *, tol: float = 1e-3) -> list[dict]:
+    """``kink_report``'s counts at each parameter snapshot of a run (``save_params``):
+    ``{"log_t", "near", "crossing", "attracting", "repelling", "tangent"}`` per save
+    point, so that how many pairs slide, and when, can be read along the run."""
+    if not traj.snapshots:
+        raise ValueError("the run saved no parameters: run it with save_params=True")
+    out = []
+    for i, snap in enumerate(traj.snapshots):
+        report = kink_report(objective, jax.tree.map(jnp.asarray, snap), tol=tol)
+        counts = report.counts()
+        row = {"log_t": float(traj["log_t"][i]), "near": int(len(report.kind))}
+        row.update({k: counts.get(k, 0) for k in (CROSSING, ATTRACTING, REPELLING, TANGENT)})
+        out.append(row)
+    return out

@@ -19,13 +19,31 @@ from gflow.objective import grad_log_loss
 
 
 @pytest.fixture(scope="module")
-def sliding():
+def flow_run():
     ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
     obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=8, seed=3), ds,
                              "logistic")  # fmt: skip
     tr = run_flow(obj, p0, solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8, log_t_max=9.0,
                   log_t_min=8.0, saves=2, save_params=True)  # fmt: skip
+    return obj, p0, tr
+
+
+@pytest.fixture(scope="module")
+def sliding(flow_run):
+    obj, p0, tr = flow_run
     return obj, p0, jax.tree.map(jnp.asarray, tr.snapshots[-1])
+
+
+def test_kinks_along_a_run_count_what_kink_report_finds(flow_run):
+    from gflow.kinks import kinks_along
+
+    obj, _, tr = flow_run
+    rows = kinks_along(obj, tr, tol=1e-3)
+    assert [r["log_t"] for r in rows] == list(tr["log_t"][: len(tr.snapshots)])
+    last = kink_report(obj, jax.tree.map(jnp.asarray, tr.snapshots[-1]), tol=1e-3)
+    assert rows[-1]["attracting"] == int(np.sum(last.kind == ATTRACTING)) >= 1
+    assert rows[-1]["near"] == sum(rows[-1][k] for k in
+                                   ("crossing", "attracting", "repelling", "tangent"))  # fmt: skip
 
 
 def test_the_frozen_pattern_is_the_network_and_its_field(sliding):
