@@ -21,6 +21,7 @@ gflow's dense networks (MLPs); a convolution's or max-pool's kinks are not cover
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -54,8 +55,11 @@ def pattern(objective: Objective, params) -> list:
     """The activation pattern at ``params``: each hidden layer's slopes (n, units), 1
     where the pre-activation is positive, else 0 (leaky ReLU: its slope)."""
     model = _model(objective, params)
-    off = _off_slope(model)
-    return [jnp.where(z > 0, 1.0, off).astype(z.dtype) for z in model.preactivations(objective.x)]
+    return _pattern_of(model.preactivations(objective.x), _off_slope(model))
+
+
+def _pattern_of(zs: list, off: float) -> list:
+    return [jnp.where(z > 0, 1.0, off).astype(z.dtype) for z in zs]
 
 
 def _preacts(objective: Objective, params, slopes) -> list:
@@ -99,11 +103,20 @@ class KinkReport(NamedTuple):
 
 def _one_sided(objective: Objective, params, slopes, layer: int, sample, unit, value):
     """The normal speed of pair (layer, sample, unit) with its slope set to ``value``."""
-    s = list(slopes)
-    s[layer] = s[layer].at[sample, unit].set(value)
-    f = field_with(objective, params, s)
-    _, dz = jax.jvp(lambda p: _preacts(objective, p, s)[layer][sample, unit], (params,), (f,))
-    return dz
+    pair = [(layer, sample, unit)]
+    return normal_speeds(objective, params, _with_pairs(slopes, pair, [value]), pair)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "off"))
+def _pair_speeds(objective: Objective, params, slopes, ns, js, *, layer: int, off: float):
+    """``(v+, v-)`` of the pairs ``(layer, ns[i], js[i])``: one jitted kernel per layer and
+    number of pairs, reused along a run (``kinks_along``)."""
+
+    def both(n, j):
+        return (_one_sided(objective, params, slopes, layer, n, j, 1.0),
+                _one_sided(objective, params, slopes, layer, n, j, off))  # fmt: skip
+
+    return jax.vmap(both)(ns, js)
 
 
 def kink_report(objective: Objective, params, *, tol: float = 1e-6) -> KinkReport:
@@ -112,8 +125,8 @@ def kink_report(objective: Objective, params, *, tol: float = 1e-6) -> KinkRepor
     one-sided normal speeds (module docstring)."""
     model = _model(objective, params)
     off = _off_slope(model)
-    slopes = pattern(objective, params)
     zs = model.preactivations(objective.x)
+    slopes = _pattern_of(zs, off)
     # the inputs of each hidden layer: x, then the activations below
     ins = [objective.x.reshape(objective.num_samples, -1)]
     for z, s in zip(zs[:-1], slopes[:-1], strict=True):
@@ -127,13 +140,7 @@ def kink_report(objective: Objective, params, *, tol: float = 1e-6) -> KinkRepor
         if not near.size:
             continue
         ns, js = jnp.asarray(near[:, 0]), jnp.asarray(near[:, 1])
-
-        def speeds(n, j, k=k):
-            up = _one_sided(objective, params, slopes, k, n, j, 1.0)
-            down = _one_sided(objective, params, slopes, k, n, j, off)
-            return up, down
-
-        vp, vm = jax.jit(jax.vmap(speeds))(ns, js)
+        vp, vm = _pair_speeds(objective, params, slopes, ns, js, layer=k, off=off)
         for (n, j), a, b in zip(near, np.asarray(vp), np.asarray(vm), strict=True):
             rows.append((k, int(n), int(j), float(z[n, j]), float(rel[n, j]), float(a), float(b)))
     if not rows:
