@@ -175,17 +175,17 @@ def layer_groups(apply_fn, params, x, tol: float) -> tuple[int, ...] | None:
     ||theta_k||^2`` is conserved. None otherwise (or with fewer than two groups)."""
     import numpy as np
 
-    paths = [tuple(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    names = list(dict.fromkeys(paths))
-    if len(names) < 2:
+    from gflow.models import leaf_layers
+
+    groups = leaf_layers(params)
+    if max(groups) < 1:
         return None
-    groups = tuple(names.index(p) for p in paths)
     leaves, treedef = jax.tree.flatten(params)
     base = np.asarray(apply_fn(params, x), np.float64)
     scale = np.linalg.norm(base)
     if scale == 0:
         return None
-    for j in range(len(names)):
+    for j in range(max(groups) + 1):
         scaled = [a * 2 if g == j else a for a, g in zip(leaves, groups, strict=True)]
         out = np.asarray(apply_fn(jax.tree.unflatten(treedef, scaled), x), np.float64)
         if not np.linalg.norm(out - 2 * base) <= tol * 2 * scale:
@@ -193,10 +193,10 @@ def layer_groups(apply_fn, params, x, tol: float) -> tuple[int, ...] | None:
     return groups
 
 
-def group_balances(groups: tuple[int, ...], params) -> list:
-    """``||theta_j||^2 - ||theta_{j+1}||^2`` for consecutive groups of ``layer_groups``, each
+def group_balances(params) -> list:
+    """``||theta_j||^2 - ||theta_{j+1}||^2`` for consecutive layers (``layer_groups``'), each
     as a one-entry array (the ``unit_balances`` layout, one "unit" a layer)."""
-    sq = {}
-    for a, g in zip(jax.tree.leaves(params), groups, strict=True):
-        sq[g] = sq.get(g, 0.0) + jnp.sum(jnp.square(a))
-    return [jnp.reshape(sq[j] - sq[j + 1], (1,)) for j in range(len(sq) - 1)]
+    from gflow.models import layer_sq_norms
+
+    sq = layer_sq_norms(params)
+    return [jnp.reshape(sq[j] - sq[j + 1], (1,)) for j in range(sq.shape[0] - 1)]

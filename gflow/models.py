@@ -45,6 +45,8 @@ __all__ = [
     "split_params",
     "params_dtype",
     "apply",
+    "leaf_layers",
+    "layer_sq_norms",
     "layer_norms",
     "HomogeneityReport",
     "check_homogeneity",
@@ -419,16 +421,27 @@ def apply(graphdef, params, x: Array) -> Array:
     return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
 
 
-def layer_norms(params) -> Array:
-    """Frobenius norm of each parameterised layer, in the parameters' order. A layer is
-    the group of arrays that share a parent in the pytree (a kernel and its bias), which
+def leaf_layers(params) -> tuple[int, ...]:
+    """The layer of each parameter array, in ``jax.tree.leaves`` order. A layer is the
+    group of arrays that share a parent in the pytree (a kernel and its bias), which
     holds for gflow's models, ``nnx.Linear`` / ``nnx.Conv`` stacks and most others."""
-    groups: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        groups.setdefault(tuple(path[:-1]), []).append(leaf)
-    return jnp.stack(
-        [jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in leaves)) for leaves in groups.values()]
-    )
+    parents = [tuple(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    order = list(dict.fromkeys(parents))
+    return tuple(order.index(p) for p in parents)
+
+
+def layer_sq_norms(params) -> Array:
+    """``||theta_l||^2`` of each layer (``leaf_layers``), in order."""
+    layers, leaves = leaf_layers(params), jax.tree.leaves(params)
+    return jnp.stack([
+        sum(jnp.sum(jnp.square(a)) for a, g in zip(leaves, layers, strict=True) if g == l)
+        for l in range(max(layers) + 1)
+    ])  # fmt: skip
+
+
+def layer_norms(params) -> Array:
+    """Frobenius norm of each parameterised layer (``leaf_layers``), in order."""
+    return jnp.sqrt(layer_sq_norms(params))
 
 
 def params_dtype(params):

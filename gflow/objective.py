@@ -146,7 +146,7 @@ class Objective(eqx.Module):
         if structure is not None:
             return unit_balances(structure, jax.tree.map(_wide, params))
         if self.layer_groups is not None:
-            return group_balances(self.layer_groups, jax.tree.map(_wide, params))
+            return group_balances(jax.tree.map(_wide, params))
         return None
 
     def invariant_reasons(self, params) -> dict:
