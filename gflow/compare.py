@@ -81,16 +81,13 @@ def _series(tr: Trajectory) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _snapshot_curve(tr: Trajectory):
-    """``(log t, flat parameters)`` of a run's snapshots (t > 0), for interpolation."""
-    n = min(len(tr.snapshots), len(tr))
-    if n < 2:
+    """``(log t, flat parameters)`` of a run's snapshots (t > 0, one per log t), for
+    interpolation; None with fewer than two."""
+    idx, lt = _series(tr)
+    keep = idx < len(tr.snapshots)
+    if keep.sum() < 2:
         return None
-    lt = np.asarray(tr["log_t"][:n], np.float64)
-    idx = [i for i in range(n) if np.isfinite(lt[i])]
-    idx = [i for k, i in enumerate(idx) if k == 0 or lt[i] > lt[idx[k - 1]]]
-    if len(idx) < 2:
-        return None
-    return lt[idx], np.stack([_flat(tr.snapshots[i]) for i in idx])
+    return lt[keep], np.stack([_flat(tr.snapshots[i]) for i in idx[keep]])
 
 
 def compare(
