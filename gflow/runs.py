@@ -235,12 +235,7 @@ def run(args: RunOptions) -> int:
         if args.out and out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is a file")
         if args.out and out.is_dir() and _in_use(out / _LOCK):
-            holder = _lock_holder(out / _LOCK)
-            raise ValueError(
-                f"{out} is in use by another gflow run"
-                + (f" (process {holder})" if holder is not None else "")
-                + "; choose another --out"
-            )
+            raise _busy(out)
         if args.out and out.is_dir() and any(out.iterdir()):
             raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     _validate(args)
@@ -388,12 +383,7 @@ def claim(out, *, unique: bool, resume: bool):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = _lock_holder(lock)
-            raise ValueError(
-                f"{out} is in use by another gflow run"
-                + (f" (process {holder})" if holder is not None else "")
-                + "; choose another --out"
-            ) from None
+            raise _busy(out) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -411,6 +401,13 @@ def claim(out, *, unique: bool, resume: bool):
         release()
         raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     return out, created
+
+
+def _busy(out) -> ValueError:
+    """The error for a run folder another run holds, naming its process when known."""
+    holder = _lock_holder(out / _LOCK)
+    who = f" (process {holder})" if holder is not None else ""
+    return ValueError(f"{out} is in use by another gflow run{who}; choose another --out")
 
 
 def _lock_holder(lock) -> int | None:
