@@ -14,6 +14,7 @@ from gflow import data, losses, models, objective, quantities  # noqa: E402
 from gflow.compare import compare  # noqa: E402
 from gflow.data import DataError, Dataset  # noqa: E402
 from gflow.dynamics import (  # noqa: E402
+    KinkStepping,
     LossBased,
     StabilityStepping,
     run_flow,
@@ -54,6 +55,7 @@ __all__ = [
     "run_flow",
     "run_flow_seeds",
     "LossBased",
+    "KinkStepping",
     "StabilityStepping",
     "check_run",
     "check_trajectory",

@@ -2,8 +2,10 @@
 
 from gflow.dynamics.flow import CLOCKS, SOLVERS, StabilityStepping, run_flow, run_flow_seeds
 from gflow.dynamics.gd import SCHEDULES, LossBased, run_gd, run_gd_seeds
+from gflow.dynamics.sliding import KinkStepping
 
 __all__ = [
     "run_gd", "run_gd_seeds", "run_flow", "run_flow_seeds", "LossBased", "StabilityStepping",
+    "KinkStepping",
     "SCHEDULES", "CLOCKS", "SOLVERS",
 ]  # fmt: skip

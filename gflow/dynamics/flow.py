@@ -42,6 +42,7 @@ from gflow.checkpoint import (
     unpack,
 )
 from gflow.dynamics.gd import log_t_grid, quantities_many
+from gflow.dynamics.sliding import KinkStepping, run_flow_kinks
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
     SOLVERS,
@@ -59,7 +60,7 @@ from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = [
     "CLOCKS", "SOLVERS", "make_solver", "vector_field", "run_flow", "run_flow_seeds",
-    "log_t_of_log1p", "StabilityStepping",
+    "log_t_of_log1p", "StabilityStepping", "KinkStepping",
 ]  # fmt: skip
 
 CLOCKS = ("loss", "time", "logt")
@@ -445,7 +446,9 @@ def run_flow(
       unless ``stepsize_controller``, ``dt`` or ``cfl`` is given.
     - ``stepsize_controller``: any diffrax step-size controller (a ``PIDController``'s
       norm is applied to the parameters, leaving out the dissipation monitor), or
-      ``StabilityStepping(cfl, warmup, refresh, drift)``: ``cfl`` below, as an object.
+      ``StabilityStepping(cfl, warmup, refresh, drift)``: ``cfl`` below, as an object;
+      or ``KinkStepping(rtol, atol, ...)``: through ReLU kinks event by event, sliding
+      where the flow slides (``gflow.dynamics.sliding``; gflow's own MLPs, loss clock).
     - ``dt``: a fixed step in the clock's variable.
     - ``cfl``: stability stepping. Until the first save point below the loss threshold
       the adaptive ``warmup`` solver runs at ``rtol``, ``atol`` (the early fit is
@@ -582,6 +585,25 @@ def _drive(
 ) -> list[Trajectory]:  # fmt: skip
     """The one flow driver: K runs (K = 1 for ``run_flow``) in one vmapped integration
     (``run_flow_seeds``' docstring)."""
+    if isinstance(stepsize_controller, KinkStepping):
+        if clock != "loss" or dt is not None or cfl is not None or log_t0 is not None:
+            raise ValueError(
+                "KinkStepping integrates on the loss clock from t = 0, with its own steps: "
+                "leave clock, dt, cfl and log_t0 at their defaults"
+            )
+        if checkpoint is not None:
+            raise ValueError("KinkStepping runs are not checkpointed yet: run without one")
+        out = []
+        for p0, seed in zip(params0, seeds, strict=True):
+            cfg = dict(config or {}) if single else {**(config or {}), "seed": int(seed),
+                                                     "seeds": [int(v) for v in seeds]}  # fmt: skip
+            out.append(run_flow_kinks(
+                objective, p0, stepping=stepsize_controller, solver=solver,
+                log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves,
+                log_t_min=log_t_min, max_steps=max_steps, save_params=save_params,
+                config=cfg, progress=progress,
+            ))  # fmt: skip
+        return out
     if isinstance(stepsize_controller, StabilityStepping):
         st, stepsize_controller = stepsize_controller, None
         cfl = st.cfl if st.cfl is not None else default_cfl(solver)

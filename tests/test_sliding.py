@@ -1,0 +1,143 @@
+"""Event-driven flow through ReLU kinks (``gflow.dynamics.sliding``).
+
+A crossing against a closed form: one sample ``x = e1`` (label +1, exponential loss, so
+``-grad log Loss = grad q``) and two leaky-ReLU units. Unit 1 (``z1 = a1 = 1``) stays
+active: ``z1 = a1 = e^tau``. Unit 2 (``z2 = 1, a2 = -2``) moves as ``z2' = a2, a2' = z2``
+while active: ``z2 = cosh tau - 2 sinh tau``, zero at ``tanh tau* = 1/2``; past it the
+leaky slope ``s`` scales both speeds: ``z2 = a2* sinh(s u), a2 = a2* cosh(s u)``,
+``u = tau - tau*``. ``t(tau)`` is ``int e^q d tau``, integrated by scipy. Unit 1's own
+weight gives ``tau = log w1`` at every save point.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate
+
+from gflow import data as D
+from gflow import make_objective, run_flow
+from gflow.dynamics.sliding import KinkStepping, run_flow_kinks
+from gflow.models import LEAKY_SLOPE, build_model
+
+TAU_STAR = math.atanh(0.5)
+A2_STAR = -2 * math.cosh(TAU_STAR) + math.sinh(TAU_STAR)
+
+
+def closed(tau: float):
+    """``(a1, z2, a2, q)`` at ``tau``."""
+    a1 = math.exp(tau)
+    if tau <= TAU_STAR:
+        z2, a2, s = math.cosh(tau) - 2 * math.sinh(tau), -2 * math.cosh(tau) + math.sinh(tau), 1.0
+    else:
+        u = LEAKY_SLOPE * (tau - TAU_STAR)
+        z2, a2, s = A2_STAR * math.sinh(u), A2_STAR * math.cosh(u), LEAKY_SLOPE
+    return a1, z2, a2, a1 * a1 + a2 * s * z2
+
+
+def log_t_of(tau: float) -> float:
+    q = closed(tau)[3]
+    val, _ = integrate.quad(lambda v: math.exp(closed(v)[3] - q), 0.0, tau,
+                            points=[TAU_STAR] if tau > TAU_STAR else None,
+                            epsabs=0, epsrel=1e-13, limit=200)  # fmt: skip
+    return q + math.log(val)
+
+
+@pytest.fixture(scope="module")
+def two_units():
+    model = build_model("mlp", (2,), 1, width=2, activation="leaky_relu", seed=0)
+    obj, p = make_objective(model, (np.eye(2), np.array([1, 0])), "exp", order=2)
+    obj = eqx.tree_at(lambda o: (o.x, o.y), obj, (obj.x[:1], obj.y[:1]))  # one sample
+    p = jax.tree.map(np.asarray, p)
+    p["layers"][0]["kernel"] = np.array([[1.0, 1.0], [0.0, 0.0]])
+    p["layers"][1]["kernel"] = np.array([[1.0], [-2.0]])
+    return obj, jax.tree.map(jnp.asarray, p)
+
+
+def _errors(tr):
+    """Per save point after t = 0: ``(tau, max |theta - closed form|, |log t - log t(tau)|)``."""
+    out = []
+    for lt, snap in zip(tr["log_t"][1:], tr.snapshots[1:], strict=True):
+        w = np.asarray(snap["layers"][0]["kernel"])
+        a = np.asarray(snap["layers"][1]["kernel"])
+        tau = math.log(w[0, 0])
+        a1, z2, a2, _ = closed(tau)
+        out.append((tau, max(abs(a[0, 0] - a1), abs(w[0, 1] - z2), abs(a[1, 0] - a2)),
+                    abs(lt - log_t_of(tau))))  # fmt: skip
+    return out
+
+
+def test_a_crossing_where_the_closed_form_says(two_units):
+    obj, p = two_units
+    rtol, atol = 1e-10, 1e-13
+    tr = run_flow_kinks(obj, p, stepping=KinkStepping(rtol=rtol, atol=atol), log_t_min=-2,
+                        log_t_max=6, saves=8, save_params=True)  # fmt: skip
+    assert tr.status == "completed"
+    assert tr["crossings"][-1] == tr["events"][-1] == 1
+    assert tr["slide_entries"][-1] == 0
+    errs = _errors(tr)
+    assert errs[0][0] < TAU_STAR < errs[-1][0]  # save points on both sides of the switch
+    # PID control keeps each step's local error below rtol |y| + atol (|y| <= e^1.1 < 3.1);
+    # over tau <= 1.1 the flow's growth is at most e^1.1 < 3.1: global <= steps * that
+    steps = tr["solver_steps"][-1]
+    bound = steps * (rtol * 3.1 + atol) * 3.1
+    for tau, e_theta, e_log_t in errs:
+        assert e_theta <= bound, (tau, e_theta, bound)
+        # log t = log(e^z - 1): z's error over 1 - e^-z (z >= log(1 + e^-2)), plus quad's
+        assert e_log_t <= bound / (1 - 1 / (1 + math.exp(-2))) + 1e-12, (tau, e_log_t)
+
+
+def test_fixed_steps_keep_fifth_order_through_a_crossing(two_units):
+    """Tsit5 with the switch located: error ~ dt^5 (fitted slope >= 3 asked); the same
+    steps without event location jump with the field: error ~ dt (slope <= 1.5)."""
+    obj, p = two_units
+    dts = [0.2, 0.1, 0.05]
+    ours, plain = [], []
+    for dt in dts:
+        tr = run_flow_kinks(obj, p, stepping=KinkStepping(dt=dt), log_t_min=4, log_t_max=6,
+                            saves=2, save_params=True)  # fmt: skip
+        assert tr["crossings"][-1] == 1
+        ours.append(max(e for _, e, _ in _errors(tr)))
+        tr = run_flow(obj, p, solver="tsit5", dt=dt, log_t_min=4, log_t_max=6, saves=2,
+                      save_params=True)  # fmt: skip
+        plain.append(max(e for _, e, _ in _errors(tr)))
+    slope = np.polyfit(np.log(dts), np.log(ours), 1)[0]
+    assert slope >= 3, (ours, slope)
+    assert max(plain) > 1e3 * max(ours), (plain, ours)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
+    return make_objective(build_model("mlp", ds.input_shape, 1, width=8, seed=3), ds,
+                          "logistic")  # fmt: skip
+
+
+def test_bad_stepping_is_refused(digits):
+    obj, p = digits
+    for bad, needle in [
+        (KinkStepping(rtol=2.0), "rtol"),
+        (KinkStepping(margin=0.1), "margin"),
+        (KinkStepping(dt=-1.0), "dt"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            run_flow_kinks(obj, p, stepping=bad, log_t_max=0.0, log_t_min=-1.0, saves=1)
+    with pytest.raises(ValueError, match="error estimate"):
+        run_flow_kinks(obj, p, solver="rk4", log_t_max=0.0, log_t_min=-1.0, saves=1)
+
+
+def test_run_flow_takes_kink_stepping_as_its_controller(two_units):
+    obj, p = two_units
+    from gflow import KinkStepping as Exported
+
+    a = run_flow(obj, p, stepsize_controller=Exported(rtol=1e-9, atol=1e-12), log_t_min=0,
+                 log_t_max=3, saves=3)  # fmt: skip
+    b = run_flow_kinks(obj, p, stepping=KinkStepping(rtol=1e-9, atol=1e-12), log_t_min=0,
+                       log_t_max=3, saves=3)  # fmt: skip
+    np.testing.assert_array_equal(a["normalized_margin"], b["normalized_margin"])
+    assert a.config["stepping"] == "kinks" and a.config["kink_pairs"]["ever_switched"] == 1
+    with pytest.raises(ValueError, match="loss clock"):
+        run_flow(obj, p, stepsize_controller=KinkStepping(), clock="time", log_t_max=1.0)
