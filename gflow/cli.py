@@ -330,6 +330,15 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "euler, 0.5 for rkcS; off for tsit5 and other solvers without a known edge",
     )
     g.add_argument(
+        "--kinks",
+        action="store_true",
+        help="integrate the flow through the ReLU kinks event by event: each switch "
+        "located, pairs whose both sides flow into their surface slid along it (the paper's "
+        "flow), adaptive steps at --rtol in between (gflow's own MLPs, loss clock; --solver "
+        "ralston becomes bosh3; not checkpointed yet). Counters of crossings and sliding "
+        "pairs go into the trajectory",
+    )
+    g.add_argument(
         "--log-t-max",
         type=_positive_float,
         default=100.0,

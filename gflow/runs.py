@@ -62,6 +62,7 @@ class RunOptions:
     atol: float = 3e-8
     dt: float | None = None
     cfl: float | None = None
+    kinks: bool = False
     # how far and what is kept
     log_t_max: float = 100.0
     log_t_min: float = 0.0
@@ -178,7 +179,15 @@ def _validate(args: RunOptions) -> None:
         raise ValueError(
             f"--log-t-max must exceed --log-t-min = {args.log_t_min}, got {args.log_t_max}"
         )
-    if args.dynamics != "gd":
+    if args.dynamics != "gd" and args.kinks:
+        if args.dt is not None or args.cfl is not None or args.clock != "loss":
+            raise ValueError("--kinks steps from event to event on the loss clock: leave "
+                             "--dt, --cfl and --clock out")  # fmt: skip
+        if args.solver == "ralston":  # stability stepping's default: order 3 here instead
+            args.solver = "bosh3"
+        if is_fixed_step(args.solver):
+            raise ValueError(f"--kinks needs an adaptive solver, got --solver {args.solver}")
+    elif args.dynamics != "gd":
         if args.dt is not None and args.cfl is not None:
             raise ValueError("give --dt or --cfl, not both")
         if args.dt is None and args.cfl is None:
@@ -191,6 +200,13 @@ def _validate(args: RunOptions) -> None:
         raise ValueError(
             f"--clock time cannot reach --log-t-max {args.log_t_max:g}; use loss or logt"
         )
+
+
+def _kinks(args: RunOptions):
+    """``--kinks``: the flow's step-size controller (else None: the solver's own)."""
+    from gflow.dynamics import KinkStepping
+
+    return KinkStepping(rtol=args.rtol, atol=args.atol) if args.kinks else None
 
 
 def run(args: RunOptions) -> int:
@@ -300,11 +316,14 @@ def run(args: RunOptions) -> int:
                     **common,
                 )
             else:
+                if args.kinks:
+                    common["checkpoint"] = None  # not checkpointed yet (README)
                 tr = run_flow(
                     obj,
                     params0,
                     clock=args.clock,
                     solver=args.solver,
+                    stepsize_controller=_kinks(args),
                     rtol=args.rtol,
                     atol=args.atol,
                     dt=args.dt,
@@ -563,9 +582,12 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
                         batch_size=args.batch_size, max_steps=args.steps or 100_000, **common,
                     )  # fmt: skip
                 else:
+                    if args.kinks:
+                        common["checkpoint"] = None
                     runs = run_flow_seeds(
                         obj, inits, clock=args.clock, solver=args.solver, rtol=args.rtol,
                         atol=args.atol, dt=args.dt, cfl=args.cfl,
+                        stepsize_controller=_kinks(args),
                         log_loss_min=args.log_loss_min, max_steps=args.steps or 1_000_000,
                         **common,
                     )  # fmt: skip

@@ -223,6 +223,8 @@ def _cases(tmp):
         ("classes-repeated", ["--classes", "0,0"], "repeated class"),
         ("class-absent", ["--classes", "0,99"], "class 99"),
         ("batch-beyond-n", ["--schedule", "constant", "--batch-size", "100000"], "got 100000"),
+        ("kinks-with-cfl", ["--dynamics", "flow", "--kinks", "--cfl", "0.1"], "leave --dt, --cfl"),
+        ("kinks-fixed-step", ["--dynamics", "flow", "--kinks", "--solver", "rk4"], "adaptive"),
     ]
     return [Case(*row) for row in rows] + [
         # faults: a folder in use, damaged or half-written runs, wrong verdicts, a full disk
@@ -259,7 +261,7 @@ def _cases(tmp):
     ]
 
 
-N_CASES = 56
+N_CASES = 58
 
 
 def test_the_table_has_sixty_cases_with_the_library_and_folder_ones(tmp_path):

@@ -186,6 +186,7 @@ class _Kernels(NamedTuple):
     locate_save: Callable
     classify: Callable
     probe: Callable
+    where: Callable
     interpolate: Callable
 
 
@@ -248,7 +249,7 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
             cstate: object
             steps: jax.Array
             accepted: jax.Array
-            stop: jax.Array  # 0 go on, 1 event, 2 failed
+            stop: jax.Array  # 0 go on, 1 event, 2 failed, 3 event with an exit
             a: jax.Array
             ya: tuple
             dense: object
@@ -278,6 +279,8 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
                 event = event | (gap < 0)
             event = keep & event
             stop = jnp.where(~(ok & finite), 2, jnp.where(event, 1, 0))
+            if k:  # 3: an event, and a sliding slope out of [s-, 1] among them
+                stop = jnp.where((stop == 1) & (gap < 0), 3, stop)
 
             def pick(new, old):
                 return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
@@ -427,6 +430,12 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
         return jax.jvp(z_of, (y[0],), (field[0],))[1], field
 
     @eqx.filter_jit
+    def where(obj, theta, slopes):
+        """``z / (|h_n| |w_j|)`` of every pair (n * U,): one forward pass."""
+        _, z, scale = _forward(obj, theta, obj.x, slopes, net)
+        return (z / jnp.where(scale > 0, scale, 1.0)).reshape(-1)
+
+    @eqx.filter_jit
     def probe(obj, theta, slopes, idx):
         """``(s, z / (|h_n| |w_j|) (n * U,))``: the sliding slopes and where every pair is
         (a field evaluation only while something slides)."""
@@ -436,7 +445,7 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
 
     interpolate = eqx.filter_jit(interp)
     return _Kernels(advance, locate_first_layer, locate_crossings, locate_exit, locate_save,
-                    classify, probe, interpolate)  # fmt: skip
+                    classify, probe, where, interpolate)  # fmt: skip
 
 
 def _bucket(k: int, cap: int) -> int:
@@ -593,6 +602,8 @@ def run_flow_kinks(
                                  f0)  # fmt: skip
                 a, ya, b, yb, dense, h_next, n_steps, n_acc, stop = out
                 n_steps, n_acc, stop = int(n_steps), int(n_acc), int(stop)
+                exiting = stop == 3
+                stop = 1 if exiting else stop
                 count["steps"] += n_steps
                 count["accepted"] += n_acc
                 count["rejected"] += n_steps - n_acc
@@ -611,8 +622,7 @@ def run_flow_kinks(
                     y, tau, h = yb, float(b), float(h_next)
                     continue
                 # an event in the step [a, b]: find the first one
-                s_b, rel_b = jax.device_get(ks.probe(objective, yb[0], jnp.asarray(slopes), idx))
-                field_cost(1 if sliding else 0)
+                rel_b = jax.device_get(ks.where(objective, yb[0], jnp.asarray(slopes)))
                 sigma = np.where(slopes > 0.5 * (1.0 + net.off), 1.0, -1.0).reshape(-1)
                 cands = [int(p) for p in np.flatnonzero(sigma * rel_b < -thr.reshape(-1))
                          if int(p) not in sliding]  # fmt: skip
@@ -641,8 +651,10 @@ def run_flow_kinks(
                     if t2 < when.get("cross", np.inf):
                         when["cross"] = t2
                         crossing = [p for p, r in zip(deeper, roots, strict=False) if r <= t2]
-                s_b = s_b[: len(sliding)]
-                if np.any((s_b < net.off) | (s_b > 1.0)):
+                if exiting:
+                    s_b = jax.device_get(ks.probe(objective, yb[0], jnp.asarray(slopes), idx))[0]
+                    field_cost(1)
+                    s_b = s_b[: len(sliding)]
                     fb = float(np.min(np.minimum(s_b - net.off, 1.0 - s_b)))
                     s_a = jax.device_get(ks.probe(objective, ya[0], jnp.asarray(slopes), idx))[0]
                     s_a = s_a[: len(sliding)]
@@ -726,8 +738,9 @@ class _Stop(Exception):
 
 
 def _theta_norm(y):
-    """The error norm: the dissipation integral D (the state's last entry) is a monitor."""
-    return optx.rms_norm(y[:-1])
+    """The error norm, on theta and z only: the dissipation integral D is a monitor, and
+    r only carries the sliding slopes (``_kernels``)."""
+    return optx.rms_norm(y[:2])
 
 
 def _log_t_of_z(z: float) -> float:
