@@ -141,3 +141,52 @@ def test_run_flow_takes_kink_stepping_as_its_controller(two_units):
     assert a.config["stepping"] == "kinks" and a.config["kink_pairs"]["ever_switched"] == 1
     with pytest.raises(ValueError, match="loss clock"):
         run_flow(obj, p, stepsize_controller=KinkStepping(), clock="time", log_t_max=1.0)
+
+
+def test_a_sliding_pair_stays_on_its_surface_to_rounding(digits):
+    """Sample 16 / unit 7 of this problem slides from log t ~ 6.7 to 20 (``test_kinks``).
+    A first-layer pre-activation is linear in theta and every stage of the sliding field
+    has its rate zero up to the K x K solve's rounding, so a sliding pair keeps the
+    ``|z| / (|h| |w|)`` it entered with (``margin``, the crossing registers just past the
+    surface) plus a few ulps per step; a chattering solver leaves it at its tolerance."""
+    obj, p = digits
+    margin = 1e-12
+    tr = run_flow_kinks(obj, p, solver="bosh3", log_t_min=7, log_t_max=9, saves=2,
+                        stepping=KinkStepping(rtol=1e-8, atol=1e-11, margin=margin))  # fmt: skip
+    assert tr.status == "completed"
+    assert np.all(tr["sliding"][1:] >= 1) and tr["slide_entries"][-1] >= 1
+    eps = np.finfo(np.float64).eps
+    bound = 2 * margin + 16 * eps * tr["solver_steps"]
+    assert np.all(tr["sliding_offset"][1:] <= bound[1:]), (tr["sliding_offset"], bound)
+    # the exact invariants, reference-free: drift within the controller's tolerance
+    # times the steps taken (each step's local error <= rtol |y|)
+    assert np.nanmax(tr["balance_drift"]) <= 1e-8 * tr["solver_steps"][-1]
+
+
+@pytest.mark.slow
+def test_order_three_or_more_through_crossings_and_sliding(digits):
+    """Issue 17's order study: digits 0/1, 60 samples, width 8, to log t = 3 (about 280
+    switches, some of them sliding), Bogacki-Shampine (order 3) at fixed steps in tau,
+    cut at every event. The error at every save point against the run at dt / 8, whose
+    own error (against dt / 16) is shown to be below the smallest error fitted."""
+    from jax.flatten_util import ravel_pytree
+
+    obj, p = digits
+
+    def run(dt):
+        return run_flow_kinks(obj, p, solver="bosh3", stepping=KinkStepping(dt=dt),
+                              log_t_min=-2, log_t_max=3, saves=5, save_params=True)  # fmt: skip
+
+    def err(a, b):
+        return max(
+            float(np.linalg.norm(ravel_pytree(x)[0] - ravel_pytree(y)[0]))
+            / float(np.linalg.norm(ravel_pytree(y)[0]))
+            for x, y in zip(a.snapshots, b.snapshots, strict=True)
+        )
+
+    dts = [0.2, 0.1, 0.05]
+    ref, ref2 = run(dts[-1] / 8), run(dts[-1] / 16)
+    errors = [err(run(dt), ref) for dt in dts]
+    assert err(ref, ref2) < 0.1 * min(errors), (err(ref, ref2), errors)
+    slope = np.polyfit(np.log(dts), np.log(errors), 1)[0]
+    assert slope >= 3, (errors, slope)

@@ -656,6 +656,8 @@ def run_flow_kinks(
                     field_cost(1)
                     s_b = s_b[: len(sliding)]
                     fb = float(np.min(np.minimum(s_b - net.off, 1.0 - s_b)))
+                    exiting = fb < 0  # the FSAL stage's slopes and these agree to rounding
+                if exiting:
                     s_a = jax.device_get(ks.probe(objective, ya[0], jnp.asarray(slopes), idx))[0]
                     s_a = s_a[: len(sliding)]
                     fa = float(np.min(np.minimum(s_a - net.off, 1.0 - s_a)))
@@ -670,6 +672,9 @@ def run_flow_kinks(
                         field_cost(int(spent))
                 if float(yb[1]) >= z_target:
                     when["save"] = float(ks.locate_save(a, b, dense, jnp.asarray(z_target, dtype)))
+                if not when:  # a pair at -margin to rounding: the step is taken as is
+                    y, tau, h = yb, float(b), float(h_next)
+                    continue
                 kind = min(when, key=when.get)
                 t_event = when[kind]
                 y = ks.interpolate(a, b, dense, jnp.asarray(t_event, dtype))[:3]
