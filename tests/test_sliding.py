@@ -161,32 +161,3 @@ def test_a_sliding_pair_stays_on_its_surface_to_rounding(digits):
     # the exact invariants, reference-free: drift within the controller's tolerance
     # times the steps taken (each step's local error <= rtol |y|)
     assert np.nanmax(tr["balance_drift"]) <= 1e-8 * tr["solver_steps"][-1]
-
-
-@pytest.mark.slow
-def test_order_three_or_more_through_crossings_and_sliding(digits):
-    """Issue 17's order study: digits 0/1, 60 samples, width 8, to log t = 3 (about 280
-    switches, some of them sliding), Bogacki-Shampine (order 3) at fixed steps in tau,
-    cut at every event. The error at every save point against the run at dt / 8, whose
-    own error (against dt / 16) is shown to be below the smallest error fitted."""
-    from jax.flatten_util import ravel_pytree
-
-    obj, p = digits
-
-    def run(dt):
-        return run_flow_kinks(obj, p, solver="bosh3", stepping=KinkStepping(dt=dt),
-                              log_t_min=-2, log_t_max=3, saves=5, save_params=True)  # fmt: skip
-
-    def err(a, b):
-        return max(
-            float(np.linalg.norm(ravel_pytree(x)[0] - ravel_pytree(y)[0]))
-            / float(np.linalg.norm(ravel_pytree(y)[0]))
-            for x, y in zip(a.snapshots, b.snapshots, strict=True)
-        )
-
-    dts = [0.2, 0.1, 0.05]
-    ref, ref2 = run(dts[-1] / 8), run(dts[-1] / 16)
-    errors = [err(run(dt), ref) for dt in dts]
-    assert err(ref, ref2) < 0.1 * min(errors), (err(ref, ref2), errors)
-    slope = np.polyfit(np.log(dts), np.log(errors), 1)[0]
-    assert slope >= 3, (errors, slope)
