@@ -279,7 +279,9 @@ def run(args: RunOptions) -> int:
     trajs, times, checks = {}, {}, {}
     for kind in which:
         folder = out / kind if len(which) > 1 else out
-        ck = Checkpointer(folder) if hosts == 1 and not args.no_checkpoint else None
+        # kink runs are not checkpointed yet (README): no checkpoint, and none promised
+        kept = hosts == 1 and not args.no_checkpoint and not (args.kinks and kind == "flow")
+        ck = Checkpointer(folder) if kept else None
         done = _completed_runs([folder]) if resume else None
         if done is not None:
             print(f"{kind}: already completed -> {folder}")
@@ -316,8 +318,6 @@ def run(args: RunOptions) -> int:
                     **common,
                 )
             else:
-                if args.kinks:
-                    common["checkpoint"] = None  # not checkpointed yet (README)
                 tr = run_flow(
                     obj,
                     params0,
@@ -556,7 +556,8 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     inits = [split_params(args.problem.make_model(ds, s))[1] for s in seeds]
     groups, table = {}, []
     for kind in which:
-        ck = None if args.no_checkpoint else Checkpointer(out / kind)
+        kept = not args.no_checkpoint and not (args.kinks and kind == "flow")
+        ck = Checkpointer(out / kind) if kept else None
         folders = [out / kind / f"seed-{s}" for s in seeds]
         runs = _completed_runs(folders) if resume else None
         if runs is not None:
@@ -582,8 +583,6 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
                         batch_size=args.batch_size, max_steps=args.steps or 100_000, **common,
                     )  # fmt: skip
                 else:
-                    if args.kinks:
-                        common["checkpoint"] = None
                     runs = run_flow_seeds(
                         obj, inits, clock=args.clock, solver=args.solver, rtol=args.rtol,
                         atol=args.atol, dt=args.dt, cfl=args.cfl,

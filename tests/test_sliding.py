@@ -161,3 +161,15 @@ def test_a_sliding_pair_stays_on_its_surface_to_rounding(digits):
     # the exact invariants, reference-free: drift within the controller's tolerance
     # times the steps taken (each step's local error <= rtol |y|)
     assert np.nanmax(tr["balance_drift"]) <= 1e-8 * tr["solver_steps"][-1]
+
+
+def test_seeds_run_one_after_the_other_and_their_rows_name_the_seed(two_units):
+    from gflow import run_flow_seeds
+
+    obj, p = two_units
+    rows = []
+    trs = run_flow_seeds(obj, [p, p], seeds=[3, 4], stepsize_controller=KinkStepping(),
+                         log_t_min=0, log_t_max=1, saves=1, progress=rows.append)  # fmt: skip
+    assert [tr.config["seed"] for tr in trs] == [3, 4]
+    assert {r["seed"] for r in rows} == {3, 4}
+    np.testing.assert_array_equal(trs[0]["normalized_margin"], trs[1]["normalized_margin"])

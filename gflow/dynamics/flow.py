@@ -577,6 +577,10 @@ def run_flow_seeds(
     )  # fmt: skip
 
 
+def _with_seed(progress: Callable[[dict], None], seed: int, row: dict) -> None:
+    progress({**row, "seed": seed})
+
+
 def _drive(
     objective: Objective, params0: list, seeds: list, *, single: bool, clock, solver,
     stepsize_controller, rtol, atol, dt, cfl, warmup, refresh, drift, log_t_max,
@@ -595,13 +599,16 @@ def _drive(
             raise ValueError("KinkStepping runs are not checkpointed yet: run without one")
         out = []
         for p0, seed in zip(params0, seeds, strict=True):
-            cfg = dict(config or {}) if single else {**(config or {}), "seed": int(seed),
-                                                     "seeds": [int(v) for v in seeds]}  # fmt: skip
+            cfg, each = dict(config or {}), progress
+            if not single:  # a batch's rows name their seed, as the vmapped driver's do
+                cfg.update(seed=int(seed), seeds=[int(v) for v in seeds])
+                if progress is not None:
+                    each = functools.partial(_with_seed, progress, int(seed))
             out.append(run_flow_kinks(
                 objective, p0, stepping=stepsize_controller, solver=solver,
                 log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves,
                 log_t_min=log_t_min, max_steps=max_steps, save_params=save_params,
-                config=cfg, progress=progress,
+                config=cfg, progress=each,
             ))  # fmt: skip
         return out
     if isinstance(stepsize_controller, StabilityStepping):

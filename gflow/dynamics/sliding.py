@@ -10,7 +10,8 @@ pair's pre-activation crosses zero:
 * **switch location**: after every accepted step each pair's signed pre-activation
   ``sigma z / (|h_n| |w_j|)`` is checked at the step's end; for the pairs past
   ``-margin`` the first crossing is root-found by bisection on the step's dense output
-  (single-sample forward passes, no gradient) and the step is cut there;
+  (first layer: on the pre-activations' own interpolant; deeper: single-sample forward
+  passes; no gradient) and the step is cut there;
 * **classification**: the crossing pair's normal speed on the far side decides. If the
   far side carries it on, the pattern flips (a transversal crossing). If the far side
   pushes it back, both sides flow into the surface: the pair **slides**;
@@ -21,8 +22,9 @@ pair's pre-activation crosses zero:
   gradient), never from a dense Jacobian. With one hidden layer the field is affine in
   the slopes and one solve is exact; deeper, a few Newton steps;
 * **exit**: a sliding pair leaves its surface when its slope leaves ``[s-, 1]``; checked
-  after every accepted step while anything slides, located by bisection on the dense
-  output, and the pair rejoins the side it leaves to.
+  after every accepted step while anything slides (a FSAL solver's stored stage carries
+  the slopes), located by Illinois regula falsi on the dense output, and the pair
+  rejoins the side it leaves to.
 
 Invariants stay monitors: nothing is projected. Counters go into the trajectory:
 ``crossings``, ``slide_entries``, ``slide_exits``, ``sliding`` (pairs sliding now),
@@ -142,7 +144,7 @@ def _field(obj: Objective, theta, slopes, idx, net: _Net, iters: int):
     safe = jnp.where(valid, idx, 0)
     rows_of, units_of = safe // u, safe % u
     xs = obj.x[rows_of]
-    flat_f, unravel = ravel_pytree(theta)
+    unravel = ravel_pytree(theta)[1]
 
     def place(s):
         return slopes.reshape(-1).at[jnp.where(valid, idx, n * u)].set(s, mode="drop").reshape(n, u)
@@ -174,7 +176,6 @@ def _field(obj: Objective, theta, slopes, idx, net: _Net, iters: int):
         ds = jnp.where(valid, ds, 0.0)
         s = s + ds
         f_flat = f0_flat - ds @ t
-    del flat_f
     return unravel(f_flat), s, ell
 
 
@@ -679,7 +680,7 @@ def run_flow_kinks(
                 t_event = when[kind]
                 y = ks.interpolate(a, b, dense, jnp.asarray(t_event, dtype))[:3]
                 tau = t_event
-                h = float(max(h_next, 1e-300)) if h_next > 0 else h
+                h = float(h_next) if h_next > 0 else h
                 lt_e = _log_t_of_z(float(y[1]))
                 if was_sliding and math.isfinite(log_t_now):
                     span += lt_e - log_t_now
