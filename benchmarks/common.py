@@ -31,8 +31,9 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {devices}, jax {jax.__version__}"
 
 
-def write_result(name: str, record: dict) -> Path:
-    """Append ``record``, tagged with the date and machine, to ``results/<name>.json``.
+def write_result(name: str, record: dict, replace_last: bool = False) -> Path:
+    """Append ``record``, tagged with the date and machine, to ``results/<name>.json``
+    (``replace_last``: in place of the last record, for a table rewritten as it grows).
 
     The file holds a JSON list of runs, oldest first (a file from before this format,
     one record, becomes the list's first entry). Written to a temporary file and renamed,
@@ -44,6 +45,8 @@ def write_result(name: str, record: dict) -> Path:
     if path.exists():
         old = json.loads(path.read_text())
         runs = old if isinstance(old, list) else [old]
+    if replace_last and runs:
+        runs.pop()
     runs.append({"date": date.today().isoformat(), "machine": machine(), **record})
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(runs, indent=1, default=float) + "\n")

@@ -42,6 +42,18 @@ CANDIDATES = {
 QUICK = ("rk4 cfl 0.9 (former default)", "ralston cfl 0.14 (default)")
 
 
+def summary(tr, wall: float) -> dict:
+    """A run's row: status, wall time, gradient evaluations, the largest invariant drifts
+    (``gflow.invariants``, no reference needed), the fidelity verdict, the final margin."""
+    return dict(
+        status=tr.status, wall_s=wall, grad_evals=int(tr["grad_evals"][-1]),
+        balance_drift=float(np.nanmax(tr["balance_drift"])),
+        layer_balance_drift=float(np.nanmax(tr["layer_balance_drift"])),
+        dissipation_defect=float(np.nanmax(tr["dissipation_defect"])),
+        fidelity=fidelity(tr).passed, margin=float(tr["normalized_margin"][-1]),
+    )  # fmt: skip
+
+
 def margin_errors(run, ref) -> dict:
     """Worst and final |gamma_bar - gamma_bar_ref| over the save points both reached,
     relative to the reference margin's scale."""
@@ -77,17 +89,7 @@ def main():
     for name, kw in list(refs.items()) + list(cands.items()):
         tr, wall = run(kw)
         runs[name] = tr
-        v = fidelity(tr)
-        rows.append(
-            dict(
-                name=name, reference=name in refs, **kw, status=tr.status, wall_s=wall,
-                grad_evals=int(tr["grad_evals"][-1]),
-                balance_drift=float(np.nanmax(tr["balance_drift"])),
-                layer_balance_drift=float(np.nanmax(tr["layer_balance_drift"])),
-                dissipation_defect=float(np.nanmax(tr["dissipation_defect"])),
-                fidelity=v.passed, margin=float(tr["normalized_margin"][-1]),
-            )
-        )  # fmt: skip
+        rows.append(dict(name=name, reference=name in refs, **kw, **summary(tr, wall)))
     for row in rows:
         row["errors"] = {
             r: margin_errors(runs[row["name"]], runs[r]) for r in refs if r != row["name"]

@@ -173,3 +173,51 @@ def test_seeds_run_one_after_the_other_and_their_rows_name_the_seed(two_units):
     assert [tr.config["seed"] for tr in trs] == [3, 4]
     assert {r["seed"] for r in rows} == {3, 4}
     np.testing.assert_array_equal(trs[0]["normalized_margin"], trs[1]["normalized_margin"])
+
+
+def test_an_exit_at_an_end_of_the_slope_interval_is_taken_once(digits):
+    """With save points at log t = -2 and -1 this problem has an exit located at a slack
+    of exactly zero at log t ~ -1.5: the pair must leave there and the flow go on (kept
+    as sliding, it was found exiting at the same tau again and again: a livelock that
+    spent any step budget)."""
+    obj, p = digits
+    tr = run_flow_kinks(obj, p, stepping=KinkStepping(rtol=1e-8, atol=1e-11), log_t_min=-2,
+                        log_t_max=-1, saves=2, max_steps=2000)  # fmt: skip
+    assert tr.status == "completed", tr.message
+    assert tr["slide_exits"][-1] >= 4
+
+
+def _worst_param_error(tr, ref) -> float:
+    """The largest ``|theta - theta_ref| / |theta_ref|`` over the save points after t = 0."""
+    flat = [[np.concatenate([np.ravel(a) for a in jax.tree.leaves(s)]) for s in t.snapshots[1:]]
+            for t in (tr, ref)]  # fmt: skip
+    return max(float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(*flat, strict=True))
+
+
+@pytest.mark.slow  # about 40 s: seven fixed-step runs to log t = 3
+def test_order_through_crossings_and_sliding(digits):
+    """Digits 0/1, 60 samples, width 8, to log t = 3: 283 switches, 251 crossings and 21
+    sliding entries. Tsit5 at fixed steps dt with every switch located converges at high
+    order: the fitted slope of the worst error over the save points against dt is >= 3
+    (the issue's bar; Tsit5 is fifth order), where every chattering scheme has slope 1.
+    The reference is dt_min / 4; its own error, against dt_min / 8, must be below 1/30
+    of the smallest error fitted, which biases the fitted slope by < log(1 + 1/30) / log 2
+    ~ 0.05."""
+    obj, p = digits
+
+    def run(dt):
+        return run_flow_kinks(obj, p, stepping=KinkStepping(dt=dt), log_t_min=-2, log_t_max=3,
+                              saves=6, save_params=True)  # fmt: skip
+
+    dts = [0.1, 0.05, 0.025]
+    runs = [run(dt) for dt in dts]
+    ref, finer = run(dts[-1] / 4), run(dts[-1] / 8)
+    for tr in [*runs, ref, finer]:  # one event sequence at every step size
+        assert tr.status == "completed"
+        for key in ("events", "crossings", "slide_entries", "slide_exits"):
+            assert tr[key][-1] == ref[key][-1], key
+    assert ref["crossings"][-1] >= 100 and ref["slide_entries"][-1] >= 5
+    errs = [_worst_param_error(tr, ref) for tr in runs]
+    assert _worst_param_error(ref, finer) <= min(errs) / 30, (errs, _worst_param_error(ref, finer))
+    slope = np.polyfit(np.log(dts), np.log(errs), 1)[0]
+    assert slope >= 3, (errs, slope)

@@ -41,7 +41,7 @@ from gflow.checkpoint import (
     restore_recorders,
     unpack,
 )
-from gflow.dynamics.gd import log_t_grid, quantities_many
+from gflow.dynamics.gd import log1p_of_log_t, log_t_grid, log_t_of_log1p, quantities_many
 from gflow.dynamics.sliding import KinkStepping, run_flow_kinks
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
@@ -88,18 +88,6 @@ def vector_field(clock: str) -> Callable:
         return jax.tree.map(lambda v: -rate * v, g), rate * sq
 
     return f
-
-
-def log_t_of_log1p(z: float) -> float:
-    """``log t`` from ``z = log(1 + t)``: ``z + log(-expm1(-z))``, exact for every z."""
-    if z <= 0:
-        return -math.inf
-    return z + math.log(-math.expm1(-z))
-
-
-def _log1p_of_log_t(log_t: float) -> float:
-    """``log(1 + t)`` from ``log t`` without overflow."""
-    return float(np.logaddexp(0.0, log_t))
 
 
 class StabilityStepping(NamedTuple):
@@ -324,7 +312,7 @@ def _plan(
     targets = [float(x) for x in log_t_grid(log_t_min, log_t_max, saves)]
     if log_t0 is not None:
         targets = [x for x in targets if x > log_t0]
-    z0 = 0.0 if log_t0 is None else _log1p_of_log_t(log_t0)
+    z0 = 0.0 if log_t0 is None else log1p_of_log_t(log_t0)
     return _Plan(settings, first, stable, edge, targets, z0)
 
 
@@ -339,7 +327,7 @@ def _start(clock: str, params0, z0: float, dtype):
 def _target_clock(clock: str, target: float) -> tuple[float, float | None]:
     """``(log(1 + t), clock value)`` at the save point ``log t = target`` (the loss
     clock's value is not known in advance: ``None``)."""
-    z_target = _log1p_of_log_t(float(target))
+    z_target = log1p_of_log_t(float(target))
     if clock == "time":
         c1 = math.exp(float(target))
         if not math.isfinite(c1):

@@ -85,6 +85,18 @@ def log_t_grid(log_t_min: float, log_t_max: float, saves: int) -> np.ndarray:
     return np.linspace(log_t_min, log_t_max, max(int(saves), 2))
 
 
+def log_t_of_log1p(z: float) -> float:
+    """``log t`` from ``z = log(1 + t)``: ``z + log(-expm1(-z))``, exact for every z."""
+    if z <= 0:
+        return -math.inf
+    return z + math.log(-math.expm1(-z))
+
+
+def log1p_of_log_t(log_t: float) -> float:
+    """``log(1 + t)`` from ``log t`` without overflow."""
+    return float(np.logaddexp(0.0, log_t))
+
+
 def _finite_tree(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 

@@ -52,7 +52,7 @@ import optimistix as optx
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from gflow.dynamics.gd import log_t_grid, quantities_many
+from gflow.dynamics.gd import log1p_of_log_t, log_t_grid, log_t_of_log1p, quantities_many
 from gflow.dynamics.solvers import evals_per_step, is_fixed_step, make_solver, solver_name
 from gflow.kinks import _model, _off_slope
 from gflow.objective import Objective
@@ -78,6 +78,7 @@ class KinkStepping(NamedTuple):
 
 
 _BUCKETS = (0, 4, 16, 64, 256, 1024)
+_MAX_STALLED = 64  # simultaneous switches are handled in one event: more is a livelock
 
 
 class _Net(NamedTuple):
@@ -113,6 +114,22 @@ def _forward(obj: Objective, theta, x, slopes, net: _Net):
         for k in range(hidden)
     ]
     return out, jnp.concatenate(zs, axis=1), jnp.concatenate(scale, axis=1)
+
+
+def _relative(z, scale):
+    """``z / (|h_n| |w_j|)``, a pair's pre-activation relative to its scale."""
+    return z / jnp.where(scale > 0, scale, 1.0)
+
+
+def _slack(s, off):
+    """How far sliding slopes ``s`` are inside ``[off, 1]`` (negative: outside)."""
+    return jnp.minimum(s - off, 1.0 - s)
+
+
+def _newton_iters(net: _Net) -> int:
+    """Newton steps for the sliding slopes: the field is affine in them with one hidden
+    layer (one solve is exact), not deeper."""
+    return 1 if len(net.widths) == 1 else 3
 
 
 def _log_loss(obj: Objective, out):
@@ -187,14 +204,13 @@ class _Kernels(NamedTuple):
     locate_save: Callable
     classify: Callable
     probe: Callable
-    where: Callable
     interpolate: Callable
 
 
 @functools.cache
 def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
     """The jitted pieces for ``k`` sliding slots (0 when nothing slides)."""
-    iters = 1 if len(net.widths) == 1 else 3
+    iters = _newton_iters(net)
     off = net.off
 
     def vf(tau, y, args):
@@ -209,7 +225,7 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
 
     def signed(slopes, z, scale):
         sigma = jnp.where(slopes > 0.5 * (1.0 + off), 1.0, -1.0)
-        return sigma * z / jnp.where(scale > 0, scale, 1.0)
+        return sigma * _relative(z, scale)
 
     def sliding_mask(idx):
         flat = jnp.zeros(net.n * net.units, bool)
@@ -222,15 +238,15 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
 
     def exit_margin(obj, y, slopes, idx):
         _, s, _ = _field(obj, y[0], slopes, idx, net, iters)
-        margin = jnp.minimum(s - off, 1.0 - s)
-        return jnp.min(jnp.where(idx >= 0, margin, jnp.inf)), s
+        return jnp.min(jnp.where(idx >= 0, _slack(s, off), jnp.inf)), s
 
     @eqx.filter_jit
     def advance(obj, slopes, idx, thr, y0, tau0, h0, z_target, budget, f0=None):
         """Steps from ``(tau0, y0)`` until an accepted step ends past a kink, an exit or
         the save point (``z >= z_target``), or ``budget`` steps. Returns the last step's
         start and end, its dense output, the controller's next step and counts. ``f0``:
-        the field at ``y0`` if known (a FSAL solver then starts without evaluating it)."""
+        the field at ``y0`` if known (a FSAL solver then starts without evaluating it). The
+        last return is the mask (n * U,) of the non-sliding pairs past ``-thr`` at the end."""
         args = (obj, slopes, idx)
         y0 = (*y0, jnp.zeros((k,), y0[0]["layers"][0]["kernel"].dtype))
         tnext, cstate = controller.init(term, tau0, tau0 + h0, y0, h0, args, solver.func,
@@ -254,6 +270,7 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
             a: jax.Array
             ya: tuple
             dense: object
+            mask: jax.Array  # the pairs past -thr at the last accepted step's end
 
         def cond(c):
             return (c.stop == 0) & (c.steps < budget)
@@ -270,11 +287,12 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
                 jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(y1)]
             )
             ok = (res == diffrax.RESULTS.successful) & (cres == diffrax.RESULTS.successful)
-            event = crossed(obj, y1, slopes, idx, thr).any() | (y1[1] >= z_target)
+            mask = crossed(obj, y1, slopes, idx, thr)
+            event = mask.any() | (y1[1] >= z_target)
             if k:
                 if fsal:
                     s1 = sstate[1][3]  # the field's sliding slopes at y1 (FSAL)
-                    gap = jnp.min(jnp.where(idx >= 0, jnp.minimum(s1 - off, 1.0 - s1), jnp.inf))
+                    gap = jnp.min(jnp.where(idx >= 0, _slack(s1, off), jnp.inf))
                 else:
                     gap = exit_margin(obj, y1, slopes, idx)[0]
                 event = event | (gap < 0)
@@ -292,13 +310,15 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
                 accepted=c.accepted + keep.astype(int), stop=stop,
                 a=jnp.where(keep, c.tau, c.a), ya=pick(c.y, c.ya),
                 dense=jax.tree.map(lambda a, b: jnp.where(keep, a, b), dense, c.dense),
+                mask=jnp.where(keep, mask, c.mask),
             )  # fmt: skip
 
         c0 = C(tau0, tnext, y0, sstate, cstate, jnp.zeros((), int), jnp.zeros((), int),
-               jnp.zeros((), int), tau0, y0, dense0)  # fmt: skip
+               jnp.zeros((), int), tau0, y0, dense0,
+               jnp.zeros(net.n * net.units, bool))  # fmt: skip
         c = jax.lax.while_loop(cond, body, c0)
         return (c.a, c.ya[:3], c.tau, c.y[:3], c.dense, c.tnext - c.tau, c.steps, c.accepted,
-                c.stop)  # fmt: skip
+                c.stop, c.mask)  # fmt: skip
 
     def interp(a, b, dense, tau):
         return solver.interpolation_cls(t0=a, t1=b, **dense).evaluate(tau)
@@ -369,14 +389,12 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
         x = obj.x.reshape(net.n, -1)
         scale = (jnp.linalg.norm(x, axis=1)[:, None]
                  * jnp.linalg.norm(theta_b["layers"][0]["kernel"], axis=0)[None, :])  # fmt: skip
-        scale = jnp.where(scale > 0, scale, 1.0)
-        sigma = jnp.where(slopes[:, :w0] > 0.5 * (1.0 + off), 1.0, -1.0)
         free = ~sliding_mask(idx).reshape(net.n, net.units)[:, :w0]
         t0 = thr[:, :w0]
 
         def g(tau):
             z = solver.interpolation_cls(t0=a, t1=b, **dz).evaluate(tau)
-            return jnp.where(free, sigma * z / scale + t0, jnp.inf)
+            return jnp.where(free, signed(slopes[:, :w0], z, scale) + t0, jnp.inf)
 
         nodes = a + (b - a) * jnp.arange(1, grid + 1, dtype=a.dtype) / grid
         low = jax.vmap(lambda tau: jnp.min(g(tau)))(nodes)
@@ -431,22 +449,16 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
         return jax.jvp(z_of, (y[0],), (field[0],))[1], field
 
     @eqx.filter_jit
-    def where(obj, theta, slopes):
-        """``z / (|h_n| |w_j|)`` of every pair (n * U,): one forward pass."""
-        _, z, scale = _forward(obj, theta, obj.x, slopes, net)
-        return (z / jnp.where(scale > 0, scale, 1.0)).reshape(-1)
-
-    @eqx.filter_jit
     def probe(obj, theta, slopes, idx):
         """``(s, z / (|h_n| |w_j|) (n * U,))``: the sliding slopes and where every pair is
         (a field evaluation only while something slides)."""
         s = _field(obj, theta, slopes, idx, net, iters)[1] if k else jnp.zeros((0,), slopes.dtype)
         _, z, scale = _forward(obj, theta, obj.x, slopes, net)
-        return s, (z / jnp.where(scale > 0, scale, 1.0)).reshape(-1)
+        return s, _relative(z, scale).reshape(-1)
 
     interpolate = eqx.filter_jit(interp)
     return _Kernels(advance, locate_first_layer, locate_crossings, locate_exit, locate_save,
-                    classify, probe, where, interpolate)  # fmt: skip
+                    classify, probe, interpolate)  # fmt: skip
 
 
 def _bucket(k: int, cap: int) -> int:
@@ -537,8 +549,8 @@ def run_flow_kinks(
         return _pad(sliding, _bucket(len(sliding), stepping.max_sliding))
 
     def field_cost(calls: int) -> None:
-        count["grad_evals"] += calls * (1 if len(net.widths) == 1 or not sliding else 3)
-        count["pair_evals"] += calls * 3 * len(sliding)
+        count["grad_evals"] += calls * (_newton_iters(net) if sliding else 1)
+        count["pair_evals"] += calls * 3 * len(sliding) * _newton_iters(net)
 
     def record(log_t: float):
         offset = 0.0  # how far the sliding pairs are from their surfaces
@@ -564,20 +576,19 @@ def run_flow_kinks(
         """Drop sliding pairs whose slope is outside [off, 1] at ``theta``, to the side
         their slope points to, until the rest slide consistently."""
         while sliding:
-            ks = kern()
-            idx = slots()
-            s, rel = jax.device_get(ks.probe(objective, theta, jnp.asarray(slopes), idx))
-            field_cost(1)
+            s, rel = jax.device_get(ks_probe(theta))
             members = sorted(sliding)
+            # out at a slack <= 0, as the exit location has it (a slope exactly at an
+            # end of [s-, 1] kept here would be found exiting again at once, forever)
             out = [(p, v) for p, v in zip(members, s[: len(members)], strict=False)
-                   if not net.off <= v <= 1.0]  # fmt: skip
+                   if _slack(v, net.off) <= 0]  # fmt: skip
             if not out:
                 return
             for p, v in out:
                 sliding.discard(p)
                 i, j = divmod(p, net.units)
-                slopes[i, j] = 1.0 if v > 1.0 else net.off
-                side = 1.0 if v > 1.0 else -1.0
+                side = 1.0 if v >= 1.0 else -1.0
+                slopes[i, j] = 1.0 if side > 0 else net.off
                 # it sits at |z| ~ margin: registers a crossing only once clear of that
                 thr[i, j] = 2 * eta + max(0.0, -side * float(rel[p]))
                 count["slide_exits"] += 1
@@ -585,10 +596,11 @@ def run_flow_kinks(
     targets = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
     crossed_pairs = np.zeros(net.n * net.units, np.int64)
     f0 = None
+    stalled = 0  # events in a row at the step's start: a guard against a livelock
     record(-math.inf)
     try:
         for target in targets:
-            z_target = float(np.logaddexp(0.0, target))
+            z_target = log1p_of_log_t(target)
             while True:
                 ks = kern()
                 idx = slots()
@@ -601,7 +613,7 @@ def run_flow_kinks(
                                  jnp.asarray(tau, dtype), jnp.asarray(h0, dtype),
                                  jnp.asarray(z_target, dtype), jnp.asarray(min(budget, 200_000)),
                                  f0)  # fmt: skip
-                a, ya, b, yb, dense, h_next, n_steps, n_acc, stop = out
+                a, ya, b, yb, dense, h_next, n_steps, n_acc, stop, past = out
                 n_steps, n_acc, stop = int(n_steps), int(n_acc), int(stop)
                 exiting = stop == 3
                 stop = 1 if exiting else stop
@@ -623,10 +635,7 @@ def run_flow_kinks(
                     y, tau, h = yb, float(b), float(h_next)
                     continue
                 # an event in the step [a, b]: find the first one
-                rel_b = jax.device_get(ks.where(objective, yb[0], jnp.asarray(slopes)))
-                sigma = np.where(slopes > 0.5 * (1.0 + net.off), 1.0, -1.0).reshape(-1)
-                cands = [int(p) for p in np.flatnonzero(sigma * rel_b < -thr.reshape(-1))
-                         if int(p) not in sliding]  # fmt: skip
+                cands = [int(p) for p in np.flatnonzero(jax.device_get(past))]
                 when = {}
                 w0 = net.widths[0]
                 first = [p for p in cands if p % net.units < w0]
@@ -653,16 +662,12 @@ def run_flow_kinks(
                         when["cross"] = t2
                         crossing = [p for p, r in zip(deeper, roots, strict=False) if r <= t2]
                 if exiting:
-                    s_b = jax.device_get(ks.probe(objective, yb[0], jnp.asarray(slopes), idx))[0]
-                    field_cost(1)
-                    s_b = s_b[: len(sliding)]
-                    fb = float(np.min(np.minimum(s_b - net.off, 1.0 - s_b)))
+                    s_b = jax.device_get(ks_probe(yb[0]))[0][: len(sliding)]
+                    fb = float(np.min(_slack(s_b, net.off)))
                     exiting = fb < 0  # the FSAL stage's slopes and these agree to rounding
                 if exiting:
-                    s_a = jax.device_get(ks.probe(objective, ya[0], jnp.asarray(slopes), idx))[0]
-                    s_a = s_a[: len(sliding)]
-                    fa = float(np.min(np.minimum(s_a - net.off, 1.0 - s_a)))
-                    field_cost(1)
+                    s_a = jax.device_get(ks_probe(ya[0]))[0][: len(sliding)]
+                    fa = float(np.min(_slack(s_a, net.off)))
                     if fa <= 0:  # already out at the step's start (settled at every switch)
                         when["exit"] = float(a)
                     else:
@@ -678,10 +683,17 @@ def run_flow_kinks(
                     continue
                 kind = min(when, key=when.get)
                 t_event = when[kind]
+                stalled = stalled + 1 if kind != "save" and t_event <= float(a) else 0
+                if stalled > _MAX_STALLED:
+                    status = "failed"
+                    message = (f"{stalled} events in a row at tau = {t_event!r} without a step "
+                               f"forward ({kind}; sliding pairs {sorted(sliding)})")  # fmt: skip
+                    y = ya
+                    raise _Stop
                 y = ks.interpolate(a, b, dense, jnp.asarray(t_event, dtype))[:3]
                 tau = t_event
                 h = float(h_next) if h_next > 0 else h
-                lt_e = _log_t_of_z(float(y[1]))
+                lt_e = log_t_of_log1p(float(y[1]))
                 if was_sliding and math.isfinite(log_t_now):
                     span += lt_e - log_t_now
                 log_t_now = lt_e
@@ -714,8 +726,7 @@ def run_flow_kinks(
                 if f0 is not None and sliding:
                     # a switch moves the sliding slopes too: one may now leave (seen in
                     # the classification's field, free)
-                    s_new = np.asarray(f0[3])[: len(sliding)]
-                    if np.any((s_new < net.off) | (s_new > 1.0)):
+                    if float(np.min(_slack(np.asarray(f0[3])[: len(sliding)], net.off))) < 0:
                         entered = True
                 if entered or kind == "exit":
                     f0 = None  # the sliding set changes: the field is evaluated afresh
@@ -727,7 +738,7 @@ def run_flow_kinks(
                 message = f"log loss {row['log_loss']:.6g} <= target {log_loss_min:g}"
                 break
     except _Stop:
-        record(_log_t_of_z(float(y[1])))
+        record(log_t_of_log1p(float(y[1])))
     except KeyboardInterrupt:
         status, message = "stopped", "interrupted"
     rec.config["kink_pairs"] = {
@@ -747,9 +758,3 @@ def _theta_norm(y):
     """The error norm, on theta and z only: the dissipation integral D is a monitor, and
     r only carries the sliding slopes (``_kernels``)."""
     return optx.rms_norm(y[:2])
-
-
-def _log_t_of_z(z: float) -> float:
-    if z <= 0:
-        return -math.inf
-    return z + math.log(-math.expm1(-z))
