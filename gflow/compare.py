@@ -5,9 +5,11 @@
   reached) and report the differences in log loss, ``rho`` (relative), normalized and
   smoothed margin, and the relative parameter distance, the snapshots of both runs
   interpolated in ``log t``.
-* ``gd_flow_gap``: GD at several constant steps against the flow at the same time ``t``
-  (an RK4 reference on the time clock), and the fitted order of the gap in the step
-  (about 1: GD is a first-order method), with a note when GD left the flow.
+* ``gd_flow_gap``: GD at several constant steps against the flow at the same time ``t``,
+  and the fitted order of the gap in the step (about 1: GD is a first-order method),
+  with a note when GD left the flow. The reference: for a ReLU MLP the flow through its
+  kinks event by event (``KinkStepping``, error ~1e-10, so that gaps of 1e-7 can be
+  fitted), otherwise RK4 on the time clock.
 * ``sharpness_along``: ``eta * lambda_max`` along a GD run from its snapshots, with
   ``lambda_max`` the top Hessian eigenvalue of ``Loss``; GD can track the flow only
   while it stays below 2.
@@ -158,31 +160,45 @@ def gd_flow_gap(
     *,
     t_end: float,
     ref_substeps: int = 16,
+    reference: str = "auto",
 ) -> dict:
     """GD with constant steps ``lrs`` to time ``t_end`` against the flow at ``t_end``.
 
     Each step divides ``t_end`` into a whole number of steps (``t_end / lr`` is rounded
-    and the step adjusted). The flow reference is RK4 on the time clock at a step of
-    ``min(lrs) / ref_substeps``. Returns the per-step gaps (relative parameter distance,
+    and the step adjusted). The flow reference (``reference``): ``"kinks"``, the flow
+    through a ReLU MLP's kinks event by event (Tsit5 at rtol 1e-11 between them, the
+    save point at ``t_end`` located on the dense output); ``"rk4"``, RK4 on the time
+    clock at a step of ``min(lrs) / ref_substeps`` (first order at every kink it steps
+    over, so its own error is then about ``gap / ref_substeps``); ``"auto"``: kinks
+    where the model has them. Returns the per-step gaps (relative parameter distance,
     log loss, smoothed margin) and their fitted orders in the step.
     """
-    from gflow.dynamics import run_flow, run_gd
+    from gflow.dynamics import KinkStepping, run_flow, run_gd
+    from gflow.kinks import _model
 
     lrs = np.sort(np.asarray(lrs, float))
     if lrs.size < 2 or not lrs[0] > 0:
         raise ValueError("give at least two positive step sizes")
     if not t_end > 0:
         raise ValueError(f"t_end must be positive, got {t_end}")
+    if reference not in ("auto", "kinks", "rk4"):
+        raise ValueError(f"reference must be 'auto', 'kinks' or 'rk4', got {reference!r}")
+    if reference == "auto":
+        try:
+            _model(objective, params0)
+            reference = "kinks"
+        except ValueError:
+            reference = "rk4"
     log_t_end = math.log(t_end)
-    ref = run_flow(
-        objective,
-        params0,
-        clock="time",
-        solver="rk4",
-        dt=float(lrs[0]) / ref_substeps,
-        log_t_max=log_t_end,
-        saves=2,
-    )
+    if reference == "kinks":
+        ref_kw = dict(solver="tsit5", rtol=1e-11, atol=1e-14)
+        ref = run_flow(objective, params0, clock="loss", solver="tsit5", saves=2,
+                       stepsize_controller=KinkStepping(rtol=1e-11, atol=1e-14),
+                       log_t_min=log_t_end - 1.0, log_t_max=log_t_end)  # fmt: skip
+    else:
+        ref_kw = dict(solver="rk4", dt=float(lrs[0]) / ref_substeps)
+        ref = run_flow(objective, params0, clock="time", solver="rk4", dt=ref_kw["dt"],
+                       log_t_max=log_t_end, saves=2)  # fmt: skip
     if ref.status != "completed":
         raise RuntimeError(f"flow reference failed: {ref.message}")
     th_ref = _flat(ref.final_params)
@@ -219,8 +235,11 @@ def gd_flow_gap(
         notes=notes,
         followed_the_flow=not left,
         reference=dict(
-            solver="rk4", dt=float(lrs[0]) / ref_substeps, log_loss=float(ref["log_loss"][-1])
-        ),
+            kind=reference,
+            **ref_kw,
+            log_loss=float(ref["log_loss"][-1]),
+            grad_evals=int(ref["grad_evals"][-1]),
+        ),  # fmt: skip
         order_param=fit_order(steps, [r["param_gap"] for r in rows]),
         order_log_loss=fit_order(steps, [r["log_loss_gap"] for r in rows]),
         order_margin=fit_order(steps, [r["margin_gap"] for r in rows]),

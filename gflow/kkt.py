@@ -15,6 +15,12 @@ result's optimality conditions are checked and returned. ``eps`` itself is then
 recomputed from the residual *vector* ``theta_s - J^T lambda`` (one gradient), not from
 the quadratic form, so it keeps its digits when it is small.
 
+At a kink ``grad q_n`` is a set (Clarke's): autodiff picks one element (a ReLU's slope 0
+at z = 0). ``slopes`` picks another: the activation pattern of a ReLU network frozen at
+the given slopes (``gflow.kinks.pattern``'s layout), e.g. with the sliding pairs of an
+event-driven flow at their sliding slopes in ``[s-, 1]`` (``clarke_pattern``): the
+element of the subdifferential that the flow's own velocity is made of.
+
 Only near-active samples (``q_n(theta_s) <= 1 + gap``) enter unless ``gap=None``. The
 per-example gradients are built by ``vmap`` in chunks of ``chunk`` samples; when the
 whole ``J`` would exceed ``max_bytes`` the Gram matrix is built block by block instead.
@@ -35,7 +41,8 @@ from jax.flatten_util import ravel_pytree
 from gflow.distributed import local
 from gflow.objective import Objective
 
-__all__ = ["KKT", "kkt_residual", "gram_matrix", "nonneg_quadratic", "scaled_params"]
+__all__ = ["KKT", "kkt_residual", "gram_matrix", "nonneg_quadratic", "scaled_params",
+           "clarke_pattern"]  # fmt: skip
 
 
 class KKT(NamedTuple):
@@ -78,12 +85,32 @@ def _rows(obj: Objective, params, xb, yb):
     return jax.vmap(lambda x, y: ravel_pytree(g(obj, params, x, y))[0])(xb, yb)
 
 
-def _grad_rows(objective: Objective, params, idx: np.ndarray, chunk: int, dim: int):
-    """Rows ``grad q_n`` (flattened) for the samples ``idx``, ``chunk`` at a time."""
+@jax.jit
+def _rows_with(obj: Objective, params, xb, yb, sb):
+    """As ``_rows``, with each sample's activation pattern frozen at its rows of ``sb``."""
+
+    def one(p, x, y, s):
+        out = nnx.merge(obj.graphdef, p).with_slopes(x[None], [a[None] for a in s])
+        return eqx.tree_at(lambda o: o.y, obj, y[None]).margins_of(out)[0]
+
+    g = jax.grad(one)
+    return jax.vmap(lambda x, y, s: ravel_pytree(g(params, x, y, s))[0])(xb, yb, sb)
+
+
+def _grad_rows(objective: Objective, params, idx: np.ndarray, chunk: int, dim: int,
+               slopes=None):  # fmt: skip
+    """Rows ``grad q_n`` (flattened) for the samples ``idx``, ``chunk`` at a time;
+    ``slopes``: with the activation pattern frozen there (module docstring)."""
     out = np.empty((idx.size, dim), np.float64)
     for s in range(0, idx.size, chunk):
         b = idx[s : s + chunk]
-        out[s : s + b.size] = np.asarray(_rows(objective, params, objective.x[b], objective.y[b]))
+        xb, yb = objective.x[b], objective.y[b]
+        rows = (
+            _rows(objective, params, xb, yb)
+            if slopes is None
+            else _rows_with(objective, params, xb, yb, [a[b] for a in slopes])
+        )
+        out[s : s + b.size] = np.asarray(rows)
     return out
 
 
@@ -160,6 +187,7 @@ def gram_matrix(
     chunk: int = 64,
     max_bytes: int = 1 << 30,
     method: str = "auto",
+    slopes=None,
 ) -> np.ndarray:
     """``K_nm = <grad q_n, grad q_m>`` at ``params`` over the samples ``idx`` (all if None).
 
@@ -170,13 +198,16 @@ def gram_matrix(
     seconds, not minutes). ``method="rows"`` forms the per-example gradients by
     ``vmap``: all of ``idx`` at once when they fit in ``max_bytes``, otherwise block by
     block, recomputing the gradients of one block per block row (memory: two blocks
-    of ``chunk`` rows).
+    of ``chunk`` rows). ``slopes``: gradients with the activation pattern frozen there
+    (module docstring; by rows).
     """
     if method not in ("auto", "layers", "rows"):
         raise ValueError(f"method must be 'auto', 'layers' or 'rows', got {method!r}")
     idx = np.arange(objective.num_samples) if idx is None else np.asarray(idx)
     if idx.size == 0:
         return np.zeros((0, 0))
+    if slopes is not None:
+        method = "rows"
     if method != "rows":
         need = _layerwise_bytes(objective, params, idx.size)
         if need is not None and (method == "layers" or need <= max_bytes):
@@ -185,15 +216,15 @@ def gram_matrix(
             raise ValueError("method='layers' needs a gflow Sequential model")
     dim = ravel_pytree(params)[0].size
     if idx.size * dim * 8 <= max_bytes:
-        J = _grad_rows(objective, params, idx, chunk, dim)
+        J = _grad_rows(objective, params, idx, chunk, dim, slopes)
         return J @ J.T
     K = np.empty((idx.size, idx.size))
     blocks = [idx[s : s + chunk] for s in range(0, idx.size, chunk)]
     starts = np.cumsum([0] + [b.size for b in blocks])
     for i, bi in enumerate(blocks):
-        Ji = _grad_rows(objective, params, bi, chunk, dim)
+        Ji = _grad_rows(objective, params, bi, chunk, dim, slopes)
         for j in range(i, len(blocks)):
-            Jj = Ji if j == i else _grad_rows(objective, params, blocks[j], chunk, dim)
+            Jj = Ji if j == i else _grad_rows(objective, params, blocks[j], chunk, dim, slopes)
             blk = Ji @ Jj.T
             K[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = blk
             K[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = blk.T
@@ -232,25 +263,35 @@ def kkt_residual(
     gap: float | None = 1.0,
     chunk: int = 64,
     max_bytes: int = 1 << 30,
+    slopes=None,
 ) -> KKT:
     """The (eps, delta)-KKT residual at ``params`` (module docstring).
 
     ``gap``: samples with ``q_n(theta_s) <= 1 + gap`` enter (all if ``None``); samples
     left out get ``lam = 0``, which is optimal for them only if their margin is large,
-    so a small ``gap`` can only overstate eps.
+    so a small ``gap`` can only overstate eps. ``slopes``: the margins' gradients with
+    the activation pattern frozen there, a Clarke element other than autodiff's
+    (module docstring; ``clarke_pattern``). The margins themselves are the network's.
     """
     if not objective.homogeneous:
         raise ValueError("the KKT residual needs a homogeneous model (theta_s is undefined)")
     objective = local(objective)  # multi-host: gather the samples onto this process
     theta_s, q_s, q_min = scaled_params(objective, jax.tree.map(jnp.asarray, params))
     active = np.nonzero(q_s <= 1 + gap)[0] if gap is not None else np.arange(q_s.size)
-    K = gram_matrix(objective, theta_s, active, chunk=chunk, max_bytes=max_bytes)
+    if slopes is not None:
+        slopes = [jnp.asarray(a, objective.dtype) for a in slopes]
+    K = gram_matrix(objective, theta_s, active, chunk=chunk, max_bytes=max_bytes, slopes=slopes)
     L = objective.order
     lam, opt_gap = nonneg_quadratic(K, L * q_s[active])
     full = np.zeros(q_s.size)
     full[active] = lam
     flat = np.asarray(ravel_pytree(theta_s)[0])
-    r = np.asarray(_residual(objective, theta_s, jnp.asarray(full, flat.dtype)))
+    lam_full = jnp.asarray(full, flat.dtype)
+    r = np.asarray(
+        _residual(objective, theta_s, lam_full)
+        if slopes is None
+        else _residual_with(objective, theta_s, lam_full, slopes)
+    )
     eps = float(np.linalg.norm(r))
     norm_s = float(np.linalg.norm(flat))
     delta = float(np.sum(lam * (q_s[active] - 1.0)))
@@ -262,3 +303,27 @@ def _residual(obj: Objective, theta_s, lam):
     """``theta_s - sum_n lam_n grad q_n(theta_s)`` = ``theta_s - grad (lam . q)``, flat."""
     g = jax.grad(lambda p: jnp.dot(lam, obj.margins(p)))(theta_s)
     return ravel_pytree(theta_s)[0] - ravel_pytree(g)[0]
+
+
+@jax.jit
+def _residual_with(obj: Objective, theta_s, lam, slopes):
+    """``_residual`` with the activation pattern frozen at ``slopes``."""
+
+    def q(p):
+        return obj.margins_of(nnx.merge(obj.graphdef, p).with_slopes(obj.x, slopes))
+
+    g = jax.grad(lambda p: jnp.dot(lam, q(p)))(theta_s)
+    return ravel_pytree(theta_s)[0] - ravel_pytree(g)[0]
+
+
+def clarke_pattern(objective: Objective, params, sliding: dict) -> list:
+    """The activation pattern at ``params`` (``gflow.kinks.pattern``) with the sliding
+    pairs at their sliding slopes: ``sliding`` holds ``pairs`` ([layer, sample, unit]
+    each) and ``slopes``, as an event-driven flow records them at every save point
+    (``Trajectory.config["sliding_pattern"]``)."""
+    from gflow.kinks import pattern
+
+    out = [np.array(a) for a in pattern(objective, params)]
+    for (layer, n, j), v in zip(sliding.get("pairs", []), sliding.get("slopes", []), strict=True):
+        out[int(layer)][int(n), int(j)] = v
+    return out

@@ -345,19 +345,35 @@ def check_trajectory(
 
 def kkt_along(traj: Trajectory, objective) -> list[dict]:
     """The KKT residual at each parameter snapshot of a run (at its final parameters if it
-    saved none), skipping points where the data are not yet separated."""
-    from gflow.kkt import kkt_residual
+    saved none), skipping points where the data are not yet separated.
+
+    A run through the kinks event by event (``--kinks``) records its sliding pairs'
+    slopes at every save point: where any slide, ``eps_rel`` / ``eps`` / ``delta`` are
+    taken with those Clarke multipliers (the flow's own element of the subdifferential,
+    ``gflow.kkt``) and autodiff's one-sided values are kept as ``eps_rel_one_sided`` and
+    ``delta_one_sided``; ``sliding`` counts the pairs."""
+    from gflow.kkt import clarke_pattern, kkt_residual
 
     points = list(enumerate(traj.snapshots))
     if not points and traj.final_params is not None:
         points = [(len(traj) - 1, traj.final_params)]
+    at_saves = traj.config.get("sliding_pattern") or []
+    if len(at_saves) != len(traj):
+        at_saves = []  # not a kink run, or a run cut short: autodiff's element only
+    gap = None if objective.num_samples <= 2000 else 1.0
     out = []
     for i, p in points:
         try:
-            r = kkt_residual(objective, p, gap=None if objective.num_samples <= 2000 else 1.0)
+            r = kkt_residual(objective, p, gap=gap)
         except ValueError:
             continue  # not separated yet
-        out.append(dict(log_t=float(traj["log_t"][i]), eps_rel=r.eps_rel, eps=r.eps, delta=r.delta))
+        row = dict(log_t=float(traj["log_t"][i]), eps_rel=r.eps_rel, eps=r.eps, delta=r.delta)
+        sliding = at_saves[i] if at_saves else {}
+        if sliding.get("pairs"):
+            c = kkt_residual(objective, p, gap=gap, slopes=clarke_pattern(objective, p, sliding))
+            row.update(eps_rel_one_sided=r.eps_rel, delta_one_sided=r.delta, eps_rel=c.eps_rel,
+                       eps=c.eps, delta=c.delta, sliding=len(sliding["pairs"]))  # fmt: skip
+        out.append(row)
     return out
 
 

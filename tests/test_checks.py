@@ -104,9 +104,25 @@ def test_fit_order():
 
 def test_gd_against_the_flow_is_first_order():
     obj, p0 = _small()
-    r = gd_flow_gap(obj, p0, [0.005, 0.01, 0.02, 0.04], t_end=4.0)
+    r = gd_flow_gap(obj, p0, [0.005, 0.01, 0.02, 0.04], t_end=4.0, reference="rk4")
     for k in ("order_param", "order_log_loss", "order_margin"):
         assert 0.8 <= r[k] <= 1.2, (k, r[k])
+
+
+@pytest.mark.slow  # about 30 s: the kink reference's compile and 250 switches
+def test_gd_against_the_flow_through_its_kinks_is_first_order():
+    """The default reference for a ReLU net is the flow event by event (error ~1e-10):
+    RK4's gaps agree with it to RK4's own first-order error, <= gap * (dt_ref / lr_min)
+    = gap / 16 at every step, and the orders are Euler's."""
+    obj, p0 = _small()
+    lrs = [0.005, 0.01, 0.02, 0.04]
+    r = gd_flow_gap(obj, p0, lrs, t_end=4.0)
+    assert r["reference"]["kind"] == "kinks"
+    for k in ("order_param", "order_log_loss", "order_margin"):
+        assert 0.8 <= r[k] <= 1.2, (k, r[k])
+    rk4 = gd_flow_gap(obj, p0, lrs, t_end=4.0, reference="rk4")
+    for a, b in zip(r["rows"], rk4["rows"], strict=True):
+        assert abs(a["param_gap"] - b["param_gap"]) <= a["param_gap"] / 16, (a, b)
 
 
 # ---------------------------------------------------------------- failing on purpose

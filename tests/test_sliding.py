@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.optimize
 from scipy import integrate
 
 from gflow import data as D
@@ -143,16 +144,24 @@ def test_run_flow_takes_kink_stepping_as_its_controller(two_units):
         run_flow(obj, p, stepsize_controller=KinkStepping(), clock="time", log_t_max=1.0)
 
 
-def test_a_sliding_pair_stays_on_its_surface_to_rounding(digits):
-    """Sample 16 / unit 7 of this problem slides from log t ~ 6.7 to 20 (``test_kinks``).
-    A first-layer pre-activation is linear in theta and every stage of the sliding field
+MARGIN = 1e-12
+
+
+@pytest.fixture(scope="module")
+def sliding_run(digits):
+    """Sample 16 / unit 7 of this problem slides from log t ~ 6.7 to 20 (``test_kinks``)."""
+    obj, p = digits
+    return run_flow_kinks(obj, p, solver="bosh3", log_t_min=7, log_t_max=9, saves=2,
+                          save_params=True,
+                          stepping=KinkStepping(rtol=1e-8, atol=1e-11, margin=MARGIN))  # fmt: skip
+
+
+def test_a_sliding_pair_stays_on_its_surface_to_rounding(sliding_run):
+    """A first-layer pre-activation is linear in theta and every stage of the sliding field
     has its rate zero up to the K x K solve's rounding, so a sliding pair keeps the
     ``|z| / (|h| |w|)`` it entered with (``margin``, the crossing registers just past the
     surface) plus a few ulps per step; a chattering solver leaves it at its tolerance."""
-    obj, p = digits
-    margin = 1e-12
-    tr = run_flow_kinks(obj, p, solver="bosh3", log_t_min=7, log_t_max=9, saves=2,
-                        stepping=KinkStepping(rtol=1e-8, atol=1e-11, margin=margin))  # fmt: skip
+    tr, margin = sliding_run, MARGIN
     assert tr.status == "completed"
     assert np.all(tr["sliding"][1:] >= 1) and tr["slide_entries"][-1] >= 1
     eps = np.finfo(np.float64).eps
@@ -221,3 +230,53 @@ def test_order_through_crossings_and_sliding(digits):
     assert _worst_param_error(ref, finer) <= min(errs) / 30, (errs, _worst_param_error(ref, finer))
     slope = np.polyfit(np.log(dts), np.log(errs), 1)[0]
     assert slope >= 3, (errs, slope)
+
+
+def _nnls_eps(obj, params, slopes) -> tuple[float, float]:
+    """The KKT residual of a one-hidden-layer net written out by hand: ``grad q_n`` with
+    the pattern ``slopes`` (n, width) is ``y_n (x_n (a * s_n)^T, s_n * z_n)``; eps is
+    scipy's NNLS on those rows directly (no Gram matrix). Returns ``(eps, |theta_s|)``."""
+    q = np.asarray(obj.margins(params))
+    c = q.min() ** -0.5  # order 2
+    w = np.asarray(params["layers"][0]["kernel"]) * c
+    a = np.asarray(params["layers"][1]["kernel"])[:, 0] * c
+    x, y = np.asarray(obj.x).reshape(q.size, -1), np.asarray(obj.y, np.float64)
+    z = x @ w
+    rows = np.array([np.concatenate([y[n] * np.outer(x[n], a * slopes[n]).ravel(),
+                                     y[n] * slopes[n] * z[n]]) for n in range(q.size)])  # fmt: skip
+    theta = np.concatenate([w.ravel(), a])
+    return scipy.optimize.nnls(rows.T, theta, maxiter=10_000)[1], float(np.linalg.norm(theta))
+
+
+def test_kkt_with_the_sliding_pairs_clarke_multipliers(sliding_run, digits):
+    """Along a kink run the KKT residual takes the sliding pair's slope as its Clarke
+    multiplier. Against the residual written out by hand and solved by NNLS on the
+    gradient rows (``_nnls_eps``): kkt.py's Gram matrix squares the rows' condition
+    number, so its eps keeps at least half of float64's digits: |diff| <= sqrt(eps) |theta_s|.
+    The flow's element and autodiff's must differ by more than that (else this test could
+    not tell them apart)."""
+    from gflow.kinks import pattern
+    from gflow.kkt import clarke_pattern, kkt_residual
+    from gflow.theory import kkt_along
+
+    obj, _ = digits
+    tr = sliding_run
+    at_end = tr.config["sliding_pattern"][-1]
+    assert at_end["pairs"] == [[0, 16, 7]] and 0 < at_end["slopes"][0] < 1
+    p = tr.snapshots[-1]
+    clarke = clarke_pattern(obj, p, at_end)
+    one_sided = [np.asarray(a) for a in pattern(obj, p)]
+    assert one_sided[0][16, 7] in (0.0, 1.0) and clarke[0][16, 7] == at_end["slopes"][0]
+    tol = math.sqrt(np.finfo(np.float64).eps)
+    eps = {}
+    for name, slopes, kw in [("clarke", clarke, dict(slopes=clarke)), ("one", one_sided, {})]:
+        r = kkt_residual(obj, p, gap=None, **kw)
+        ref, norm = _nnls_eps(obj, p, slopes[0])
+        assert abs(r.eps - ref) <= tol * norm, (name, r.eps, ref)
+        eps[name] = r.eps
+    assert abs(eps["clarke"] - eps["one"]) > 10 * tol * norm, eps
+    rows = kkt_along(tr, obj)
+    assert rows[-1]["sliding"] == 1 and rows[-1]["eps"] == eps["clarke"]
+    assert rows[-1]["eps_rel_one_sided"] * rows[-1]["eps"] / rows[-1]["eps_rel"] == pytest.approx(
+        eps["one"], rel=1e-12
+    )

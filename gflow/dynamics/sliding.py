@@ -31,7 +31,9 @@ Invariants stay monitors: nothing is projected. Counters go into the trajectory:
 ``sliding_span`` (the log t spent with at least one pair sliding), ``sliding_offset``
 (the largest ``|z| / (|h_n| |w_j|)`` over sliding pairs: how well the surface is kept),
 ``events`` and ``grad_evals`` (full-batch gradients; the per-pair work is counted in
-``pair_evals``, single-sample gradient-equivalents).
+``pair_evals``, single-sample gradient-equivalents). ``config["sliding_pattern"]`` holds,
+for every save point, the sliding pairs (``[layer, sample, unit]``) and their slopes: the
+Clarke element of the margins' gradients that the flow is made of (``gflow.kkt``).
 
 Dense networks (MLPs) of gflow's own, ReLU or leaky ReLU, on the loss clock.
 """
@@ -461,6 +463,17 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
                     classify, probe, interpolate)  # fmt: skip
 
 
+def _layer_pair(p: int, net: _Net) -> list:
+    """A flat pair index (sample * units + unit over all hidden layers) as ``[layer,
+    sample, unit in that layer]``."""
+    i, j = divmod(int(p), net.units)
+    for layer, w in enumerate(net.widths):
+        if j < w:
+            return [layer, i, j]
+        j -= w
+    raise ValueError(f"pair {p} is past the network's {net.units} units")
+
+
 def _bucket(k: int, cap: int) -> int:
     for b in _BUCKETS:
         if b >= k:
@@ -554,9 +567,14 @@ def run_flow_kinks(
 
     def record(log_t: float):
         offset = 0.0  # how far the sliding pairs are from their surfaces
+        members = sorted(sliding)
+        s_now = []
         if sliding:
-            rel = jax.device_get(ks_probe(y[0]))[1]
-            offset = float(np.max(np.abs(rel[sorted(sliding)])))
+            s_all, rel = jax.device_get(ks_probe(y[0]))
+            offset = float(np.max(np.abs(rel[members])))
+            s_now = [float(v) for v in s_all[: len(members)]]
+        # the Clarke element the flow is made of, for the KKT residual (gflow.kkt)
+        pattern_at_saves.append(dict(pairs=[_layer_pair(p, net) for p in members], slopes=s_now))
         q = jax.device_get(quantities_many(objective, jax.tree.map(lambda a: a[None], y[0])))
         q = jax.tree.map(lambda a: a[0], q)
         return rec.add(
@@ -596,6 +614,7 @@ def run_flow_kinks(
     targets = [float(v) for v in log_t_grid(log_t_min, log_t_max, saves)]
     crossed_pairs = np.zeros(net.n * net.units, np.int64)
     f0 = None
+    pattern_at_saves: list = []
     stalled = 0  # events in a row at the step's start: a guard against a livelock
     record(-math.inf)
     try:
@@ -741,6 +760,7 @@ def run_flow_kinks(
         record(log_t_of_log1p(float(y[1])))
     except KeyboardInterrupt:
         status, message = "stopped", "interrupted"
+    rec.config["sliding_pattern"] = pattern_at_saves
     rec.config["kink_pairs"] = {
         "pairs": int(net.n * net.units),
         "ever_switched": int(np.sum(crossed_pairs > 0)),
