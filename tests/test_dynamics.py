@@ -125,6 +125,7 @@ def _assert_monotone_after_threshold(tr, log_threshold):
     assert np.all(np.diff(tr["rho"][past[0] :]) > 0)
 
 
+@pytest.mark.slow  # about 35 s; the linear model's run to log t = 1000 stays in the default run
 def test_default_problem_flow_reaches_log_t_100(default_problem):
     obj, p0 = default_problem
     tr = run_flow(obj, p0, clock="loss", rtol=1e-4, atol=1e-7, log_t_max=100.0, saves=25)

@@ -151,6 +151,7 @@ def test_vmapped_flow_seed_failure_keeps_the_others(problem):
     _same_runs(together, alone, 1e-12)
 
 
+@pytest.mark.slow  # about 40 s: the library's seeds tests stay in the default run
 def test_gflow_run_seeds_writes_a_folder_per_seed_and_bands(tmp_path, capsys):
     import json
 

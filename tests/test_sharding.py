@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parent / "scripts" / "sharded.py"
 
 
+@pytest.mark.slow  # a subprocess with 8 simulated devices: about a minute on 2 cores
 def test_eight_devices_equal_one_to_1e12():
     p = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
