@@ -139,9 +139,26 @@ def flow_accuracy(rec: dict) -> str:
     return _table(head, rows) + f"\n\n{_stamp(rec)}"
 
 
+def flow_kinks(rec: dict) -> str:
+    rows = []
+    for r in rec["rows"]:
+        err = r.get("error")
+        worst = f"{err['worst']:.1e} (log t {err['at_log_t']:.3g})" if err else "reference"
+        switches = r.get("crossings", 0) + r.get("slide_entries", 0)
+        wall = "" if r["wall_s"] != r["wall_s"] else f"{r['wall_s']:.0f}"  # NaN: cached
+        rows.append([
+            r["name"], f"{r['grad_evals']:,}", wall, worst,
+            f"{err['end']:.1e}" if err else "", f"{r['balance_drift']:.1e}",
+            f"{r['dissipation_defect']:.1e}", f"{switches:,.0f}" if "events" in r else "chatters",
+        ])  # fmt: skip
+    head = ["run", "gradient evaluations", "wall (s)", "worst margin error", "at end",
+            "balance drift", "dissipation defect", "switches located"]  # fmt: skip
+    return _table(head, rows) + f"\n\n{_stamp(rec)}"
+
+
 RENDER = {
     "gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds,
-    "flow_accuracy-default": flow_accuracy,
+    "flow_accuracy-default": flow_accuracy, "flow_kinks-default": flow_kinks,
 }  # fmt: skip
 
 

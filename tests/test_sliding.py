@@ -280,3 +280,19 @@ def test_kkt_with_the_sliding_pairs_clarke_multipliers(sliding_run, digits):
     assert rows[-1]["eps_rel_one_sided"] * rows[-1]["eps"] / rows[-1]["eps_rel"] == pytest.approx(
         eps["one"], rel=1e-12
     )
+
+
+def test_gflow_run_kinks_takes_its_own_default_tolerances():
+    """``--kinks`` without ``--rtol`` / ``--atol`` runs at 1e-9 / 1e-12 (where it meets the
+    flow's accuracy bar with the fewest evaluations, benchmarks/RESULTS.md); plain flows
+    keep 3e-5 / 3e-8; a tolerance given is kept."""
+    from gflow.runs import RunOptions, _validate
+
+    for opts, want in [
+        (RunOptions(dynamics="flow", kinks=True), (1e-9, 1e-12)),
+        (RunOptions(dynamics="flow"), (3e-5, 3e-8)),
+        (RunOptions(dynamics="flow", kinks=True, rtol=1e-6), (1e-6, 1e-12)),
+    ]:
+        _validate(opts)
+        assert (opts.rtol, opts.atol) == want
+        assert opts.solver == ("bosh3" if opts.kinks else "ralston")
