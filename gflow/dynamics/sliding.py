@@ -406,7 +406,11 @@ def _kernels(net: _Net, k: int, solver, controller, dtype: str) -> _Kernels:
         hi = nodes[k]
         tau = bisect(lambda t: jnp.min(g(t)), lo, hi, iters)
         tau = jnp.where(found, tau, b)
-        return tau, found & (g(tau) <= 0)
+        # the bisection leaves tau at the root to rounding, where g re-evaluated outside
+        # its loop may read +1 ulp: the first pair to cross is a hit all the same (else
+        # the step was taken as it was and its switches made one step late)
+        gt = g(tau)
+        return tau, found & (gt <= jnp.maximum(jnp.min(gt), 0.0))
 
     @eqx.filter_jit
     def locate_crossings(obj, slopes, thr, a, b, dense, cand):
