@@ -144,12 +144,18 @@ def flow_kinks(rec: dict) -> str:
     for r in rec["rows"]:
         err = r.get("error")
         worst = f"{err['worst']:.1e} (log t {err['at_log_t']:.3g})" if err else "reference"
+        if not err and not r["name"].startswith("kinks tsit5 rtol 1e-10"):
+            worst = "no reference"
         switches = r.get("crossings", 0) + r.get("slide_entries", 0)
+        located = f"{switches:,.0f}" if "events" in r else "chatters"
+        if r.get("fallback"):
+            fb = r["fallback"]
+            located += f", then Ralston from log t {fb['log_t']:.3g} ({fb['cost_ratio']:.0f}x)"
         wall = "" if r["wall_s"] != r["wall_s"] else f"{r['wall_s']:.0f}"  # NaN: cached
         rows.append([
             r["name"], f"{r['grad_evals']:,}", wall, worst,
             f"{err['end']:.1e}" if err else "", f"{r['balance_drift']:.1e}",
-            f"{r['dissipation_defect']:.1e}", f"{switches:,.0f}" if "events" in r else "chatters",
+            f"{r['dissipation_defect']:.1e}", located,
         ])  # fmt: skip
     head = ["run", "gradient evaluations", "wall (s)", "worst margin error", "at end",
             "balance drift", "dissipation defect", "switches located"]  # fmt: skip
@@ -159,6 +165,7 @@ def flow_kinks(rec: dict) -> str:
 RENDER = {
     "gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds,
     "flow_accuracy-default": flow_accuracy, "flow_kinks-default": flow_kinks,
+    "flow_kinks-wide": flow_kinks,
 }  # fmt: skip
 
 

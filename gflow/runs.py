@@ -16,6 +16,7 @@ process holds (``gflow``'s ``main`` calls it on the way out, whatever happened).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class RunOptions:
     dt: float | None = None
     cfl: float | None = None
     kinks: bool = False
+    kink_fallback: float = 100.0  # KinkStepping.fallback; inf: never
     # how far and what is kept
     log_t_max: float = 100.0
     log_t_min: float = 0.0
@@ -213,7 +215,10 @@ def _kinks(args: RunOptions):
     """``--kinks``: the flow's step-size controller (else None: the solver's own)."""
     from gflow.dynamics import KinkStepping
 
-    return KinkStepping(rtol=args.rtol, atol=args.atol) if args.kinks else None
+    if not args.kinks:
+        return None
+    fallback = None if math.isinf(args.kink_fallback) else args.kink_fallback
+    return KinkStepping(rtol=args.rtol, atol=args.atol, fallback=fallback)
 
 
 def run(args: RunOptions) -> int:

@@ -123,6 +123,8 @@ def test_bad_stepping_is_refused(digits):
         (KinkStepping(rtol=2.0), "rtol"),
         (KinkStepping(margin=0.1), "margin"),
         (KinkStepping(dt=-1.0), "dt"),
+        (KinkStepping(fallback=0.0), "fallback"),
+        (KinkStepping(window=0), "window"),
     ]:
         with pytest.raises(ValueError, match=needle):
             run_flow_kinks(obj, p, stepping=bad, log_t_max=0.0, log_t_min=-1.0, saves=1)
@@ -164,6 +166,7 @@ def test_a_sliding_pair_stays_on_its_surface_to_rounding(sliding_run):
     tr, margin = sliding_run, MARGIN
     assert tr.status == "completed"
     assert np.all(tr["sliding"][1:] >= 1) and tr["slide_entries"][-1] >= 1
+    assert tr.config["kink_pairs"]["left_past"] == 0  # every switch made in its own step
     eps = np.finfo(np.float64).eps
     bound = 2 * margin + 16 * eps * tr["solver_steps"]
     assert np.all(tr["sliding_offset"][1:] <= bound[1:]), (tr["sliding_offset"], bound)
@@ -194,6 +197,7 @@ def test_an_exit_at_an_end_of_the_slope_interval_is_taken_once(digits):
                         log_t_max=-1, saves=2, max_steps=2000)  # fmt: skip
     assert tr.status == "completed", tr.message
     assert tr["slide_exits"][-1] >= 4
+    assert tr.config["kink_pairs"]["left_past"] == 0
 
 
 def _worst_param_error(tr, ref) -> float:
@@ -296,3 +300,55 @@ def test_gflow_run_kinks_takes_its_own_default_tolerances():
         _validate(opts)
         assert (opts.rtol, opts.atol) == want
         assert opts.solver == ("bosh3" if opts.kinks else "ralston")
+
+
+def test_gflow_run_kink_fallback_reaches_the_stepping():
+    from gflow.cli import build_parser
+    from gflow.runs import RunOptions, _kinks
+
+    for text, want in [("250", 250.0), ("inf", None)]:
+        ns = build_parser().parse_args(["run", "--kinks", "--kink-fallback", text])
+        assert _kinks(RunOptions.from_namespace(ns)).fallback == want
+    assert _kinks(RunOptions(kinks=True)).fallback == KinkStepping().fallback == 100.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--kinks", "--kink-fallback", "-1"])
+
+
+def test_a_fallback_goes_on_by_stability_stepping_and_says_so(digits):
+    """A fallback ratio no event stepping meets hands over at the first cost check; the
+    run then has every save point, its counters go on from the handover, and its
+    monitors are still relative to the run's start: the dissipation integral never
+    decreases (its rate is |f|^2), and the balance drift is the one computed afresh
+    from the start and the end."""
+    from gflow.dynamics.gd import log_t_grid
+    from gflow.invariants import balance_structure, unit_balances
+
+    obj, p = digits
+    rows = []
+    tr = run_flow_kinks(obj, p, stepping=KinkStepping(rtol=1e-8, atol=1e-11, fallback=1e-12,
+                                                      window=64),
+                        log_t_min=-4, log_t_max=3, saves=7, save_params=True,
+                        progress=rows.append)  # fmt: skip
+    assert tr.status == "completed", tr.message
+    fb = tr.config["handover"]
+    assert "then stability stepping" in tr.message and fb["solver"] == "ralston"
+    assert len(tr.config["event_cost"]) == 1 and tr.config["event_cost"][0][1] > 0
+    # every save point, the last ones located by run_flow's save event (bisection in tau
+    # to about 1e-12 here; d log t / d tau is O(1) on this problem)
+    np.testing.assert_allclose(tr["log_t"][1:], log_t_grid(-4, 3, 7), rtol=0, atol=1e-10)
+    after = tr["log_t"] > fb["log_t"]
+    assert after.sum() >= 1 and (~after).sum() >= 2
+    assert np.all(np.diff(tr["grad_evals"]) > 0) and np.all(np.diff(tr["step"]) >= 0)
+    assert np.all(tr["events"][after] == 64)  # the kink counters stop at the handover
+    assert np.all(tr["crossings"][after] == tr["crossings"][after][0])
+    assert np.all(np.diff(tr["dissipation"][1:]) >= 0), tr["dissipation"]
+    structure, _ = balance_structure(obj.graphdef, p)
+    b0, b1 = unit_balances(structure, p), unit_balances(structure, tr.final_params)
+    pairs = [(np.asarray(a), np.asarray(b)) for a, b in zip(b1, b0, strict=True)]
+    drift = sum(float(np.abs(a - b).sum()) for a, b in pairs) / tr["rho"][-1] ** 2
+    # the same differences, each entry computed elsewhere: rounding of the balances only
+    # (a few ulps of |b|); a monitor reset at the handover would miss the kink part's drift
+    size = sum(float(np.abs(a).sum() + np.abs(b).sum()) for a, b in pairs) / tr["rho"][-1] ** 2
+    assert abs(tr["balance_drift"][-1] - drift) <= 8 * np.finfo(np.float64).eps * size
+    assert rows[-1]["grad_evals"] == tr["grad_evals"][-1] and len(rows) == len(tr)
+    assert len(tr.config["sliding_pattern"]) == len(tr)

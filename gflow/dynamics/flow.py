@@ -573,10 +573,13 @@ def _drive(
     objective: Objective, params0: list, seeds: list, *, single: bool, clock, solver,
     stepsize_controller, rtol, atol, dt, cfl, warmup, refresh, drift, log_t_max,
     log_loss_min, saves, log_t_min, log_t0, max_steps, save_params, config, progress,
-    checkpoint, resume,
+    checkpoint, resume, handed=None,
 ) -> list[Trajectory]:  # fmt: skip
     """The one flow driver: K runs (K = 1 for ``run_flow``) in one vmapped integration
-    (``run_flow_seeds``' docstring)."""
+    (``run_flow_seeds``' docstring). ``handed``: ``(monitor, dissipation)`` of a run this
+    one continues from ``log_t0`` (a kink run's fallback, ``gflow.dynamics.sliding``): its
+    invariant monitors and dissipation integral go on from that run's start, and the
+    start itself, not a save point, is not recorded."""
     if isinstance(stepsize_controller, KinkStepping):
         if clock != "loss" or dt is not None or cfl is not None or log_t0 is not None:
             raise ValueError(
@@ -635,6 +638,10 @@ def _drive(
 
     starts = [_start(clock, p, plan.z0, dtype) for p in params0]
     y = jax.tree.map(lambda *a: jnp.stack(a), *[st[0] for st in starts])
+    if handed is not None:
+        for rec in recs:
+            rec.monitor = handed[0]
+        y = (*y[:-1], y[-1] + jnp.asarray(handed[1], dtype))
     c = np.array([st[1] for st in starts], np.float64)
     dt0: list[float | None] = [dt] * k_runs
     stabilised = np.full(k_runs, cfl is not None and warmup is None)
@@ -679,7 +686,8 @@ def _drive(
     done = 0  # save points reached
     got = checkpoint.restore() if (checkpoint is not None and resume) else None
     if got is None:
-        record(range(k_runs), -math.inf if log_t0 is None else log_t0)
+        if handed is None:
+            record(range(k_runs), -math.inf if log_t0 is None else log_t0)
     else:
         arrays, meta = got
         restore_recorders(recs, arrays, meta["recorders"])

@@ -26,6 +26,15 @@ pair's pre-activation crosses zero:
   the slopes), located by Illinois regula falsi on the dense output, and the pair
   rejoins the side it leaves to.
 
+* **fallback**: where switches come too thick for events to pay, the run goes on by
+  ``gflow run``'s stability stepping (Ralston at cfl 0.14) and says so. Every
+  ``window`` events the window's gradient evaluations per unit tau are compared with
+  that stepping's at the state reached (below the loss threshold: its cfl step from
+  one Lanczos; above: a probe of its error-controlled warm-up); past ``fallback``
+  (default 100) times it, the stepping takes over from that state, continuing the
+  run's invariant monitors, counters and save points. Measured: at most 39 on the
+  default problem, 480 to 650 on the wide one (``benchmarks/RESULTS.md``).
+
 Invariants stay monitors: nothing is projected. Counters go into the trajectory:
 ``crossings``, ``slide_entries``, ``slide_exits``, ``sliding`` (pairs sliding now),
 ``sliding_span`` (the log t spent with at least one pair sliding), ``sliding_offset``
@@ -55,13 +64,27 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from gflow.dynamics.gd import log1p_of_log_t, log_t_grid, log_t_of_log1p, quantities_many
-from gflow.dynamics.solvers import evals_per_step, is_fixed_step, make_solver, solver_name
+from gflow.dynamics.solvers import (
+    default_cfl,
+    evals_per_step,
+    is_fixed_step,
+    make_solver,
+    solver_name,
+    stability_edge,
+)
 from gflow.kinks import _model, _off_slope
 from gflow.objective import Objective
 from gflow.quantities import sq_norm
+from gflow.spectrum import lanczos_top
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = ["KinkStepping", "run_flow_kinks"]
+
+
+FALLBACK = 100.0  # measured crossover: benchmarks/RESULTS.md, "Event cost"
+_STABLE = "ralston"  # the fallback: gflow run's default stepping
+_PROBE = 8  # warm-up steps that measure the fallback's cost above the loss threshold
+_WARMUP_TOL = (3e-5, 3e-8)  # its error-controlled start above the loss threshold (gflow run's)
 
 
 class KinkStepping(NamedTuple):
@@ -70,13 +93,20 @@ class KinkStepping(NamedTuple):
     control at ``rtol`` / ``atol`` on the smooth pieces; a crossing registers when a
     pair is ``margin`` (relative to ``|h_n| |w_j|``) past its surface; at most
     ``max_sliding`` pairs slide at once. ``dt``: steps of a fixed length in the loss
-    clock's tau instead (cut at every event), for order studies."""
+    clock's tau instead (cut at every event), for order studies. ``fallback``: every
+    ``window`` events the window's gradient evaluations per unit tau are compared with
+    stability stepping's at the state reached (``gflow run``'s default: Ralston at cfl
+    0.14 of ``lambda_max``, one Lanczos); past ``fallback`` times it, the run goes on by
+    stability stepping and says so (``config["handover"]``, the message; module
+    docstring). ``None``: never; nor with a fixed ``dt``."""
 
     rtol: float = 1e-8
     atol: float = 1e-12
     margin: float = 1e-12
     max_sliding: int = 256
     dt: float | None = None
+    fallback: float | None = FALLBACK
+    window: int = 256
 
 
 _BUCKETS = (0, 4, 16, 64, 256, 1024)
@@ -516,6 +546,10 @@ def run_flow_kinks(
         raise ValueError(f"rtol must be in (0, 1) and atol positive, got {stepping[:2]}")
     if not 0 < stepping.margin < 1e-3:
         raise ValueError(f"margin must be in (0, 1e-3), got {stepping.margin}")
+    if stepping.fallback is not None and not stepping.fallback > 0:
+        raise ValueError(f"fallback must be positive or None, got {stepping.fallback}")
+    if not (isinstance(stepping.window, int) and stepping.window >= 1):
+        raise ValueError(f"window must be a positive int, got {stepping.window!r}")
     name = solver_name(solver)
     the_solver = make_solver(solver)
     if is_fixed_step(the_solver) or not hasattr(the_solver, "interpolation_cls"):
@@ -538,7 +572,7 @@ def run_flow_kinks(
     settings = dict(
         dynamics="flow", clock="loss", solver=name, stepping="kinks", rtol=stepping.rtol,
         atol=stepping.atol, margin=eta, max_sliding=stepping.max_sliding, dt=stepping.dt,
-        cfl=None,
+        fallback=stepping.fallback, window=stepping.window, cfl=None,
         log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
         log_t0=None, max_steps=max_steps,
     )  # fmt: skip
@@ -594,6 +628,51 @@ def run_flow_kinks(
         field_cost(1)
         return kern().probe(objective, theta, jnp.asarray(slopes), slots())
 
+    costs: list = []  # [log t, cost ratio] at every check: config["event_cost"]
+    window = dict(events=0, evals=0, tau=0.0)
+    warm = None
+
+    def cost_ratio() -> float:
+        """The last window's gradient evaluations per unit tau over the fallback's at the
+        state reached (its evaluations counted in ``grad_evals``). Below the loss
+        threshold the fallback steps at ``cfl`` of the stability edge over
+        ``lambda_max`` (one Lanczos, amortised over ``refresh`` steps as it is there);
+        above it, its error-controlled warm-up runs: ``_PROBE`` of its steps measure it."""
+        from gflow.dynamics.flow import (
+            _LANCZOS,
+            _LOSS_SPAN,
+            StabilityStepping,
+            _controller,
+            _segment_fn,
+            _stable_step,
+            _stiffness_fns,
+        )
+
+        nonlocal warm
+        kink_rate = (count["grad_evals"] - window["evals"]) / (tau - window["tau"])
+        st = StabilityStepping()
+        if float(objective.log_loss(y[0])) >= objective.loss.log_threshold:
+            ctrl = _controller(None, False, *_WARMUP_TOL)
+            seg, evals = _segment_fn("loss", make_solver(st.warmup), ctrl, _PROBE, dtype)
+            t0 = jnp.asarray(tau, dtype)
+            out = seg(objective, y, t0, t0 + _LOSS_SPAN, None, y[1] + 1e3)
+            spent = evals(int(out[3]))
+            count["grad_evals"] += spent
+            return kink_rate / (spent / (float(out[1]) - tau))
+        jac_matvec, drift_dt = _stiffness_fns("loss")
+        flat, unravel = ravel_pytree(y[0])
+
+        def matvec(v):
+            return ravel_pytree(jac_matvec(objective, 0.0, y, unravel(jnp.asarray(v, dtype))))[0]
+
+        eig = lanczos_top(matvec, flat.size, v0=warm, **_LANCZOS)
+        warm = eig.vector
+        lanczos = 2 * eig.matvecs + 1
+        h = _stable_step(eig.value, float(drift_dt(objective, 0.0, y)), default_cfl(_STABLE),
+                         stability_edge(_STABLE), st.drift)  # fmt: skip
+        count["grad_evals"] += lanczos
+        return kink_rate / ((evals_per_step(make_solver(_STABLE))[0] + lanczos / st.refresh) / h)
+
     def settle(theta) -> None:
         """Drop sliding pairs whose slope is outside [off, 1] at ``theta``, to the side
         their slope points to, until the rest slide consistently."""
@@ -620,6 +699,52 @@ def run_flow_kinks(
     f0 = None
     pattern_at_saves: list = []
     stalled = 0  # events in a row at the step's start: a guard against a livelock
+    handoff = None
+    left_past = 0  # pairs past their surface at a step's end, not switched there
+
+    def go_on(log_t: float, ratio: float):
+        """Stability stepping from ``y`` at ``log t`` on (``_drive``, continuing this
+        run's monitors and dissipation): its rows join this run's, counters added."""
+        from gflow.dynamics.flow import StabilityStepping, _drive
+
+        st = StabilityStepping()
+        ell = float(objective.log_loss(y[0]))
+        below = ell < objective.loss.log_threshold  # stability stepping at once
+        fixed = dict(crossings=count["crossings"], slide_entries=count["slide_entries"],
+                     slide_exits=count["slide_exits"], events=count["events"],
+                     pair_evals=count["pair_evals"], sliding=math.nan,
+                     sliding_span=span, sliding_offset=math.nan)  # fmt: skip
+        shift = dict(step=count["accepted"], grad_evals=count["grad_evals"],
+                     solver_steps=count["steps"], rejected=count["rejected"])  # fmt: skip
+
+        def joined(row: dict) -> dict:
+            return {**row, **{k: row[k] + v for k, v in shift.items()}, **fixed}
+
+        each = None if progress is None else (lambda row: progress(joined(row)))
+        (tr,) = _drive(
+            objective, [y[0]], [0], single=True, clock="loss", solver=_STABLE,
+            stepsize_controller=None, rtol=_WARMUP_TOL[0], atol=_WARMUP_TOL[1], dt=None,
+            cfl=default_cfl(_STABLE), warmup=None if below else st.warmup,
+            refresh=st.refresh, drift=st.drift, log_t_max=log_t_max, log_loss_min=log_loss_min,
+            saves=saves, log_t_min=log_t_min, log_t0=log_t,
+            max_steps=max(1, max_steps - count["steps"]),
+            save_params=save_params, config=None, progress=each, checkpoint=None, resume=False,
+            handed=(rec.monitor, float(y[2])),
+        )  # fmt: skip
+        names = tr.column_names
+        for i in range(len(tr)):
+            rec.rows.append(joined({k: float(tr[k][i]) for k in names}))
+            pattern_at_saves.append(dict(pairs=[], slopes=[]))
+        rec.snapshots.extend(tr.snapshots)
+        rec.config["handover"] = dict(
+            log_t=log_t, cost_ratio=ratio, solver=_STABLE, cfl=default_cfl(_STABLE),
+            warmup=None if below else st.warmup, rtol=_WARMUP_TOL[0], atol=_WARMUP_TOL[1],
+        )  # fmt: skip
+        note = (f"event by event to log t = {log_t:.6g}, then stability stepping ({_STABLE}, "
+                f"cfl {default_cfl(_STABLE)}): events cost {ratio:.3g}x its evaluations per "
+                f"unit tau, over the fallback {stepping.fallback:g}")  # fmt: skip
+        return tr.final_params, tr.status, f"{tr.message}; {note}"
+
     record(-math.inf)
     try:
         for target in targets:
@@ -702,6 +827,7 @@ def run_flow_kinks(
                 if float(yb[1]) >= z_target:
                     when["save"] = float(ks.locate_save(a, b, dense, jnp.asarray(z_target, dtype)))
                 if not when:  # a pair at -margin to rounding: the step is taken as is
+                    left_past += len(cands)
                     y, tau, h = yb, float(b), float(h_next)
                     continue
                 kind = min(when, key=when.get)
@@ -754,6 +880,13 @@ def run_flow_kinks(
                 if entered or kind == "exit":
                     f0 = None  # the sliding set changes: the field is evaluated afresh
                     settle(y[0])
+                due = count["events"] - window["events"] >= stepping.window and tau > window["tau"]
+                if stepping.fallback is not None and stepping.dt is None and due:
+                    ratio = cost_ratio()
+                    costs.append([lt_e, ratio])
+                    window.update(events=count["events"], evals=count["grad_evals"], tau=tau)
+                    if ratio > stepping.fallback:
+                        raise _Fallback(lt_e, ratio)
             if status != "completed":
                 break
             row = record(target)
@@ -762,20 +895,36 @@ def run_flow_kinks(
                 break
     except _Stop:
         record(log_t_of_log1p(float(y[1])))
+    except _Fallback as fb:
+        handoff = fb.args
     except KeyboardInterrupt:
         status, message = "stopped", "interrupted"
+    rec.config["event_cost"] = costs
+    final = jax.device_get(y[0])
+    if handoff is not None:
+        final, status, message = go_on(*handoff)
     rec.config["sliding_pattern"] = pattern_at_saves
     rec.config["kink_pairs"] = {
         "pairs": int(net.n * net.units),
         "ever_switched": int(np.sum(crossed_pairs > 0)),
         "most_switches": int(crossed_pairs.max(initial=0)),
         "sliding_at_end": len(sliding),
+        # a step's end past -margin whose dense output did not cross (rounding between
+        # the two): switched at the next step's start, one step late. Each is a
+        # first-order error; 0 is the rule (a bisection's root read back +1 ulp once
+        # made 110 on the default problem)
+        "left_past": left_past,
     }
-    return rec.finish(jax.device_get(y[0]), status, message, objective)
+    return rec.finish(final, status, message, objective)
 
 
 class _Stop(Exception):
     pass
+
+
+class _Fallback(Exception):
+    """Event handling costs more than ``KinkStepping.fallback`` times stability stepping:
+    ``(log t, cost ratio)``."""
 
 
 def _theta_norm(y):
