@@ -352,7 +352,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="RATIO",
         help="under --kinks: hand over to the default stepping where events cost more than "
         "RATIO times its gradient evaluations per unit of the loss clock (checked every 256 "
-        "events; measured at most 39 on the default problem, 480-650 on a wide one; "
+        "events; measured at most 34 on the default problem, 480-650 on a wide one; "
         "default: %(default)s; inf: never)",
     )
     g.add_argument(

@@ -32,7 +32,7 @@ pair's pre-activation crosses zero:
   that stepping's at the state reached (below the loss threshold: its cfl step from
   one Lanczos; above: a probe of its error-controlled warm-up); past ``fallback``
   (default 100) times it, the stepping takes over from that state, continuing the
-  run's invariant monitors, counters and save points. Measured: at most 39 on the
+  run's invariant monitors, counters and save points. Measured: at most 34 on the
   default problem, 480 to 650 on the wide one (``benchmarks/RESULTS.md``).
 
 Invariants stay monitors: nothing is projected. Counters go into the trajectory:
