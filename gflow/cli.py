@@ -705,11 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="verdicts on the paper's claims for a run folder; writes checks.json",
         description="Check a run against Lyu & Li's claims: the smoothed margin never falls "
-        "and rho grows past the loss threshold (Theorem 4.1); rho^L / log t and "
-        "Loss t (log t)^(2-2/L) stay within a band over the last decade of log t "
-        "(Theorem 4.3); the (eps, delta)-KKT residual at the saved parameters (Theorem "
-        "4.4). RUN_DIR is a run folder or a gflow run output with gd/ and flow/. Exit "
-        "code 1 when a claim fails.",
+        "and rho grows past the loss threshold (Theorem 4.1); rho^L and 1/(Loss T) grow "
+        "as (log T)^1 and (log T)^(2-2/L), decided by whether those exponents lie in the "
+        "fitted intervals (Theorem 4.3); the (eps, delta)-KKT residual at the saved "
+        "parameters falls (Theorem 4.4). A claim whose theorem does not cover the run is "
+        "OUTSIDE, with the reason (GD: only a C^2 model on the exponential loss at small "
+        "steps, judged on gamma_hat). RUN_DIR is a run folder or a gflow run output with "
+        "gd/ and flow/. Exit code 1 when a claim fails inside its scope.",
     )
     check.add_argument("run_dir", metavar="RUN_DIR")
     check.add_argument("--no-kkt", action="store_true", help="skip the KKT residual")

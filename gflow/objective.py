@@ -309,9 +309,14 @@ def _num_outputs(graphdef, params, x) -> int:
 
 
 def _smooth(model) -> bool | None:
-    """``Objective.smooth`` of a model: known for gflow's own activations."""
+    """``Objective.smooth`` of a model: known for gflow's own activations (and a model of
+    one layer has none: it is linear in its input and polynomial in its weights)."""
     act = getattr(model, "activation", None)
-    return None if act is None else act == "linear"
+    if act is None:
+        return None
+    if any(op[0] == "P" for op in getattr(model, "ops", ())):
+        return False  # max-pool: kinks where two inputs of a window tie
+    return act == "linear" or len(getattr(model, "layers", ())) == 1
 
 
 def shard(objective: Objective, devices=None) -> Objective:

@@ -732,11 +732,10 @@ def _print_summary(
         labels = []
         for vs in checks.values():
             labels += [v.name for v in vs if v.name not in labels]
-        mark = {True: "pass", False: "FAIL", None: "n/a"}
         for label in labels:
             cells = []
             for n in names:
                 v = next((v for v in checks.get(n, []) if v.name == label), None)
-                cells.append("-" if v is None else mark[v.passed])
+                cells.append("-" if v is None else {"PASS": "pass"}.get(v.mark, v.mark))
             print(f"{label:<18}" + "".join(f"{c:>16}" for c in cells))
         print("(details: checks.json in each run folder; gflow check RUN_DIR)")
