@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from common import out_dir, problem, save_experiment_figure, write_json  # noqa: E402
 
-from gflow.dynamics import run_flow  # noqa: E402
+from gflow.dynamics import StabilityStepping, run_flow  # noqa: E402
 from gflow.theory import check_run, checks_json  # noqa: E402
 
 CASES = {"exp": dict(loss="exp"), "logistic": dict(loss="logistic"),
@@ -38,8 +38,9 @@ def main():
     for name, kw in CASES.items():
         _, _, obj, p0 = problem(**kw)
         t = time.perf_counter()
-        tr = run_flow(obj, p0, solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7,
-                      log_t_max=args.log_t_max, saves=51, save_params=True)  # fmt: skip
+        tr = run_flow(obj, p0, solver="ralston", stepsize_controller=StabilityStepping(),
+                      rtol=3e-5, atol=3e-8, log_t_max=args.log_t_max, saves=51,
+                      save_params=True)  # fmt: skip
         wall = time.perf_counter() - t
         tr.save(out / name)
         verdicts = check_run(tr, obj)

@@ -42,6 +42,8 @@ __all__ = [
     "gd_scope",
     "exponent_interval",
     "outside",
+    "direction",
+    "alignment",
     "fidelity",
     "fidelity_tolerance",
     "kkt_along",
@@ -574,12 +576,14 @@ def kkt_along(traj: Trajectory, objective) -> list[dict]:
             r = kkt_residual(objective, p, gap=gap)
         except ValueError:
             continue  # not separated yet
-        row = dict(log_t=float(traj["log_t"][i]), eps_rel=r.eps_rel, eps=r.eps, delta=r.delta)
+        row = dict(log_t=float(traj["log_t"][i]), eps_rel=r.eps_rel, eps=r.eps, delta=r.delta,
+                   delta_max=r.delta_max)  # fmt: skip
         sliding = at_saves[i] if at_saves else {}
         if sliding.get("pairs"):
             c = kkt_residual(objective, p, gap=gap, slopes=clarke_pattern(objective, p, sliding))
             row.update(eps_rel_one_sided=r.eps_rel, delta_one_sided=r.delta, eps_rel=c.eps_rel,
-                       eps=c.eps, delta=c.delta, sliding=len(sliding["pairs"]))  # fmt: skip
+                       eps=c.eps, delta=c.delta, delta_max=c.delta_max,
+                       sliding=len(sliding["pairs"]))  # fmt: skip
         out.append(row)
     return out
 
@@ -611,6 +615,85 @@ def step_ratio(traj: Trajectory, objective, *, most: int = 8) -> float | None:
     return worst
 
 
+def _unit(params) -> np.ndarray:
+    from jax.flatten_util import ravel_pytree
+
+    v = np.asarray(ravel_pytree(params)[0], np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _past_threshold(traj: Trajectory, log_threshold: float) -> list:
+    """``(index, params)`` of the snapshots at or past t0."""
+    i0 = threshold_index(traj, log_threshold)
+    if i0 is None:
+        return []
+    return [(i, p) for i, p in enumerate(traj.snapshots) if i >= i0]
+
+
+def direction(traj: Trajectory, log_threshold: float, *, level: float = 0.99) -> Verdict:
+    """Directional convergence (Ji & Telgarsky 2020, "Directional convergence and alignment
+    in deep learning"): ``u = theta / |theta|`` converges along the flow of a homogeneous
+    net, so its path is finite. From the snapshots past t0 the increments ``|u_{k+1} -
+    u_k|`` per unit ``log t`` are fitted against ``log log t`` (a power of log t): PASS
+    when their exponent is below -1 with the interval (``exponent_interval``'s straight
+    fit and Student half-width), so that the path length integral in ``log t`` converges;
+    FAIL when it is at or above -1 (a direction still turning as fast, e.g. a rotation);
+    n/a with fewer than 6 increments or under a decade of log t (an asymptotic claim,
+    like the rates). Reports the increments per unit log t."""
+    pts = [(i, p) for i, p in _past_threshold(traj, log_threshold)]
+    lt = np.asarray(traj["log_t"], np.float64)
+    pts = [(i, p) for i, p in pts if lt[i] > 1]
+    if len(pts) < 7:
+        return Verdict(
+            "direction converges",
+            None,
+            f"{len(pts)} snapshots past t0 with log t > 1: save more (--save-params)",
+        )
+    us = [_unit(p) for _, p in pts]
+    ts = np.array([lt[i] for i, _ in pts])
+    if ts[-1] < 10 * ts[0]:
+        return Verdict("direction converges", None,
+                       f"snapshots past t0 span log t {ts[0]:.4g} to {ts[-1]:.4g}, under a "
+                       "decade: the claim is asymptotic, run longer")  # fmt: skip
+    steps = np.array([np.linalg.norm(b - a) for a, b in zip(us[:-1], us[1:], strict=True)])
+    mid = np.sqrt(ts[:-1] * ts[1:])
+    rate = steps / np.diff(ts)
+    if np.any(rate <= 0):
+        return Verdict("direction converges", True, "the direction stopped moving", {})
+    x, y = np.log(mid), np.log(rate)
+    slope, half = _line(x, y, level)
+    det = dict(log_t=[float(v) for v in mid], increment_per_log_t=[float(v) for v in rate],
+               exponent=slope, half_width=half, level=level)  # fmt: skip
+    ok = slope + half < -1
+    bad = slope - half >= -1
+    s = (f"|d(theta/|theta|)| per unit log t ~ (log t)^{slope:.3g} +- {half:.2g} over log t "
+         f"in [{ts[0]:.4g}, {ts[-1]:.4g}] (below -1: a finite path; last increment "
+         f"{rate[-1]:.3g} per unit log t)")  # fmt: skip
+    return Verdict("direction converges", True if ok else (False if bad else None), s, det)
+
+
+def alignment(traj: Trajectory, objective, log_threshold: float) -> Verdict:
+    """Alignment (Ji & Telgarsky 2020; the paper's Lemma C.8, beta -> 1): ``cos(theta,
+    -grad Loss)`` tends to 1 along the flow of a homogeneous net. From the snapshots past
+    t0 (at least 3): PASS when ``1 - cos`` at the last is below the first's, FAIL when it
+    is not; the values are reported."""
+    pts = _past_threshold(traj, log_threshold)
+    if len(pts) < 3:
+        return Verdict("alignment", None,
+                       f"{len(pts)} snapshots past t0: save more (--save-params)")  # fmt: skip
+    from jax.flatten_util import ravel_pytree
+
+    gaps, lts = [], []
+    for i, p in pts:
+        g = np.asarray(ravel_pytree(objective.grad_log_loss(p))[0], np.float64)
+        gaps.append(max(1.0 + float(_unit(p) @ (g / np.linalg.norm(g))), 0.0))
+        lts.append(float(traj["log_t"][i]))
+    det = dict(log_t=lts, one_minus_cos=gaps)
+    s = (f"1 - cos(theta, -grad Loss) {gaps[0]:.3g} at log t = {lts[0]:.4g} -> {gaps[-1]:.3g} "
+         f"at log t = {lts[-1]:.4g} ({len(gaps)} snapshots)")  # fmt: skip
+    return Verdict("alignment", gaps[-1] < gaps[0], s, det)
+
+
 def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Verdict]:
     """``check_trajectory`` plus, for a homogeneous ``objective``, the KKT residual along
     the run's saved parameters: it must fall from the first to the last (Theorem 4.4).
@@ -624,6 +707,9 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
     if not (kkt and objective is not None and objective.homogeneous):
         return verdicts
     why = gd_scope(traj, ratio) if traj.kind != "flow" else []
+    if traj.snapshots:
+        th = objective.loss.log_threshold
+        verdicts += [direction(traj, th), alignment(traj, objective, th)]
     ks = kkt_along(traj, objective)
     if len(ks) >= 2:
         early, late = ks[0]["eps_rel"], ks[-1]["eps_rel"]
@@ -646,10 +732,10 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
                 dict(points=ks),
             )
         )
-    if why:  # GD outside its theorem: the KKT claim is the flow's, observed here
+    if why:  # GD outside its theorem: these claims are the flow's, observed here
+        flows = ("KKT eps falling", "direction converges", "alignment")
         verdicts = [
-            outside(v, "; ".join(why)) if v.name == "KKT eps falling" and v.passed is not None
-            else v
+            outside(v, "; ".join(why)) if v.name in flows and v.passed is not None else v
             for v in verdicts
         ]  # fmt: skip
     return verdicts

@@ -314,6 +314,7 @@ def test_gflow_run_kink_fallback_reaches_the_stepping():
         build_parser().parse_args(["run", "--kinks", "--kink-fallback", "-1"])
 
 
+@pytest.mark.slow  # about 27 s: a kink run handing over, then stability stepping
 def test_a_fallback_goes_on_by_stability_stepping_and_says_so(digits):
     """A fallback ratio no event stepping meets hands over at the first cost check; the
     run then has every save point, its counters go on from the handover, and its

@@ -330,3 +330,89 @@ def test_gd_in_scope_reads_gamma_hat_and_fails_a_planted_drop():
     m = {x.name: x for x in check_trajectory(relu)}["margin monotone"]
     # judged outside on what the run recorded (its gamma_tilde column, flat here)
     assert m.passed is None and "C^2" in m.outside and m.details["observed"] is True
+
+
+def test_kkt_pareto_points_are_optimal_and_trade_eps_for_delta():
+    """``kkt_pareto``: weight 0 is ``kkt_residual``'s point; each row's multipliers
+    satisfy the optimality conditions of their bound-constrained quadratic, computed
+    here from the Gram matrix (``K lam - c >= 0``, ``lam (K lam - c) = 0``; L-BFGS-B
+    stops with the objective flat to ftol = 1e-15, leaving a gradient of about
+    sqrt(ftol) = 3e-8 of |c|: 1e-6 allows 30x); along growing weights eps does not fall
+    and delta does not rise (a scalarised Pareto front); the per-term delta_max never
+    exceeds the sum (every term lam_n (q_n - 1) >= 0 once q_min(theta_s) = 1)."""
+    from gflow.dynamics import run_flow
+    from gflow.kkt import kkt_pareto, scaled_params
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=0), "unit")
+    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=6), ds, "logistic")
+    p = run_flow(obj, p0, log_t_max=10, saves=2).final_params
+    r = kkt_residual(obj, p)
+    rows = kkt_pareto(obj, p, weights=(0.0, 0.03, 0.3, 3.0))
+    assert rows[0]["delta"] == pytest.approx(r.delta, rel=1e-9)
+    assert rows[0]["delta_max"] == pytest.approx(r.delta_max, rel=1e-9)
+    assert 0 <= r.delta_max <= r.delta
+    theta_s, q_s, _ = scaled_params(obj, p)
+    norm2 = sum(float(np.sum(np.asarray(a) ** 2)) for a in jax.tree.leaves(theta_s))
+    for row in rows:
+        act = row["active"]
+        K = gram_matrix(obj, theta_s, act)
+        c = obj.order * q_s[act] - 0.5 * row["weight"] * norm2 * (q_s[act] - 1)
+        g = K @ row["lam"] - c
+        scale = np.abs(c).max()
+        assert row["lam"].min() >= 0 and g.min() >= -1e-6 * scale
+        assert np.abs(row["lam"] * g).max() <= 1e-6 * scale * max(row["lam"].max(), 1.0)
+        assert 0 <= row["delta_max"] <= row["delta"] + 1e-12
+    eps = [row["eps"] for row in rows]
+    delta = [row["delta"] for row in rows]
+    assert np.all(np.diff(eps) >= -1e-9 * eps[0]) and np.all(np.diff(delta) <= 1e-9 * delta[0])
+    assert delta[-1] < 0.5 * delta[0]  # the trade-off is there to be had
+
+
+def _with_snapshots(log_t, thetas, **config):
+    """A flow trajectory whose snapshots are the parameter dicts ``thetas``."""
+    n = len(log_t)
+    tr = _traj(log_t, -np.asarray(log_t) - 5.0, np.ones(n), np.full(n, 0.1), **config)
+    tr.snapshots = list(thetas)
+    return tr
+
+
+def test_direction_converges_on_a_settling_path_and_fails_on_a_rotation():
+    """``direction``: a direction approaching its limit as 1/log t (increments per unit
+    log t ~ (log t)^-2) passes; one turning at a constant rate per unit log t (never
+    Cauchy) fails; a plateau of constant direction passes (it stopped moving)."""
+    from gflow.theory import direction
+
+    lt = np.geomspace(2, 200, 20)
+    ang = 0.3 + 1.0 / lt
+
+    def path(angles):
+        return [
+            {"w": np.array([np.cos(a), np.sin(a), 0.5]) * (1 + k)} for k, a in enumerate(angles)
+        ]
+
+    assert direction(_with_snapshots(lt, path(ang)), 0.0).passed is True
+    rot = direction(_with_snapshots(lt, path(0.05 * lt)), 0.0)
+    assert rot.passed is False and rot.details["exponent"] > -0.5
+    assert direction(_with_snapshots(lt, path(np.full(20, 0.7))), 0.0).passed is True
+
+
+@pytest.mark.slow  # about 17 s: a flow to log t = 30 with snapshots
+def test_alignment_passes_along_a_flow_and_fails_when_pushed_off_it():
+    """``alignment``: along a flow of a ReLU net, 1 - cos(theta, -grad Loss) falls (the
+    paper's Lemma C.8); snapshots pushed ever further off the flow's direction (the
+    last one's by a growing random tilt) make it rise, and the check fails."""
+    from gflow.dynamics import run_flow
+    from gflow.theory import alignment
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=0), "unit")
+    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=6), ds, "logistic")
+    tr = run_flow(obj, p0, log_t_max=30, saves=6, save_params=True)
+    th = obj.loss.log_threshold
+    assert alignment(tr, obj, th).passed is True
+    end = tr.snapshots[-1]
+    rng = np.random.default_rng(0)
+    tilt = jax.tree.map(lambda a: rng.standard_normal(np.shape(a)) * np.linalg.norm(a), end)
+    pushed = [jax.tree.map(lambda a, b, s=s: a + s * b, end, tilt) for s in np.linspace(0, 0.3, 7)]
+    bad = _with_snapshots(tr["log_t"], pushed)
+    bad.columns["log_loss"] = np.asarray(tr["log_loss"])  # past t0 as the run is
+    assert alignment(bad, obj, th).passed is False
