@@ -38,10 +38,12 @@ def train_schedule(
     saves: int,
     seed: int,
     config: dict,
+    loss_ub: float | None = None,
 ):
     """SGD with the paper's protocol: ``schedule`` "constant" (``lr_mean`` on the
     batch-mean loss, so ``lr_mean / N`` on gflow's sum loss) or "loss-based"; checkpoints
-    at the first epochs whose mean loss falls below ``MEAN_LOSS_MARKS``. Returns
+    at the first epochs whose mean loss falls below ``MEAN_LOSS_MARKS``; ``loss_ub``: the
+    official code's roll-back bound on a mini-batch's loss over the frame's. Returns
     ``(trajectory, wall seconds)``."""
     import math
     import time
@@ -57,6 +59,7 @@ def train_schedule(
         schedule=schedule,
         lr=lr_mean / n,
         alpha0=alpha0,
+        loss_ub=loss_ub if schedule == "loss-based" else None,
         batch_size=batch,
         max_steps=epochs * (n // batch),
         log_t_max=None,
@@ -79,10 +82,14 @@ def held_out_accuracy(obj, params, ds) -> float:
     return float(jnp.mean(jnp.argmax(out, axis=1).astype(y.dtype) == y))
 
 
-def add_sgd_options(ap: argparse.ArgumentParser, lr: float) -> None:
-    """The options of the paper's SGD protocol, shared by the MNIST and CIFAR scripts."""
+def add_sgd_options(ap: argparse.ArgumentParser, lr: float, loss_ub: float) -> None:
+    """The options of the paper's SGD protocol, shared by the MNIST and CIFAR scripts
+    (``loss_ub``: the official script's, 600 for MNIST and 500 for CIFAR-10)."""
     ap.add_argument("--lr", type=float, default=lr, help="constant step on the batch-mean loss")
     ap.add_argument("--alpha0", type=float, default=0.1)
+    ap.add_argument("--loss-ub", type=float, default=loss_ub,
+                    help="loss-based: roll back an epoch once a batch's loss exceeds this "
+                    "times the frame's (the official code's bound)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--saves", type=int, default=40)

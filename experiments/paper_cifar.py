@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--test", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=10_000)
     ap.add_argument("--width", type=float, default=1.0, help="fraction of VGG-16's channels")
-    add_sgd_options(ap, lr=0.1)
+    add_sgd_options(ap, lr=0.1, loss_ub=500.0)
     args = ap.parse_args(argv)
     if not args.data.startswith("cifar10:"):
         raise SystemExit("--data must be cifar10:DIR")
@@ -68,6 +68,7 @@ def main(argv=None):
             schedule,
             lr_mean=args.lr,
             alpha0=args.alpha0,
+            loss_ub=args.loss_ub,
             batch=batch,
             epochs=args.epochs,
             saves=args.saves,

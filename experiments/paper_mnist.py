@@ -91,7 +91,7 @@ def main():
     ap.add_argument("--test", type=int, default=None)
     ap.add_argument("--channels", default=None, help="conv1,conv2,dense widths")
     ap.add_argument("--epochs", type=int, default=None)
-    add_sgd_options(ap, lr=0.01)
+    add_sgd_options(ap, lr=0.01, loss_ub=600.0)
     args = ap.parse_args()
     sc = dict(SCALES[args.scale])
     for k in ("data", "train", "test", "channels", "epochs"):
@@ -120,6 +120,7 @@ def main():
             schedule,
             lr_mean=args.lr,
             alpha0=args.alpha0,
+            loss_ub=args.loss_ub,
             batch=args.batch,
             epochs=sc["epochs"],
             saves=args.saves,

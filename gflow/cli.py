@@ -277,13 +277,24 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--lr",
         type=_positive_float,
         default=0.01,
-        help="constant GD step size (default: %(default)s)",
+        help="constant GD step size, on the sum loss Loss = sum_n l(q_n) (the theory's "
+        "convention): a step lr on the sum is N x lr on the mean, so the paper's 0.01 on "
+        "the mean loss is --lr 0.01/N here (default: %(default)s)",
     )
     g.add_argument(
         "--alpha0",
         type=_positive_float,
         default=0.1,
         help="initial alpha of the loss-based schedule (default: %(default)s)",
+    )
+    g.add_argument(
+        "--loss-ub",
+        type=_positive_float,
+        default=None,
+        metavar="RATIO",
+        help="loss-based SGD: roll an epoch back as soon as a mini-batch's mean loss exceeds "
+        "RATIO times the data's mean at the epoch's start, as the paper's official code "
+        "does (600 on MNIST; default: no such bound, only a rise of the epoch's loss)",
     )
     g.add_argument(
         "--batch-size",

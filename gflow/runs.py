@@ -56,6 +56,7 @@ class RunOptions:
     schedule: str = "loss-based"
     lr: float = 0.01
     alpha0: float = 0.1
+    loss_ub: float | None = None
     batch_size: int | None = None
     clock: str = "loss"
     solver: str = "ralston"
@@ -324,6 +325,7 @@ def run(args: RunOptions) -> int:
                     schedule=args.schedule,
                     lr=args.lr,
                     alpha0=args.alpha0,
+                    loss_ub=args.loss_ub,
                     batch_size=args.batch_size,
                     max_steps=args.steps or 100_000,
                     seed=args.seed,
@@ -592,7 +594,8 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
                 if kind == "gd":
                     runs = run_gd_seeds(
                         obj, inits, schedule=args.schedule, lr=args.lr, alpha0=args.alpha0,
-                        batch_size=args.batch_size, max_steps=args.steps or 100_000, **common,
+                        loss_ub=args.loss_ub, batch_size=args.batch_size,
+                        max_steps=args.steps or 100_000, **common,
                     )  # fmt: skip
                 else:
                     runs = run_flow_seeds(

@@ -209,6 +209,35 @@ def test_sgd_runs_and_keeps_time(small):
     assert tr.status == "completed" and tr["log_t"][-1] >= 10
 
 
+def test_loss_based_accepts_an_unchanged_loss_as_the_official_code_does(small):
+    """The official LossBasedLRv1 accepts an epoch whose loss ratio is <= 1: with alpha0
+    so small that the step leaves every parameter unchanged in float64 (1e-200 times an
+    O(1) gradient against O(0.1) weights), the loss is unchanged, every epoch is
+    accepted and alpha grows by 2^(1/5) each time."""
+    obj, p0 = small
+    tr = run_gd(obj, p0, schedule="loss-based", alpha0=1e-200, max_steps=10, saves=2)
+    assert tr["rejected"][-1] == 0 and tr["log_loss"][-1] == tr["log_loss"][0]
+    assert tr["alpha"][-1] == pytest.approx(1e-200 * 2 ** (10 / 5), rel=1e-12)
+
+
+def test_loss_ub_rolls_back_epochs_with_a_batch_far_above_the_frame(small):
+    """``loss_ub`` (the official code's bound on a mini-batch's mean loss over the
+    frame's): a bound never reached changes nothing, bit for bit; a bound of 1 + 1e-9,
+    which about half of all batches exceed at the start of an epoch, rolls back most
+    epochs; and a bound of at most 1 is refused."""
+    obj, p0 = small
+    kw = dict(schedule="loss-based", batch_size=20, max_steps=150, saves=3, seed=2)
+    free = run_gd(obj, p0, **kw)
+    far = run_gd(obj, p0, loss_ub=1e300, **kw)
+    for col in ("log_loss", "rejected", "alpha"):
+        np.testing.assert_array_equal(far[col], free[col])
+    assert far.config["loss_ub"] == 1e300
+    tight = run_gd(obj, p0, loss_ub=1 + 1e-9, **kw)
+    assert tight["rejected"][-1] > free["rejected"][-1] + 10
+    with pytest.raises(ValueError, match="loss_ub"):
+        run_gd(obj, p0, loss_ub=1.0, **kw)
+
+
 def test_flow_solver_failure_keeps_partial_trajectory(small):
     obj, p0 = small
     tr = run_flow(

@@ -7,7 +7,8 @@ Schedules:
   zero with the loss, which is what float64 GD does).
 * ``loss-based`` (the paper's): ``eta_k = alpha_k / Loss(theta_k)``, so the update is
   ``alpha_k * grad log Loss`` and never under- or overflows; ``alpha_0 = 0.1``; after an
-  epoch whose loss went down ``alpha <- alpha * 2^(1/5)``; after one whose loss went up
+  epoch whose loss did not go up (``<=``, as the official code accepts)
+  ``alpha <- alpha * 2^(1/5)``; after one whose loss went up
   or became non-finite ``alpha <- alpha / 2^(1/10)`` and the epoch is rolled back; the run
   stops once ``alpha < 1e-50``.
 
@@ -106,11 +107,16 @@ def _tree_select(pred, a, b):
 
 
 def _make_epoch(
-    schedule: str, batch_size: int | None, n: int, optimizer=None, gradient: str = "loss"
+    schedule: str, batch_size: int | None, n: int, optimizer=None, gradient: str = "loss",
+    loss_ub: float | None = None,
 ):  # fmt: skip
     """One epoch: (objective, state, optimiser) -> state, with accept / roll-back.
     ``optimizer``: a user's optax transformation (``schedule == "optax"``), fed the
-    gradient of the sum loss (``gradient="loss"``) or of its log (``"log_loss"``)."""
+    gradient of the sum loss (``gradient="loss"``) or of its log (``"log_loss"``).
+    ``loss_ub``: loss-based SGD rolls the epoch back as soon as a mini-batch's mean loss
+    exceeds ``loss_ub`` times the frame's (the data's mean loss at the epoch's start), as
+    the official code does (its ``loss_ub``, 600 on MNIST)."""
+    log_ub = math.inf if loss_ub is None else math.log(loss_ub)
     loss_based = schedule == "loss-based"
     custom = optimizer is not None
     opt = optimizer if custom else optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
@@ -165,9 +171,11 @@ def _make_epoch(
         log_scale = math.log(n / b)  # (N/B) * batch sum loss estimates the sum loss
 
         def one(carry, idx):
-            params, opt_state, log_t = carry
+            params, opt_state, log_t, over = carry
             sub_obj = eqx.tree_at(lambda o: (o.x, o.y), obj, (obj.x[idx], obj.y[idx]))
             ell_b, g_b = sub_obj.value_and_grad(params)
+            # the batch's mean loss over the frame's (the data's mean at the epoch's start)
+            over = over | (log_scale + ell_b - frame > log_ub)
             if loss_based:
                 w, log_eta = jnp.exp(log_scale + ell_b - frame), jnp.log(s.alpha) - frame
             else:
@@ -179,13 +187,14 @@ def _make_epoch(
             params, opt_state, updates = apply_update(params, opt_state, direction, s.alpha)
             if custom:
                 log_eta = arc_log_eta(updates, log_w + 0.5 * jnp.log(sq_norm(g_b)))
-            return (params, opt_state, jnp.logaddexp(log_t, log_eta)), log_eta
+            return (params, opt_state, jnp.logaddexp(log_t, log_eta), over), log_eta
 
-        (params, opt_state, log_t), log_etas = jax.lax.scan(
-            one, (s.params, s.opt_state, s.log_t), batches
+        (params, opt_state, log_t, over), log_etas = jax.lax.scan(
+            one, (s.params, s.opt_state, s.log_t, jnp.zeros((), bool)), batches
         )
         ell_new = obj.log_loss(params)
-        finite = jnp.isfinite(ell_new) & _finite_tree(params)
+        # a batch past loss_ub fails the epoch as a non-finite one does (official code)
+        finite = jnp.isfinite(ell_new) & _finite_tree(params) & ~(loss_based & over)
         return params, opt_state, ell_new, s.grad, finite, log_etas[-1], nb, log_t, s.dissipation
 
     body = full_batch if batch_size is None else mini_batch
@@ -193,7 +202,8 @@ def _make_epoch(
     def epoch(obj: Objective, s: GDState) -> GDState:
         params, opt_state, ell_new, g_new, finite, log_eta, steps, log_t, dissipated = body(obj, s)
         if loss_based:
-            accept = finite & (ell_new < s.log_loss)
+            # the official code's LossBasedLRv1 accepts an epoch whose loss ratio is <= 1
+            accept = finite & (ell_new <= s.log_loss)
             alpha = jnp.where(accept, s.alpha * UP, s.alpha / DOWN)
             stop = jnp.where(alpha < ALPHA_MIN, STOP_ALPHA, RUNNING)
         else:
@@ -248,10 +258,13 @@ def _initial_state(objective: Objective, opt, params, seed, batch_size, alpha) -
 class LossBased(NamedTuple):
     """The paper's loss-based schedule as an ``optimizer`` for ``run_gd``: steps
     ``eta = alpha / Loss`` with ``alpha`` from ``alpha0``, raised by 2^(1/5) after an epoch
-    that lowered the loss, lowered by 2^(1/10) and the epoch rolled back otherwise. (Not an
-    optax transformation: its roll-back needs the loss after the step.)"""
+    that did not raise the loss, lowered by 2^(1/10) and the epoch rolled back otherwise;
+    with SGD, also as soon as a mini-batch's mean loss exceeds ``loss_ub`` times the
+    frame's (the official code's, 600 on MNIST; ``None``: no such bound). (Not an optax
+    transformation: its roll-back needs the loss after the step.)"""
 
     alpha0: float = 0.1
+    loss_ub: float | None = None
 
 
 def _resolve(optimizer, gradient, schedule, lr, alpha0):
@@ -315,6 +328,7 @@ def run_gd(
     schedule: str = "constant",
     lr: float | Callable = 0.01,
     alpha0: float = 0.1,
+    loss_ub: float | None = None,
     batch_size: int | None = None,
     log_t_max: float | None = None,
     max_steps: int = 100_000,
@@ -344,6 +358,9 @@ def run_gd(
     - ``schedule``: ``"constant"`` (step ``lr``; an optax schedule as ``lr`` is
       ``optimizer=optax.sgd(lr)``) or ``"loss-based"`` (``alpha0 / Loss``).
     - ``batch_size``: ``None`` for full-batch GD, else mini-batch SGD.
+    - ``loss_ub``: loss-based SGD rolls an epoch back as soon as a mini-batch's mean loss
+      exceeds ``loss_ub`` times the data's mean loss at the epoch's start (the official
+      code's ``loss_ub``, 600 on MNIST); ``None``: only a rise of the epoch's loss does.
     - ``log_t_max`` / ``max_steps`` / ``log_loss_min``: stop at whichever comes first.
     - ``saves``: save points evenly spaced in log t on ``[log_t_min, log_t_max]`` (by
       steps when ``log_t_max`` is None), plus the initial point and the first step.
@@ -359,10 +376,11 @@ def run_gd(
     """
     (tr,) = _drive(
         objective, [params0], [seed], single=True, optimizer=optimizer, gradient=gradient,
-        schedule=schedule, lr=lr, alpha0=alpha0, batch_size=batch_size, log_t_max=log_t_max,
-        max_steps=max_steps, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
-        save_params=save_params, chunk=chunk, checkpoint_log_losses=checkpoint_log_losses,
-        config=config, progress=progress, checkpoint=checkpoint, resume=resume,
+        schedule=schedule, lr=lr, alpha0=alpha0, loss_ub=loss_ub, batch_size=batch_size,
+        log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
+        log_t_min=log_t_min, save_params=save_params, chunk=chunk,
+        checkpoint_log_losses=checkpoint_log_losses, config=config, progress=progress,
+        checkpoint=checkpoint, resume=resume,
     )  # fmt: skip
     return tr
 
@@ -384,6 +402,7 @@ def run_gd_seeds(
     schedule: str = "constant",
     lr: float | Callable = 0.01,
     alpha0: float = 0.1,
+    loss_ub: float | None = None,
     batch_size: int | None = None,
     log_t_max: float | None = 10.0,
     max_steps: int = 100_000,
@@ -411,7 +430,8 @@ def run_gd_seeds(
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
     return _drive(
         objective, list(params0), list(seeds), single=False, optimizer=optimizer,
-        gradient=gradient, schedule=schedule, lr=lr, alpha0=alpha0, batch_size=batch_size,
+        gradient=gradient, schedule=schedule, lr=lr, alpha0=alpha0, loss_ub=loss_ub,
+        batch_size=batch_size,
         log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
         log_t_min=log_t_min, save_params=save_params, chunk=chunk,
         checkpoint_log_losses=checkpoint_log_losses, config=config, progress=progress,
@@ -421,14 +441,18 @@ def run_gd_seeds(
 
 def _drive(
     objective: Objective, params0: list, seeds: list, *, single: bool, optimizer, gradient,
-    schedule, lr, alpha0, batch_size, log_t_max, max_steps, log_loss_min, saves, log_t_min,
-    save_params, chunk, checkpoint_log_losses, config, progress, checkpoint, resume,
+    schedule, lr, alpha0, loss_ub, batch_size, log_t_max, max_steps, log_loss_min, saves,
+    log_t_min, save_params, chunk, checkpoint_log_losses, config, progress, checkpoint, resume,
 ) -> list[Trajectory]:  # fmt: skip
     """The one GD driver: K runs (K = 1 for ``run_gd``) in one jitted, vmapped loop, each
     stopping at its own save points, loss marks and limits (``lax.while_loop`` under
     ``vmap`` holds a finished run while the others go on)."""
     n = objective.num_samples
+    if isinstance(optimizer, LossBased) and optimizer.loss_ub is not None:
+        loss_ub = optimizer.loss_ub
     optimizer, schedule, lr, alpha0 = _resolve(optimizer, gradient, schedule, lr, alpha0)
+    if loss_ub is not None and not loss_ub > 1:
+        raise ValueError(f"loss_ub must exceed 1 (a ratio to the frame's loss), got {loss_ub}")
     batch_size = _check_schedule(schedule, lr, alpha0, batch_size, n)
     if not math.isfinite(log_t_min) or (log_t_max is not None and not math.isfinite(log_t_max)):
         raise ValueError(f"log_t_min and log_t_max must be finite, got {log_t_min} and {log_t_max}")
@@ -439,7 +463,7 @@ def _drive(
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     k = len(seeds)
-    opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient)
+    opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient, loss_ub)
     dtype = objective.dtype
     alpha_init = {"loss-based": alpha0, "optax": 1.0}.get(schedule, lr)
 
@@ -468,7 +492,7 @@ def _drive(
         cfg = {**objective.describe(), **(config or {})}
         cfg.update(
             dynamics="gd" if batch_size is None else "sgd", schedule=schedule, lr=lr,
-            alpha0=alpha0, batch_size=batch_size,
+            alpha0=alpha0, batch_size=batch_size, loss_ub=loss_ub,
             **({"gradient": gradient} if schedule == "optax" else {}),
             log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
             log_t_min=log_t_min, seed=int(s),
