@@ -5,9 +5,11 @@ import itertools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+from flax import nnx
 
 from gflow import data as D
 from gflow.kkt import gram_matrix, kkt_residual, nonneg_quadratic
@@ -416,3 +418,58 @@ def test_alignment_passes_along_a_flow_and_fails_when_pushed_off_it():
     bad = _with_snapshots(tr["log_t"], pushed)
     bad.columns["log_loss"] = np.asarray(tr["log_loss"])  # past t0 as the run is
     assert alignment(bad, obj, th).passed is False
+
+
+class _Diagonal(nnx.Module):
+    """``f(x) = <u*u - v*v, x>``: a depth-2 diagonal linear network (L = 2)."""
+
+    def __init__(self, d):
+        k1, k2 = jax.random.split(jax.random.key(1))
+        self.u = nnx.Param(0.1 * (1 + 0.1 * jax.random.uniform(k1, (d,), jnp.float64)))
+        self.v = nnx.Param(0.1 * (1 + 0.1 * jax.random.uniform(k2, (d,), jnp.float64)))
+
+    def __call__(self, x):
+        return x @ (self.u[...] ** 2 - self.v[...] ** 2)
+
+
+@pytest.mark.slow  # two flows to log t = 100, about 12 s
+def test_a_diagonal_net_flows_to_the_l1_max_margin_and_a_linear_model_does_not():
+    """A known answer (experiments/known_answers.py): a depth-2 diagonal linear network's
+    max-margin problem is the L1 max-margin problem in beta = u*u - v*v (|theta|^2 >=
+    |beta|_1), solved here by an LP. Along its flow the L1-normalized margin never
+    exceeds the LP's (the maximum: an exact bound) and its gap falls from log t = 10 to
+    100, to below half the gap of the L2 answer (the hard-margin SVM, the other
+    candidate): it heads for the L1 answer. A plain linear model, whose answer is the
+    SVM, stays above that half."""
+    from gflow.dynamics import run_flow
+
+    rng = np.random.default_rng(0)
+    n, d = 30, 10
+    w = np.zeros(d)
+    w[:2] = [1.0, -0.5]
+    x = rng.standard_normal((n, d))
+    y = np.where(x @ w > 0, 1, -1)
+    x = x + 0.3 * y[:, None] * w / np.linalg.norm(w)
+    a = -(y[:, None] * x)
+    lp = scipy.optimize.linprog(np.ones(2 * d), A_ub=np.hstack([a, -a]), b_ub=-np.ones(n),
+                                bounds=[(0, None)] * (2 * d), method="highs")  # fmt: skip
+    gamma = 1 / np.abs(lp.x).sum()
+    svm = scipy.optimize.minimize(
+        lambda v: 0.5 * v @ v, np.zeros(d), jac=lambda v: v, method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda v: y * (x @ v) - 1,
+                      "jac": lambda v: y[:, None] * x}], options=dict(ftol=1e-14),
+    ).x  # fmt: skip
+
+    def gap(beta):  # relative gap of the L1-normalized margin to the LP's
+        return (gamma - np.min(y * (x @ beta)) / np.abs(beta).sum()) / gamma
+
+    half = 0.5 * gap(svm)
+    assert half > 0.05  # the two answers differ here
+    obj, p0 = make_objective(_Diagonal(d), (x, y), "exp", order=2)
+    tr = run_flow(obj, p0, rtol=1e-8, atol=1e-11, log_t_min=10, log_t_max=100, saves=2,
+                  save_params=True)  # fmt: skip
+    gaps = [gap(np.asarray(p["u"]) ** 2 - np.asarray(p["v"]) ** 2) for p in tr.snapshots[1:]]
+    assert min(gaps) >= -1e-9 and gaps[1] < gaps[0] and gaps[1] < half, gaps
+    lin, q0 = make_objective(build_model("linear", (d,), 1, seed=0), (x, y), "exp")
+    tr = run_flow(lin, q0, rtol=1e-8, atol=1e-11, log_t_min=10, log_t_max=100, saves=2)
+    assert gap(np.asarray(tr.final_params["layers"][0]["kernel"]).ravel()) > half
