@@ -168,11 +168,14 @@ def test_loss_based_gd_rolls_back_non_finite_steps_and_stops_cleanly():
     model = build_model("linear", ds.input_shape, 1, seed=1)
     obj, p0 = make_objective(model, ds, _Trap(wall=2.0))
     tr = run_gd(obj, p0, schedule="loss-based", alpha0=0.1, max_steps=100_000, saves=5)
-    # Every step past the wall is non-finite: each is rolled back, alpha shrinks, and the
-    # run ends cleanly once alpha < 1e-50 with finite parameters and loss.
-    assert tr.status == "stopped" and "alpha fell below 1e-50" in tr.message
+    # Every step past the wall is non-finite: each is rolled back and alpha shrinks,
+    # until the step is too small to move the parameters in float64; that epoch leaves
+    # the loss unchanged and is accepted (<=, as the official code accepts), alpha grows
+    # again, and so on: the run goes on at the wall, never below it, to its step budget,
+    # with finite parameters and loss throughout.
+    assert tr.status == "completed" and tr["step"][-1] == 100_000, tr.message
     assert tr["rejected"][-1] > 1000
-    assert tr["alpha"][-1] < 1e-50
+    assert 1e-50 < tr["alpha"][-1] < 1.0
     assert np.all(np.isfinite(tr["log_loss"]))
     assert tr["q_min"][-1] <= 2.0 and tr["q_min"][-1] > 1.0
     assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(tr.final_params))
