@@ -260,6 +260,18 @@ def nonneg_quadratic(K: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, float]:
     return lam, gap / scale
 
 
+def _problem(objective: Objective, params, gap, chunk: int, max_bytes: int, slopes=None):
+    """What both KKT computations start from: ``(objective gathered onto this process,
+    theta_s, q(theta_s), q_min(theta), the near-active samples, their Gram matrix)``."""
+    if not objective.homogeneous:
+        raise ValueError("the KKT residual needs a homogeneous model (theta_s is undefined)")
+    objective = local(objective)  # multi-host: gather the samples onto this process
+    theta_s, q_s, q_min = scaled_params(objective, jax.tree.map(jnp.asarray, params))
+    active = np.nonzero(q_s <= 1 + gap)[0] if gap is not None else np.arange(q_s.size)
+    K = gram_matrix(objective, theta_s, active, chunk=chunk, max_bytes=max_bytes, slopes=slopes)
+    return objective, theta_s, q_s, q_min, active, K
+
+
 def kkt_residual(
     objective: Objective,
     params,
@@ -277,14 +289,11 @@ def kkt_residual(
     the activation pattern frozen there, a Clarke element other than autodiff's
     (module docstring; ``clarke_pattern``). The margins themselves are the network's.
     """
-    if not objective.homogeneous:
-        raise ValueError("the KKT residual needs a homogeneous model (theta_s is undefined)")
-    objective = local(objective)  # multi-host: gather the samples onto this process
-    theta_s, q_s, q_min = scaled_params(objective, jax.tree.map(jnp.asarray, params))
-    active = np.nonzero(q_s <= 1 + gap)[0] if gap is not None else np.arange(q_s.size)
     if slopes is not None:
         slopes = [jnp.asarray(a, objective.dtype) for a in slopes]
-    K = gram_matrix(objective, theta_s, active, chunk=chunk, max_bytes=max_bytes, slopes=slopes)
+    objective, theta_s, q_s, q_min, active, K = _problem(
+        objective, params, gap, chunk, max_bytes, slopes
+    )
     L = objective.order
     lam, opt_gap = nonneg_quadratic(K, L * q_s[active])
     full = np.zeros(q_s.size)
@@ -322,12 +331,7 @@ def kkt_pareto(
     1)`` (the per-term convention) are both reported. Solved as a
     bound-constrained quadratic (L-BFGS-B) on the near-active samples' Gram matrix; eps
     from the quadratic form (``kkt_residual`` recomputes it from the residual vector)."""
-    if not objective.homogeneous:
-        raise ValueError("the KKT residual needs a homogeneous model (theta_s is undefined)")
-    objective = local(objective)
-    theta_s, q_s, _ = scaled_params(objective, jax.tree.map(jnp.asarray, params))
-    active = np.nonzero(q_s <= 1 + gap)[0] if gap is not None else np.arange(q_s.size)
-    K = gram_matrix(objective, theta_s, active, chunk=chunk, max_bytes=max_bytes)
+    objective, theta_s, q_s, _, active, K = _problem(objective, params, gap, chunk, max_bytes)
     K = 0.5 * (K + K.T)
     L = objective.order
     q = q_s[active]

@@ -176,7 +176,7 @@ def _check_saved_options(path, saved, args) -> None:
 
 
 def _validate(args: RunOptions) -> None:
-    from gflow.dynamics.solvers import default_cfl, is_fixed_step, stability_edge
+    from gflow.dynamics.solvers import DEFAULT_TOL, default_cfl, is_fixed_step, stability_edge
 
     if args.log_t_max <= args.log_t_min:
         raise ValueError(
@@ -186,9 +186,9 @@ def _validate(args: RunOptions) -> None:
     # --kinks: the tolerance at which it meets the flow's accuracy bar with the fewest
     # evaluations on the default problem (benchmarks/RESULTS.md, flow_kinks.py)
     if args.rtol is None:
-        args.rtol = 1e-9 if kinks else 3e-5
+        args.rtol = 1e-9 if kinks else DEFAULT_TOL[0]
     if args.atol is None:
-        args.atol = 1e-12 if kinks else 3e-8
+        args.atol = 1e-12 if kinks else DEFAULT_TOL[1]
     if kinks:
         if args.dt is not None or args.cfl is not None or args.clock != "loss":
             raise ValueError("--kinks steps from event to event on the loss clock: leave "

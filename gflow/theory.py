@@ -588,6 +588,14 @@ def kkt_along(traj: Trajectory, objective) -> list[dict]:
     return out
 
 
+def _past_threshold(traj: Trajectory, log_threshold: float) -> list:
+    """``(index, params)`` of the snapshots at or past t0."""
+    i0 = threshold_index(traj, log_threshold)
+    if i0 is None:
+        return []
+    return [(i, p) for i, p in enumerate(traj.snapshots) if i >= i0]
+
+
 def step_ratio(traj: Trajectory, objective, *, most: int = 8) -> float | None:
     """The largest ``eta * lambda_max(Hessian of Loss)`` of a GD run over its saved
     parameters past the loss threshold (at most ``most`` of them, evenly; the final ones
@@ -598,8 +606,7 @@ def step_ratio(traj: Trajectory, objective, *, most: int = 8) -> float | None:
 
     if "log_lr" not in traj.columns:
         return None
-    i0 = threshold_index(traj, objective.loss.log_threshold)
-    points = [(i, p) for i, p in enumerate(traj.snapshots) if i0 is not None and i >= i0]
+    points = _past_threshold(traj, objective.loss.log_threshold)
     if not points and traj.final_params is not None:
         points = [(len(traj) - 1, traj.final_params)]
     if len(points) > most:
@@ -622,14 +629,6 @@ def _unit(params) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _past_threshold(traj: Trajectory, log_threshold: float) -> list:
-    """``(index, params)`` of the snapshots at or past t0."""
-    i0 = threshold_index(traj, log_threshold)
-    if i0 is None:
-        return []
-    return [(i, p) for i, p in enumerate(traj.snapshots) if i >= i0]
-
-
 def direction(traj: Trajectory, log_threshold: float, *, level: float = 0.99) -> Verdict:
     """Directional convergence (Ji & Telgarsky 2020, "Directional convergence and alignment
     in deep learning"): ``u = theta / |theta|`` converges along the flow of a homogeneous
@@ -640,9 +639,8 @@ def direction(traj: Trajectory, log_threshold: float, *, level: float = 0.99) ->
     FAIL when it is at or above -1 (a direction still turning as fast, e.g. a rotation);
     n/a with fewer than 6 increments or under a decade of log t (an asymptotic claim,
     like the rates). Reports the increments per unit log t."""
-    pts = [(i, p) for i, p in _past_threshold(traj, log_threshold)]
     lt = np.asarray(traj["log_t"], np.float64)
-    pts = [(i, p) for i, p in pts if lt[i] > 1]
+    pts = [(i, p) for i, p in _past_threshold(traj, log_threshold) if lt[i] > 1]
     if len(pts) < 7:
         return Verdict(
             "direction converges",

@@ -65,6 +65,7 @@ from jax.flatten_util import ravel_pytree
 
 from gflow.dynamics.gd import log1p_of_log_t, log_t_grid, log_t_of_log1p, quantities_many
 from gflow.dynamics.solvers import (
+    DEFAULT_TOL,
     default_cfl,
     evals_per_step,
     is_fixed_step,
@@ -84,7 +85,6 @@ __all__ = ["KinkStepping", "run_flow_kinks"]
 FALLBACK = 100.0  # measured crossover: benchmarks/RESULTS.md, "Event cost"
 _STABLE = "ralston"  # the fallback: gflow run's default stepping
 _PROBE = 8  # warm-up steps that measure the fallback's cost above the loss threshold
-_WARMUP_TOL = (3e-5, 3e-8)  # its error-controlled start above the loss threshold (gflow run's)
 
 
 class KinkStepping(NamedTuple):
@@ -652,7 +652,7 @@ def run_flow_kinks(
         kink_rate = (count["grad_evals"] - window["evals"]) / (tau - window["tau"])
         st = StabilityStepping()
         if float(objective.log_loss(y[0])) >= objective.loss.log_threshold:
-            ctrl = _controller(None, False, *_WARMUP_TOL)
+            ctrl = _controller(None, False, *DEFAULT_TOL)
             seg, evals = _segment_fn("loss", make_solver(st.warmup), ctrl, _PROBE, dtype)
             t0 = jnp.asarray(tau, dtype)
             out = seg(objective, y, t0, t0 + _LOSS_SPAN, None, y[1] + 1e3)
@@ -708,8 +708,9 @@ def run_flow_kinks(
         from gflow.dynamics.flow import StabilityStepping, _drive
 
         st = StabilityStepping()
-        ell = float(objective.log_loss(y[0]))
-        below = ell < objective.loss.log_threshold  # stability stepping at once
+        # below the loss threshold, stability stepping at once; above, its warm-up first
+        below = float(objective.log_loss(y[0])) < objective.loss.log_threshold
+        warmup = None if below else st.warmup
         fixed = dict(crossings=count["crossings"], slide_entries=count["slide_entries"],
                      slide_exits=count["slide_exits"], events=count["events"],
                      pair_evals=count["pair_evals"], sliding=math.nan,
@@ -723,8 +724,8 @@ def run_flow_kinks(
         each = None if progress is None else (lambda row: progress(joined(row)))
         (tr,) = _drive(
             objective, [y[0]], [0], single=True, clock="loss", solver=_STABLE,
-            stepsize_controller=None, rtol=_WARMUP_TOL[0], atol=_WARMUP_TOL[1], dt=None,
-            cfl=default_cfl(_STABLE), warmup=None if below else st.warmup,
+            stepsize_controller=None, rtol=DEFAULT_TOL[0], atol=DEFAULT_TOL[1], dt=None,
+            cfl=default_cfl(_STABLE), warmup=warmup,
             refresh=st.refresh, drift=st.drift, log_t_max=log_t_max, log_loss_min=log_loss_min,
             saves=saves, log_t_min=log_t_min, log_t0=log_t,
             max_steps=max(1, max_steps - count["steps"]),
@@ -738,7 +739,7 @@ def run_flow_kinks(
         rec.snapshots.extend(tr.snapshots)
         rec.config["handover"] = dict(
             log_t=log_t, cost_ratio=ratio, solver=_STABLE, cfl=default_cfl(_STABLE),
-            warmup=None if below else st.warmup, rtol=_WARMUP_TOL[0], atol=_WARMUP_TOL[1],
+            warmup=warmup, rtol=DEFAULT_TOL[0], atol=DEFAULT_TOL[1],
         )  # fmt: skip
         note = (f"event by event to log t = {log_t:.6g}, then stability stepping ({_STABLE}, "
                 f"cfl {default_cfl(_STABLE)}): events cost {ratio:.3g}x its evaluations per "

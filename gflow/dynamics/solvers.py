@@ -34,6 +34,7 @@ __all__ = [
     "rkc_tableau",
     "evals_per_step",
     "default_cfl",
+    "DEFAULT_TOL",
 ]
 
 
@@ -244,6 +245,11 @@ def stability_edge(solver) -> float:
             f"no stability edge known for solver {name!r}; use one of {sorted(_EDGES)} or "
             "rkcS, or give the solver class a stability_edge attribute"
         ) from None
+
+
+# gflow run's flow tolerances (rtol, atol): its adaptive solver's, and the warm-up's of
+# stability stepping before the loss threshold
+DEFAULT_TOL = (3e-5, 3e-8)
 
 
 def default_cfl(solver) -> float | None:
