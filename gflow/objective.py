@@ -61,6 +61,9 @@ class Objective(eqx.Module):
     # a model gflow did not build that is 1-homogeneous in each layer: the group of each
     # parameter leaf (gflow.invariants.layer_groups), for its layer balances; else None
     layer_groups: tuple | None = eqx.field(static=True, default=None)
+    # a fully-connected linear network of gflow's (scalar output): its KKT points are
+    # global optima of the margin problem (Vardi, Shamir & Srebro 2022)
+    fully_linear: bool = eqx.field(static=True, default=False)
 
     @property
     def num_samples(self) -> int:
@@ -270,7 +273,11 @@ def make_objective(
         homogeneous=declared is not None,
         smooth=_smooth(model),
         layer_groups=groups,
-    )
+        fully_linear=bool(
+            ours and (model.activation == "linear" or model.depth == 1) and num_outputs == 1
+            and all(op[0] == "F" for op in model.ops)
+        ),
+    )  # fmt: skip
     return (obj if devices is None else shard(obj, devices)), params
 
 

@@ -44,6 +44,8 @@ __all__ = [
     "outside",
     "direction",
     "alignment",
+    "local_optimality",
+    "remaining_path",
     "fidelity",
     "fidelity_tolerance",
     "kkt_along",
@@ -692,6 +694,72 @@ def alignment(traj: Trajectory, objective, log_threshold: float) -> Verdict:
     return Verdict("alignment", gaps[-1] < gaps[0], s, det)
 
 
+LOCAL_SCOPE = (
+    "a KKT point of the margin problem is proved a (global) optimum only for "
+    "fully-connected linear networks (Vardi, Shamir & Srebro 2022); for ReLU and "
+    "diagonal networks it need not be a local one"
+)
+
+
+def remaining_path(verdict: Verdict) -> float | None:
+    """How far the direction can still move past the last snapshot: the increments per
+    unit log t of ``direction``'s fit, ``c (log t)^a``, integrated from the last log t
+    to infinity with ``a`` at its interval's upper end (the slowest decay the fit
+    allows): ``rate_T T / (-1 - a)``. ``None`` when the fit cannot bound it (n/a, or
+    ``a`` not surely below -1)."""
+    det = verdict.details
+    if "exponent" not in det:
+        return None
+    a = det["exponent"] + det["half_width"]
+    if not a < -1:
+        return None
+    lt, rate = det["log_t"], det["increment_per_log_t"]
+    return max(rate[-3:]) * lt[-1] / (-1 - a)
+
+
+def local_optimality(
+    traj: Trajectory, objective, direction_verdict: Verdict | None = None, *,
+    radii=(0.01, 0.03, 0.1, 0.3), starts: int = 8, steps: int = 400,
+) -> Verdict:  # fmt: skip
+    """Is the flow's limit a local optimum of the margin problem (Vardi, Shamir & Srebro
+    2022)? The limit lies within ``R`` of the last snapshot's direction ``u``
+    (``remaining_path``, from ``direction``'s fit); ``gflow.optimality.margin_search``
+    searches the smallest ball around ``u`` of radius ``r >= 2R`` (from ``radii``) for
+    the largest normalized margin. PASS when its best point lies within ``R`` of ``u``
+    (where the limit can be: nothing better within ``r - R`` of it, a local optimum to
+    that resolution, the gain being the flow's own remaining progress); FAIL when it lies
+    farther (a larger margin at distance at most ``r + R`` from the limit that the flow
+    is not heading for). n/a when the direction's path cannot be bounded or ``2R``
+    exceeds the largest radius. Outside the theory (observed only) unless the model is a
+    fully-connected linear network (``LOCAL_SCOPE``)."""
+    from gflow.optimality import margin_search
+
+    name = "local optimum"
+    if direction_verdict is None:
+        direction_verdict = direction(traj, objective.loss.log_threshold)
+    R = remaining_path(direction_verdict)
+    if R is None:
+        return Verdict(name, None, "the direction's remaining path is not bounded (see "
+                       "'direction converges'): run longer or save more snapshots")  # fmt: skip
+    fits = [r for r in radii if r >= 2 * R]
+    if not fits:
+        return Verdict(name, None, f"the direction may still move {R:.3g} (more than half "
+                       f"the largest radius {max(radii)}): run longer")  # fmt: skip
+    r = min(fits)
+    found = margin_search(objective, traj.snapshots[-1], radii=(r,), starts=starts,
+                          steps=steps)["radii"][0]  # fmt: skip
+    d, g = found["moved"], found["gain"]
+    det = dict(remaining_path=R, radius=r, best_distance=d, gain=g,
+               log_t=float(traj["log_t"][-1]))  # fmt: skip
+    ok = d <= R
+    what = "a local optimum" if ok else "NOT a local optimum"
+    s = (f"{what}: the largest normalized margin within {r:.3g} of the direction at log t = "
+         f"{det['log_t']:.4g} is {d:.3g} away (gain {g:.3g}); the flow can still move "
+         f"{R:.3g}")  # fmt: skip
+    v = Verdict(name, ok, s, det)
+    return v if getattr(objective, "fully_linear", False) else outside(v, LOCAL_SCOPE)
+
+
 def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Verdict]:
     """``check_trajectory`` plus, for a homogeneous ``objective``, the KKT residual along
     the run's saved parameters: it must fall from the first to the last (Theorem 4.4).
@@ -707,7 +775,8 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
     why = gd_scope(traj, ratio) if traj.kind != "flow" else []
     if traj.snapshots:
         th = objective.loss.log_threshold
-        verdicts += [direction(traj, th), alignment(traj, objective, th)]
+        dv = direction(traj, th)
+        verdicts += [dv, alignment(traj, objective, th), local_optimality(traj, objective, dv)]
     ks = kkt_along(traj, objective)
     if len(ks) >= 2:
         early, late = ks[0]["eps_rel"], ks[-1]["eps_rel"]
@@ -731,7 +800,7 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
             )
         )
     if why:  # GD outside its theorem: these claims are the flow's, observed here
-        flows = ("KKT eps falling", "direction converges", "alignment")
+        flows = ("KKT eps falling", "direction converges", "alignment", "local optimum")
         verdicts = [
             outside(v, "; ".join(why)) if v.name in flows and v.passed is not None else v
             for v in verdicts
