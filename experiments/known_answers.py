@@ -13,9 +13,18 @@ and the wall time to get there (issue 18, "a known-answer suite").
   normalized margin's gap to the LP's; the gap can never be negative (the LP's margin is
   the maximum), which the script asserts.
 
-Still to come (issue 18): the two-layer leaky-ReLU net on symmetric data (Lyu et al.
-2021) and an example of Vardi, Shamir & Srebro (2022) whose KKT point is not a local
-optimum.
+* ``lyu21``: a two-layer leaky-ReLU net (width 8, initialised at 1e-3 of gflow's scale) on
+  symmetric data (the ``l1`` points and their mirrors ``(-x, -y)``): Lyu et al. (2021)
+  prove convergence to the linear max-margin classifier. Its linear part ``sum_j a_j w_j``
+  against the SVM (SLSQP), ``1 - cos``, and the normalized margin's gap to the maximum
+  ``(1 + alpha) gamma_svm / 4`` (``gflow.theory.linear_max_margin``, whose verdict is
+  printed).
+* ``vardi``: the ``l1`` net with one coordinate at ``u_i = v_i = 0``, which the flow never
+  moves: the mechanism of Vardi, Shamir & Srebro (2022) for diagonal networks. The limit
+  is the L1 max-margin without coordinate i (an LP), a KKT point of the whole problem
+  that is not a local optimum, since using coordinate i raises the L1 margin (the full
+  LP's). Error: ``|beta - beta_restricted|_1``; the gap to the full LP's margin stays;
+  ``gflow.theory.local_optimality`` must say "NOT a local optimum" (printed).
 
     python experiments/known_answers.py [--log-t-max 1000]
 """
@@ -28,13 +37,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 from common import out_dir, problem, write_json
 from flax import nnx
-from linear_svm import svm_direction
 
 import gflow
 from gflow.dynamics import run_flow
+from gflow.known import l1_max_margin, svm_direction
 
 
 class Diagonal(nnx.Module):
@@ -47,19 +55,6 @@ class Diagonal(nnx.Module):
 
     def __call__(self, x):
         return x @ (self.u[...] ** 2 - self.v[...] ** 2)
-
-
-def l1_max_margin(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``min |b|_1 s.t. y_n <b, x_n> >= 1`` as an LP in ``(b+, b-) >= 0`` (HiGHS)."""
-    d = X.shape[1]
-    a = -(y[:, None] * X)
-    res = scipy.optimize.linprog(
-        np.ones(2 * d), A_ub=np.hstack([a, -a]), b_ub=-np.ones(len(y)),
-        bounds=[(0, None)] * (2 * d), method="highs",
-    )  # fmt: skip
-    if res.status != 0:
-        raise RuntimeError(f"LP failed: {res.message}")
-    return res.x[:d] - res.x[d:]
 
 
 def sparse_data(n: int = 30, d: int = 10, seed: int = 0):
@@ -120,6 +115,62 @@ def case_l1(log_t_max: float, saves: int) -> dict:
                 rows=rows)  # fmt: skip
 
 
+def case_lyu21(log_t_max: float, saves: int) -> dict:
+    from gflow.models import LEAKY_SLOPE
+    from gflow.theory import linear_max_margin
+
+    x, y = sparse_data(n=20)
+    x, y = np.concatenate([x, -x]), np.concatenate([y, -y])
+    w = svm_direction(x, y.astype(float))
+    gamma = (1 + LEAKY_SLOPE) / 4 * float(np.min(y * (x @ w))) / np.linalg.norm(w)
+    w = w / np.linalg.norm(w)
+    model = gflow.build_model("mlp", (x.shape[1],), 1, width=8, depth=2,
+                              activation="leaky_relu", seed=1)  # fmt: skip
+    obj, p0 = gflow.make_objective(model, (x, y), "exp")
+    tr, walls = _timed_flow(obj, jax.tree.map(lambda a: 1e-3 * a, p0), log_t_max, saves)
+    rows = []
+    for lt, p, wall in zip(tr["log_t"], tr.snapshots, walls, strict=True):
+        k1, k2 = (np.asarray(p["layers"][i]["kernel"]) for i in (0, 1))
+        lin = (k1 @ k2).ravel()
+        sq = float(np.sum(k1**2) + np.sum(k2**2))
+        margin = float(np.min(np.asarray(obj.margins(p)))) / sq
+        assert margin <= gamma * (1 + 1e-6), f"a margin above the maximum: {margin}"
+        rows.append(dict(log_t=float(lt), wall_s=wall,
+                         error=float(1 - lin @ w / np.linalg.norm(lin)),
+                         margin_gap=(gamma - margin) / gamma))  # fmt: skip
+    return dict(answer="linear max-margin (SVM by SLSQP; margin (1 + alpha) gamma_svm / 4)",
+                error="1 - cos(sum_j a_j w_j, w_svm)", rows=rows,
+                verdict=str(linear_max_margin(tr, obj)))  # fmt: skip
+
+
+def case_vardi(log_t_max: float, saves: int, dead: int = 2) -> dict:
+    from gflow.theory import local_optimality
+
+    x, y = sparse_data()
+    gamma_lp = 1 / np.abs(l1_max_margin(x, y.astype(float))).sum()
+    x_without = x.copy()
+    x_without[:, dead] = 0.0
+    b_r = l1_max_margin(x_without, y.astype(float))
+    b_r = b_r / np.abs(b_r).sum()
+    model = Diagonal(x.shape[1], 0.1)
+    model.u[...] = model.u[...].at[dead].set(0.0)
+    model.v[...] = model.v[...].at[dead].set(0.0)
+    obj, p0 = gflow.make_objective(model, (x, y), "exp", order=2)
+    tr, walls = _timed_flow(obj, p0, log_t_max, saves)
+    rows = []
+    for lt, p, wall in zip(tr["log_t"], tr.snapshots, walls, strict=True):
+        b = np.asarray(p["u"]) ** 2 - np.asarray(p["v"]) ** 2
+        b = b / np.abs(b).sum()
+        gap = (gamma_lp - float(np.min(y * (x @ b)))) / gamma_lp
+        rows.append(dict(log_t=float(lt), wall_s=wall, error=float(np.abs(b - b_r).sum()),
+                         margin_gap=gap))  # fmt: skip
+    t = time.perf_counter()
+    verdict = str(local_optimality(tr, obj))
+    return dict(answer=f"L1 max-margin without coordinate {dead} (LP, HiGHS)",
+                error="|beta - beta_restricted|_1 (L1-normalized)", rows=rows,
+                verdict=verdict, verdict_wall_s=time.perf_counter() - t)  # fmt: skip
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--log-t-max", type=float, default=1000.0)
@@ -128,13 +179,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = out_dir("known_answers", args.out)
     summary = {}
-    for name, case in (("svm", case_svm), ("l1", case_l1)):
+    cases = (("svm", case_svm), ("l1", case_l1), ("lyu21", case_lyu21), ("vardi", case_vardi))
+    for name, case in cases:
         summary[name] = res = case(args.log_t_max, args.saves)
         print(f"{name}: {res['answer']}; error = {res['error']}")
         shown = {args.log_t_max / 100, args.log_t_max / 10, args.log_t_max}
         for r in [r for r in res["rows"] if min(abs(r["log_t"] / v - 1) for v in shown) < 1e-6]:
             extra = f"  margin gap {r['margin_gap']:.2e}" if "margin_gap" in r else ""
             print(f"  log t {r['log_t']:8.3g}: {r['error']:.3e}{extra}  ({r['wall_s']:.1f} s)")
+        if "verdict" in res:
+            print(f"  {res['verdict']}")
     write_json(out / "summary.json", summary)
     print(f"-> {out / 'summary.json'}")
     return summary

@@ -19,23 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import scipy.optimize  # noqa: E402
 from common import out_dir, problem, save_experiment_figure, write_json  # noqa: E402
 
 from gflow.dynamics import run_flow  # noqa: E402
-
-
-def svm_direction(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Hard-margin SVM without intercept: min |w|^2 / 2 s.t. y_n w.x_n >= 1."""
-    res = scipy.optimize.minimize(
-        lambda w: 0.5 * w @ w, np.zeros(X.shape[1]), jac=lambda w: w, method="SLSQP",
-        constraints=[{"type": "ineq", "fun": lambda w: y * (X @ w) - 1,
-                      "jac": lambda w: y[:, None] * X}],
-        options=dict(ftol=1e-12, maxiter=2000),
-    )  # fmt: skip
-    if not res.success:
-        raise RuntimeError(f"SLSQP failed: {res.message}")
-    return res.x
+from gflow.known import svm_direction  # noqa: E402
 
 
 def main():

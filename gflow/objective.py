@@ -61,9 +61,11 @@ class Objective(eqx.Module):
     # a model gflow did not build that is 1-homogeneous in each layer: the group of each
     # parameter leaf (gflow.invariants.layer_groups), for its layer balances; else None
     layer_groups: tuple | None = eqx.field(static=True, default=None)
-    # a fully-connected linear network of gflow's (scalar output): its KKT points are
-    # global optima of the margin problem (Vardi, Shamir & Srebro 2022)
-    fully_linear: bool = eqx.field(static=True, default=False)
+    # the family of a gflow model that a follow-up theorem is about (``family``): "linear"
+    # (fully connected, linear activations, one output: its KKT points are global optima,
+    # Vardi, Shamir & Srebro 2022), "leaky2" (two layers, leaky ReLU, one output: Lyu et
+    # al. 2021), else None
+    family: str | None = eqx.field(static=True, default=None)
 
     @property
     def num_samples(self) -> int:
@@ -98,6 +100,7 @@ class Objective(eqx.Module):
         static = dict(
             graphdef=self.graphdef, loss=self.loss, order=self.order,
             homogeneous=self.homogeneous, smooth=self.smooth, layer_groups=self.layer_groups,
+            family=self.family,
         )  # fmt: skip
         atomic_write(folder / "objective.pkl", cloudpickle.dumps(static))
         data = {"x": to_host(self.x), "y": to_host(self.y)}
@@ -273,11 +276,8 @@ def make_objective(
         homogeneous=declared is not None,
         smooth=_smooth(model),
         layer_groups=groups,
-        fully_linear=bool(
-            ours and (model.activation == "linear" or model.depth == 1) and num_outputs == 1
-            and all(op[0] == "F" for op in model.ops)
-        ),
-    )  # fmt: skip
+        family=family(model, num_outputs) if ours else None,
+    )
     return (obj if devices is None else shard(obj, devices)), params
 
 
@@ -313,6 +313,17 @@ def _num_outputs(graphdef, params, x) -> int:
             "(n,), (n, 1) or (n, classes)"
         )
     return 1 if out.ndim == 1 else int(out.shape[1])
+
+
+def family(model: Sequential, num_outputs: int) -> str | None:
+    """``Objective.family`` of one of gflow's models: "linear" for a fully-connected
+    linear network (a one-layer model included), "leaky2" for a two-layer leaky-ReLU
+    MLP, both bias-free with one output; else None."""
+    if num_outputs != 1 or model.bias != "none" or any(op[0] != "F" for op in model.ops):
+        return None
+    if model.activation == "linear" or model.depth == 1:
+        return "linear"
+    return "leaky2" if model.activation == "leaky_relu" and model.depth == 2 else None
 
 
 def _smooth(model) -> bool | None:

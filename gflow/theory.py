@@ -46,6 +46,8 @@ __all__ = [
     "alignment",
     "local_optimality",
     "remaining_path",
+    "reaches_maximum",
+    "linear_max_margin",
     "fidelity",
     "fidelity_tolerance",
     "kkt_along",
@@ -751,13 +753,109 @@ def local_optimality(
     d, g = found["moved"], found["gain"]
     det = dict(remaining_path=R, radius=r, best_distance=d, gain=g,
                log_t=float(traj["log_t"][-1]))  # fmt: skip
-    ok = d <= R
+    ok = bool(d <= R)
     what = "a local optimum" if ok else "NOT a local optimum"
     s = (f"{what}: the largest normalized margin within {r:.3g} of the direction at log t = "
          f"{det['log_t']:.4g} is {d:.3g} away (gain {g:.3g}); the flow can still move "
          f"{R:.3g}")  # fmt: skip
     v = Verdict(name, ok, s, det)
-    return v if getattr(objective, "fully_linear", False) else outside(v, LOCAL_SCOPE)
+    return v if objective.family == "linear" else outside(v, LOCAL_SCOPE)
+
+
+def reaches_maximum(traj: Trajectory, log_threshold: float, gamma_max: float, *,
+                    name: str = "reaches the max margin", level: float = 0.99,
+                    rtol: float = 1e-6) -> Verdict:  # fmt: skip
+    """Does the smoothed margin tend to ``gamma_max``, a known maximum of the normalized
+    margin? It rises monotonically to its limit (Theorem 4.1), so ``gamma_max - gamma~_T``
+    must not exceed the rise still to come, which is extrapolated like ``remaining_path``:
+    its increments per unit log t between save points past t0 (log t > 1) are fitted as
+    a power of log t, ``c (log t)^a``, and integrated from the last log t on with ``a`` at
+    its interval's slow end. PASS when the gap is within that, FAIL when it exceeds it
+    (the margin settles below the maximum) or when the normalized margin ever exceeds
+    ``gamma_max (1 + rtol)`` (``rtol``: the maximum's own solver tolerance); n/a with
+    fewer than 7 points past t0, under a decade of log t, or when the fit cannot bound
+    the rise (``a`` not surely below -1)."""
+    lt = np.asarray(traj["log_t"], np.float64)
+    i0 = threshold_index(traj, log_threshold)
+    idx = [] if i0 is None else [i for i in range(i0, len(lt)) if lt[i] > 1]
+    sm = np.asarray(traj["smoothed_margin"], np.float64)[idx]
+    nm = np.asarray(traj["normalized_margin"], np.float64)[idx]
+    ts = lt[idx]
+    det = dict(gamma_max=gamma_max, log_t=[float(v) for v in ts],
+               smoothed_margin=[float(v) for v in sm])  # fmt: skip
+    if len(idx) and np.max(nm) > gamma_max * (1 + rtol):
+        k = int(np.argmax(nm))
+        return Verdict(name, False, f"normalized margin {nm[k]:.8g} at log t = {ts[k]:.4g} "
+                       f"above the maximum {gamma_max:.8g}", det)  # fmt: skip
+    if len(idx) < 7 or ts[-1] < 10 * ts[0]:
+        return Verdict(name, None, f"{len(idx)} save points past t0 with log t > 1, over "
+                       "less than a decade or fewer than 7: run longer", det)  # fmt: skip
+    gap = gamma_max - float(sm[-1])
+    rise = np.diff(sm) / np.diff(ts)
+    ok = rise > 0
+    if ok.sum() < 6:
+        return Verdict(name, None, "the smoothed margin has stopped rising", det)
+    mid = np.sqrt(ts[:-1] * ts[1:])
+    slope, half = _line(np.log(mid[ok]), np.log(rise[ok]), level)
+    a = slope + half
+    det.update(gap=gap, exponent=slope, half_width=half)
+    if not a < -1:
+        return Verdict(name, None, f"the rise's decay (log t)^{slope:.3g} +- {half:.2g} "
+                       "does not bound what is to come: run longer", det)  # fmt: skip
+    to_come = float(np.max(rise[ok][-3:])) * ts[-1] / (-1 - a)
+    det["to_come"] = to_come
+    s = (f"gap to the maximum {gamma_max:.6g}: {gap / gamma_max:.3g} (relative) at log t = "
+         f"{ts[-1]:.4g}; the smoothed margin's rise still to come, extrapolated: "
+         f"{to_come / gamma_max:.3g}")  # fmt: skip
+    return Verdict(name, bool(gap <= to_come), s, det)
+
+
+LYU21 = "linear max-margin (Lyu et al. 2021)"
+
+
+def linear_max_margin(traj: Trajectory, objective) -> Verdict | None:
+    """Lyu, Li, Wang & Arora (2021, "Gradient descent on two-layer nets: margin
+    maximization and simplicity bias"): a two-layer leaky-ReLU net (slope ``alpha``) on
+    linearly separable, symmetric data (``(-x, -y)`` a sample with each ``(x, y)``) from a
+    small initialisation converges to the linear max-margin classifier. With ``phi(z) -
+    phi(-z) = (1 + alpha) z``, a pair's two margins average ``(1 + alpha)/2 y <v, x>``, ``v =
+    sum_j a_j w_j``, and ``|v| <= |theta|^2 / 2``: no net has a normalized margin above
+    ``(1 + alpha) gamma_svm / 4``, which nets that compute ``<v, x>`` with ``v`` along the
+    SVM direction reach. The check: ``reaches_maximum`` with that value (the SVM from
+    ``gflow.known``), and, from the last snapshot, ``1 - cos(v, w_svm)`` and the initial
+    outputs' size (reported: the theorem's "small" has no stated bound). ``None`` unless
+    the model is of that family (``Objective.family == "leaky2"``); outside when the data
+    are not symmetric or not separable."""
+    if objective is None or objective.family != "leaky2":
+        return None
+    from gflow.known import svm_direction, symmetric
+    from gflow.models import LEAKY_SLOPE
+
+    X = np.asarray(objective.x, np.float64).reshape(objective.num_samples, -1)
+    y = np.asarray(objective.y, np.float64)
+    why = [] if symmetric(X, y) else ["the data are not symmetric ((-x, -y) is no sample)"]
+    try:
+        w = svm_direction(X, y)
+    except RuntimeError:
+        w = None
+        why.append("the data are not linearly separable")
+    if w is None:
+        return Verdict(LYU21, None, "no linear max-margin classifier", outside="; ".join(why))
+    gamma_svm = float(np.min(y * (X @ w)) / np.linalg.norm(w))
+    v = reaches_maximum(traj, objective.loss.log_threshold,
+                        (1 + LEAKY_SLOPE) * gamma_svm / 4, name=LYU21)  # fmt: skip
+    if traj.snapshots:
+        p = traj.snapshots[-1]
+        lin = np.asarray(p["layers"][0]["kernel"]) @ np.asarray(p["layers"][1]["kernel"])
+        lin = lin.ravel()
+        cos = float(lin @ w / np.linalg.norm(lin) / np.linalg.norm(w))
+        v.details["one_minus_cos"] = 1 - cos
+        v.summary += f"; 1 - cos(sum_j a_j w_j, w_svm) = {1 - cos:.3g}"
+        if not np.isfinite(traj["log_t"][0]):  # a snapshot at t = 0: the initial outputs
+            out = float(np.max(np.abs(np.asarray(objective.outputs(traj.snapshots[0])))))
+            v.details["initial_output"] = out
+            v.summary += f"; initial |outputs| <= {out:.3g}"
+    return outside(v, "; ".join(why)) if why else v
 
 
 def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Verdict]:
@@ -773,6 +871,9 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
     if not (kkt and objective is not None and objective.homogeneous):
         return verdicts
     why = gd_scope(traj, ratio) if traj.kind != "flow" else []
+    lyu = linear_max_margin(traj, objective)
+    if lyu is not None:
+        verdicts.append(lyu)
     if traj.snapshots:
         th = objective.loss.log_threshold
         dv = direction(traj, th)
@@ -800,7 +901,7 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
             )
         )
     if why:  # GD outside its theorem: these claims are the flow's, observed here
-        flows = ("KKT eps falling", "direction converges", "alignment", "local optimum")
+        flows = ("KKT eps falling", "direction converges", "alignment", "local optimum", LYU21)
         verdicts = [
             outside(v, "; ".join(why)) if v.name in flows and v.passed is not None else v
             for v in verdicts
