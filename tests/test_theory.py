@@ -653,3 +653,30 @@ def test_a_leaky_relu_net_on_symmetric_data_reaches_the_linear_max_margin():
     short = run_flow(obj, p0, log_t_max=2, saves=3, save_params=True)
     v = linear_max_margin(short, obj)
     assert v.outside and "not symmetric" in v.outside
+
+
+def test_a_linear_model_flows_to_the_svm(linear_problem):
+    """The smallest known answer (docs/theory.md item 5): a linear model's flow on
+    separable data heads for the hard-margin SVM (SLSQP, independent of the flow). Its
+    normalized margin never exceeds the SVM's (the maximum; slack 1e-6 for SLSQP's
+    tolerances), 1 - cos to the SVM falls from log t = 10 to 100, and
+    ``reaches_maximum`` PASSES against the SVM's margin and FAILS against one 1% higher."""
+    from gflow.dynamics import run_flow
+    from gflow.theory import reaches_maximum
+
+    ds, (obj, p0) = linear_problem
+    X, y = np.asarray(ds.x).reshape(len(ds), -1), ds.y_signed
+    w = scipy.optimize.minimize(
+        lambda v: 0.5 * v @ v, np.zeros(X.shape[1]), jac=lambda v: v, method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda v: y * (X @ v) - 1,
+                      "jac": lambda v: y[:, None] * X}], options=dict(ftol=1e-14, maxiter=500),
+    ).x  # fmt: skip
+    gamma = np.min(y * (X @ w)) / np.linalg.norm(w)
+    tr = run_flow(obj, p0, log_t_min=10, log_t_max=100, saves=12, save_params=True)
+    assert np.max(tr["normalized_margin"]) <= gamma * (1 + 1e-6)
+    cos = [float(np.ravel(p["layers"][0]["kernel"]) @ w) / np.linalg.norm(w)
+           / np.linalg.norm(np.ravel(p["layers"][0]["kernel"])) for p in tr.snapshots]  # fmt: skip
+    i10 = int(np.argmin(np.abs(tr["log_t"] - 10)))
+    assert 1 - cos[-1] < 1 - cos[i10]
+    assert reaches_maximum(tr, obj.loss.log_threshold, gamma).passed is True
+    assert reaches_maximum(tr, obj.loss.log_threshold, 1.01 * gamma).passed is False
