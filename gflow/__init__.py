@@ -6,9 +6,15 @@ Neural Networks" (ICLR 2020). Importing gflow turns on JAX's float64 support
 per model and dataset.
 """
 
-import jax
+from gflow import timing  # first: its clock starts with gflow's import  # isort: skip
+
+import jax  # noqa: E402  # isort: skip
 
 jax.config.update("jax_enable_x64", True)
+
+from gflow import cache  # noqa: E402
+
+cache.configure()  # JAX's persistent compilation cache (gflow.cache: where, how to turn off)
 
 from gflow import data, losses, models, objective, quantities  # noqa: E402
 from gflow.compare import compare  # noqa: E402
@@ -30,6 +36,8 @@ from gflow.theory import check_run, check_trajectory  # noqa: E402
 from gflow.trajectory import Trajectory  # noqa: E402
 
 __version__ = "0.1.0"
+
+timing.record("import gflow", timing.elapsed())
 
 __all__ = [
     "data",

@@ -458,8 +458,32 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE.toml",
         help="TOML file whose keys are these options' names; flags override it",
     )
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a status line every --status-every seconds instead "
+                   "(log t, log Loss, steps, time left; for logs)")  # fmt: skip
+    o.add_argument("--status-every", type=_nonneg_float, metavar="SECONDS",
+                   help="with --no-progress, seconds between status lines (0: none; "
+                   "default %(default)s)")  # fmt: skip
     o.add_argument("--no-plot", action="store_true", help="skip plots.png")
+    add_cache_option(o)
+
+
+def add_cache_option(p) -> None:
+    """``--compilation-cache`` (gflow.cache)."""
+    p.add_argument("--compilation-cache", metavar="DIR|off", default=None,
+                   help="folder of JAX's persistent compilation cache, or 'off' (default: "
+                   "$GFLOW_COMPILATION_CACHE, else ~/.cache/gflow/jax); later runs of the "
+                   "same shapes skip compiling")  # fmt: skip
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, args, argv: list[str]) -> None:
@@ -507,7 +531,8 @@ def _apply_config_file(parser: argparse.ArgumentParser, args, argv: list[str]) -
         setattr(args, dest, conv)
 
 
-_RESUME_KEEPS = ("--resume", "--no-progress", "--no-plot")
+_RESUME_KEEPS = ("--resume", "--no-progress", "--no-plot", "--status-every",
+                 "--compilation-cache")  # fmt: skip
 
 
 def _refuse_changes_on_resume(given: list[str]) -> None:
@@ -726,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("run_dir", metavar="RUN_DIR")
     check.add_argument("--no-kkt", action="store_true", help="skip the KKT residual")
+    add_cache_option(check)
     check.set_defaults(func=cmd_check)
     comp = sub.add_parser(
         "compare",
@@ -739,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default=None, metavar="PLOT.png",
                       help="plot the differences (PNG; '.png' is added to another name) and "
                       "write the summary beside it as PLOT.json")  # fmt: skip
+    add_cache_option(comp)
     comp.set_defaults(func=cmd_compare)
     attack = sub.add_parser(
         "attack",
@@ -754,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--n", type=_positive_int, default=100, help="images attacked")
     attack.add_argument("--steps", type=_positive_int, default=50)
     attack.add_argument("--restarts", type=_positive_int, default=1)
+    add_cache_option(attack)
     attack.set_defaults(func=cmd_attack)
     demo = sub.add_parser(
         "demo",
@@ -763,6 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
         "c^L Phi(theta) numerically and print the log loss and margins at initialisation.",
     )
     add_problem_options(demo, model="paper-cnn")
+    add_cache_option(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -804,6 +833,10 @@ def main(argv: list[str] | None = None) -> int:
         args.given = [tok.split("=", 1)[0] for tok in argv[1:] if tok.startswith("--")]
         if getattr(args, "config", None):
             _apply_config_file(parser, args, argv)
+        if getattr(args, "compilation_cache", None):
+            from gflow.cache import configure
+
+            configure(args.compilation_cache)
         if hasattr(args, "coordinator"):
             _start_distributed(args)
         return args.func(args)

@@ -85,6 +85,8 @@ class RunOptions:
     resume: str | None = None
     config: str | None = None
     no_progress: bool = False
+    status_every: float = 5.0
+    compilation_cache: str | None = None
     no_plot: bool = False
 
     def __post_init__(self):
@@ -146,10 +148,12 @@ def saved_options(out: Path) -> dict:
 
 def _resumed(args: RunOptions, out: Path) -> RunOptions:
     """``args`` with the options of the run folder ``out`` (for ``resume``); only
-    ``no_progress`` and ``no_plot`` are kept from ``args``."""
+    ``no_progress``, ``no_plot``, ``status_every`` and ``compilation_cache`` are kept
+    from ``args``."""
     names = {f.name for f in dataclasses.fields(RunOptions)}
     kept = dict(resume=str(out), out=str(out), no_progress=args.no_progress,
-                no_plot=args.no_plot)  # fmt: skip
+                no_plot=args.no_plot, status_every=args.status_every,
+                compilation_cache=args.compilation_cache)  # fmt: skip
     saved = {k: v for k, v in saved_options(out).items() if k in names and k not in kept}
     return dataclasses.replace(args, **saved, **kept)
 
@@ -232,6 +236,7 @@ def run(args: RunOptions) -> int:
 
     import jax
 
+    from gflow import timing
     from gflow.checkpoint import Checkpointer
     from gflow.distributed import is_writer
     from gflow.dynamics import run_flow, run_gd
@@ -239,6 +244,10 @@ def run(args: RunOptions) -> int:
     from gflow.theory import check_run, checks_json
     from gflow.trajectory import atomic_write
 
+    if args.compilation_cache is not None:
+        from gflow.cache import configure
+
+        configure(args.compilation_cache)
     resume = args.resume is not None
     hosts = jax.process_count()
     if hosts > 1 and resume:
@@ -268,7 +277,8 @@ def run(args: RunOptions) -> int:
         if args.out and out.is_dir() and any(out.iterdir()):
             raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
     _validate(args)
-    ds, model, obj, params0 = args.problem.build()
+    with timing.phase("problem"):
+        ds, model, obj, params0 = args.problem.build()
     config = args.to_json()
     out, created = claim(out, unique=not (args.out or resume), resume=resume)
     if not resume:
@@ -304,47 +314,48 @@ def run(args: RunOptions) -> int:
             continue
         if resume and ck is not None and ck.exists():
             print(f"{kind}: resuming from the checkpoint in {ck.path}")
-        bar = _Progress(kind, args.log_t_max, not args.no_progress)
+        bar = _Progress(kind, args.log_t_max, not args.no_progress, args.status_every)
         t0 = time.perf_counter()
         try:
-            common = dict(
-                log_t_max=args.log_t_max,
-                log_loss_min=args.log_loss_min,
-                saves=args.saves,
-                log_t_min=args.log_t_min,
-                save_params=args.save_params,
-                config=config,
-                progress=bar,
-                checkpoint=ck,
-                resume=resume,
-            )
-            if kind == "gd":
-                tr = run_gd(
-                    obj,
-                    params0,
-                    schedule=args.schedule,
-                    lr=args.lr,
-                    alpha0=args.alpha0,
-                    loss_ub=args.loss_ub,
-                    batch_size=args.batch_size,
-                    max_steps=args.steps or 100_000,
-                    seed=args.seed,
-                    **common,
+            with timing.phase(kind):
+                common = dict(
+                    log_t_max=args.log_t_max,
+                    log_loss_min=args.log_loss_min,
+                    saves=args.saves,
+                    log_t_min=args.log_t_min,
+                    save_params=args.save_params,
+                    config=config,
+                    progress=bar,
+                    checkpoint=ck,
+                    resume=resume,
                 )
-            else:
-                tr = run_flow(
-                    obj,
-                    params0,
-                    clock=args.clock,
-                    solver=args.solver,
-                    stepsize_controller=_kinks(args),
-                    rtol=args.rtol,
-                    atol=args.atol,
-                    dt=args.dt,
-                    cfl=args.cfl,
-                    max_steps=args.steps or 1_000_000,
-                    **common,
-                )
+                if kind == "gd":
+                    tr = run_gd(
+                        obj,
+                        params0,
+                        schedule=args.schedule,
+                        lr=args.lr,
+                        alpha0=args.alpha0,
+                        loss_ub=args.loss_ub,
+                        batch_size=args.batch_size,
+                        max_steps=args.steps or 100_000,
+                        seed=args.seed,
+                        **common,
+                    )
+                else:
+                    tr = run_flow(
+                        obj,
+                        params0,
+                        clock=args.clock,
+                        solver=args.solver,
+                        stepsize_controller=_kinks(args),
+                        rtol=args.rtol,
+                        atol=args.atol,
+                        dt=args.dt,
+                        cfl=args.cfl,
+                        max_steps=args.steps or 1_000_000,
+                        **common,
+                    )
         except ValueError:
             if created and not trajs and not (ck is not None and ck.exists()):
                 shutil.rmtree(out, ignore_errors=True)  # bad input: leave no folder
@@ -354,17 +365,20 @@ def run(args: RunOptions) -> int:
         times[kind] = time.perf_counter() - t0
         trajs[kind] = tr
         tr.config["wall_seconds"] = times[kind]
-        tr.save(folder, objective=False)
-        _settle_checkpoint(ck, [tr], kind, out)
+        with timing.phase("write"):
+            tr.save(folder, objective=False)
+            _settle_checkpoint(ck, [tr], kind, out)
         print(f"{kind}: {tr.status}: {tr.message} ({times[kind]:.1f} s) -> {folder}")
         if _interrupted([tr]):
             return _stop_interrupted(out)
-        checks[kind] = check_run(tr, obj)
+        with timing.phase(f"checks {kind}"):
+            checks[kind] = check_run(tr, obj)
         atomic_write(folder / "checks.json", checks_json(checks[kind]).encode())
     _print_summary(trajs, times, checks, {k: _threshold_log_t(t, obj) for k, t in trajs.items()})
     if not args.no_plot:
         title = f"{ds.name}, {args.model} (L={obj.order}), {args.loss} loss"
-        path = plot_trajectories(trajs, out / "plots.png", title)
+        with timing.phase("plots"):
+            path = plot_trajectories(trajs, out / "plots.png", title)
         print(f"plots: {path}")
     summary = {
         kind: {**tr.last(), "status": tr.status, "message": tr.message,
@@ -372,6 +386,7 @@ def run(args: RunOptions) -> int:
         for kind, tr in trajs.items()
     }  # fmt: skip
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(out / "timing.json", (json.dumps(timing.report(), indent=2) + "\n").encode())
     _warn_never_below(trajs, obj)
     return 0 if all(t.status != "failed" for t in trajs.values()) else 1
 
@@ -584,7 +599,8 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
             if resume and ck is not None and ck.exists():
                 print(f"{kind}: resuming from the checkpoint in {ck.path}")
             t0 = time.perf_counter()
-            bar = _Progress(f"{kind} x{len(seeds)}", args.log_t_max, not args.no_progress)
+            bar = _Progress(f"{kind} x{len(seeds)}", args.log_t_max, not args.no_progress,
+                            args.status_every)  # fmt: skip
             common = dict(
                 seeds=seeds, log_t_max=args.log_t_max, saves=args.saves,
                 log_t_min=args.log_t_min, config=config, progress=_Slowest(len(seeds), bar),
@@ -647,10 +663,12 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 
 class _Progress:
-    """A tqdm bar over log t that appears after two seconds."""
+    """Progress of one run over log t: a tqdm bar that appears after two seconds, or
+    with ``enabled`` false (``--no-progress``, for logs) a status line every ``every``
+    seconds (``_Status``; none when ``every`` is 0)."""
 
-    def __init__(self, label: str, log_t_max: float, enabled: bool):
-        self.bar = None
+    def __init__(self, label: str, log_t_max: float, enabled: bool, every: float = 5.0):
+        self.bar = self.status = None
         if enabled:
             from tqdm import tqdm
 
@@ -662,8 +680,12 @@ class _Progress:
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| log t {n:.4g}/{total:.4g} "
                 "[{elapsed}<{remaining}{postfix}]",
             )
+        elif every > 0:
+            self.status = _Status(label, log_t_max, every)
 
     def __call__(self, row: dict) -> None:
+        if self.status is not None:
+            self.status.update(row)
         if self.bar is None:
             return
         lt = row.get("log_t", float("-inf"))
@@ -677,6 +699,65 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+        if self.status is not None:
+            self.status.close()
+
+
+class _Status:
+    """A background thread that prints ``label: log t a/b, log Loss c, step n, m:ss
+    elapsed, about m:ss left`` to stdout every ``every`` seconds, from the last save
+    point reported (``update``); the time left extrapolates log t's pace over the last
+    minute of save points ("?" before two)."""
+
+    def __init__(self, label: str, log_t_max: float, every: float):
+        import threading
+
+        self.label, self.log_t_max, self.every = label, log_t_max, every
+        self.t0 = time.perf_counter()
+        self.row: dict = {}
+        self.seen: list = []  # (wall, log t) of save points with a finite log t
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="gflow-status")
+        self.thread.start()
+
+    def update(self, row: dict) -> None:
+        self.row = row
+        lt = row.get("log_t", float("nan"))
+        if math.isfinite(lt):
+            self.seen.append((time.perf_counter(), lt))
+
+    def line(self) -> str:
+        now = time.perf_counter()
+        r, parts = self.row, []
+        lt = r.get("log_t", float("nan"))
+        parts.append(f"log t {lt:.4g}/{self.log_t_max:.4g}" if r else "starting")
+        if "log_loss" in r:
+            parts.append(f"log Loss {r['log_loss']:.4g}")
+        if "step" in r:
+            parts.append(f"step {int(r['step'])}")
+        parts.append(f"{_clock(now - self.t0)} elapsed")
+        recent = [(w, v) for w, v in self.seen if w >= now - 60] or self.seen[-2:]
+        left = "?"
+        if len(recent) >= 2 and recent[-1][1] > recent[0][1]:
+            pace = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+            left = _clock(max(self.log_t_max - recent[-1][1], 0.0) / pace)
+        parts.append(f"about {left} left")
+        return f"{self.label}: " + ", ".join(parts)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            print(self.line(), flush=True)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
 
 
 class _Slowest:

@@ -136,6 +136,24 @@ class _Without(eqx.Module):
         return self.norm(y[:-1])
 
 
+class _DtFromArgs(diffrax.AbstractStepSizeController):
+    """``inner`` with its first step taken from ``args[2]`` rather than ``dt0``: with a
+    traced ``dt0`` diffrax adds a run-time sign check (an ``equinox.error_if``, a host
+    callback), and a program with a host callback is never written to JAX's persistent
+    compilation cache. Integration forwards only, so the sign needs no check."""
+
+    inner: diffrax.AbstractStepSizeController
+
+    def wrap(self, direction):
+        return _DtFromArgs(self.inner.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return self.inner.init(terms, t0, t1, y0, args[2], args, func, error_order)
+
+    def adapt_step_size(self, *args, **kwargs):
+        return self.inner.adapt_step_size(*args, **kwargs)
+
+
 def _segment_fn(clock: str, solver, controller, steps: int, dtype: str = "float64"):
     """``(segment, evals)``: one jitted ``diffeqsolve`` from ``c0`` towards ``c1`` (or the
     loss clock's save event), cached so that later runs of the same kind compile nothing
@@ -152,7 +170,8 @@ def _segment_fn(clock: str, solver, controller, steps: int, dtype: str = "float6
 def _segment_cached(clock: str, the_solver, controller, steps: int, dtype: str):
     field = vector_field(clock)
     fixed = isinstance(controller, diffrax.ConstantStepSize)
-    # args = (objective, z target of the loss clock's save event) for every clock
+    # args = (objective, z target of the loss clock's save event, first step) for every
+    # clock
     term = diffrax.ODETerm(lambda c, y, args: field(c, y, args[0]))
     per_step, per_start = evals_per_step(the_solver)
     event = None
@@ -181,11 +200,11 @@ def _segment_cached(clock: str, the_solver, controller, steps: int, dtype: str):
             the_solver,
             c0,
             c1,
-            dt0,
+            None,  # the first step is in args (_DtFromArgs)
             y0,
-            (obj, z_target),
+            (obj, z_target, dt0),
             saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=controller,
+            stepsize_controller=_DtFromArgs(controller),
             event=event,
             max_steps=steps,
             throw=False,
