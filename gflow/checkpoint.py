@@ -1,9 +1,11 @@
-"""Resumable runs: an orbax checkpoint of the whole loop state at every save point.
+"""Resumable runs: an orbax checkpoint of the whole loop state at save points.
 
-``run_gd`` and ``run_flow`` take ``checkpoint=Checkpointer(folder)``. After each save
-point they write everything the loop needs to go on: the dynamics' state (parameters,
-optimizer and schedule state, RNG key; for the flow the ODE state, clock, step size and
-Lanczos vector), the counters, and the trajectory recorded so far. With
+``run_gd`` and ``run_flow`` take ``checkpoint=Checkpointer(folder, every=seconds)``.
+After each save point (``every = 0``) or the first one ``every`` seconds after the last
+checkpoint (``Checkpointer.due``) they write everything the loop needs to go on: the
+dynamics' state (parameters, optimizer and schedule state, RNG key; for the flow the ODE
+state, clock, step size and Lanczos vector), the counters, and the trajectory recorded
+so far. With
 ``resume=True`` they start from the latest checkpoint instead of ``params0``. Each
 save point's arithmetic depends only on that state, so a resumed run reproduces an
 uninterrupted one bit for bit on the same machine.
@@ -78,9 +80,25 @@ class Checkpointer:
     infinities included).
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, every: float = 0.0):
+        if not every >= 0:
+            raise ValueError(f"every must be >= 0 seconds, got {every}")
         self.path = Path(folder).resolve() / "checkpoint"
+        self.every = float(every)
         self._manager = None
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        """Whether a save point should write a checkpoint: always with ``every = 0``, else
+        once ``every`` seconds have passed since this process's last one (or its first
+        save point): a crash then loses at most that much work, and a short run spends
+        no time writing (about 40 ms a checkpoint)."""
+        import time
+
+        now = time.monotonic()
+        if self._last is None:
+            self._last = now
+        return self.every == 0 or now - self._last >= self.every
 
     def _mgr(self):
         if self._manager is None:
@@ -103,6 +121,9 @@ class Checkpointer:
     def save(self, index: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Write checkpoint ``index``; an ``OSError`` naming the folder when it cannot be
         written (a full disk), with the previous checkpoint kept for ``resume``."""
+        import time
+
+        self._last = time.monotonic()
         with _interrupts_deferred():
             try:
                 self._save(index, arrays, meta)

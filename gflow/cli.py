@@ -442,8 +442,16 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--no-checkpoint",
         action="store_true",
-        help="write no checkpoints at save points (about 50 ms each; a killed run then "
+        help="write no checkpoints at save points (about 40 ms each; a killed run then "
         "cannot be resumed)",
+    )
+    o.add_argument(
+        "--checkpoint-every",
+        type=_nonneg_float,
+        metavar="SECONDS",
+        help="write a checkpoint at the first save point this many seconds after the last "
+        "one (a killed run loses at most that much; 0: at every save point; default "
+        "%(default)s)",
     )
     o.add_argument(
         "--resume",
@@ -532,7 +540,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, args, argv: list[str]) -
 
 
 _RESUME_KEEPS = ("--resume", "--no-progress", "--no-plot", "--status-every",
-                 "--compilation-cache")  # fmt: skip
+                 "--compilation-cache", "--checkpoint-every")  # fmt: skip
 
 
 def _refuse_changes_on_resume(given: list[str]) -> None:

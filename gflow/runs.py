@@ -82,6 +82,7 @@ class RunOptions:
     # output
     out: str | None = None
     no_checkpoint: bool = False
+    checkpoint_every: float = 10.0
     resume: str | None = None
     config: str | None = None
     no_progress: bool = False
@@ -148,12 +149,13 @@ def saved_options(out: Path) -> dict:
 
 def _resumed(args: RunOptions, out: Path) -> RunOptions:
     """``args`` with the options of the run folder ``out`` (for ``resume``); only
-    ``no_progress``, ``no_plot``, ``status_every`` and ``compilation_cache`` are kept
-    from ``args``."""
+    ``no_progress``, ``no_plot``, ``status_every``, ``compilation_cache`` and
+    ``checkpoint_every`` are kept from ``args``."""
     names = {f.name for f in dataclasses.fields(RunOptions)}
     kept = dict(resume=str(out), out=str(out), no_progress=args.no_progress,
                 no_plot=args.no_plot, status_every=args.status_every,
-                compilation_cache=args.compilation_cache)  # fmt: skip
+                compilation_cache=args.compilation_cache,
+                checkpoint_every=args.checkpoint_every)  # fmt: skip
     saved = {k: v for k, v in saved_options(out).items() if k in names and k not in kept}
     return dataclasses.replace(args, **saved, **kept)
 
@@ -304,7 +306,7 @@ def run(args: RunOptions) -> int:
         folder = out / kind if len(which) > 1 else out
         # kink runs are not checkpointed yet (README): no checkpoint, and none promised
         kept = hosts == 1 and not args.no_checkpoint and not (args.kinks and kind == "flow")
-        ck = Checkpointer(folder) if kept else None
+        ck = Checkpointer(folder, every=args.checkpoint_every) if kept else None
         done = _completed_runs([folder]) if resume else None
         if done is not None:
             print(f"{kind}: already completed -> {folder}")
@@ -586,7 +588,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     groups, table = {}, []
     for kind in which:
         kept = not args.no_checkpoint and not (args.kinks and kind == "flow")
-        ck = Checkpointer(out / kind) if kept else None
+        ck = Checkpointer(out / kind, every=args.checkpoint_every) if kept else None
         folders = [out / kind / f"seed-{s}" for s in seeds]
         runs = _completed_runs(folders) if resume else None
         if runs is not None:

@@ -39,7 +39,9 @@ from gflow.models import build_model
 from gflow.objective import make_objective
 from gflow.trajectory import Trajectory
 
-RUN = ["run", "--no-progress", "--no-plot", "--dynamics", "gd", "--steps", "5"]
+# checkpoints at every save point (--checkpoint-every 0): the cases stop runs early
+RUN = ["run", "--no-progress", "--no-plot", "--dynamics", "gd", "--steps", "5",
+       "--checkpoint-every", "0"]  # fmt: skip
 SMALL = [
     "run",
     "--data",
@@ -54,6 +56,8 @@ SMALL = [
     "6",
     "--no-plot",
     "--no-progress",
+    "--checkpoint-every",
+    "0",
 ]  # fmt: skip (below threshold at 4.3)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 ARGS = ["run", "--no-plot", "--no-progress", "--n", "100", "--width", "10", "--log-t-max", "30",
-        "--saves", "40"]  # fmt: skip
+        "--saves", "40", "--checkpoint-every", "0"]  # fmt: skip
 
 
 def _gflow(*args, **kw):

@@ -137,6 +137,50 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(small, tmp_path):
     _same(a, b)
 
 
+def test_checkpoints_wait_every_seconds(small, tmp_path, monkeypatch):
+    """``every``: a checkpoint at the first save point ``every`` seconds after the last
+    one, none in between (a clock advanced by hand, 4 s a save point: with every = 10 the
+    written save points are at least 3 apart); ``every = 0``: at each save point. A run
+    cut part-way resumes from its last checkpoint and equals the uninterrupted one."""
+    import time
+
+    obj, p0 = small
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+
+    class Counted(Checkpointer):
+        def _save(self, index, arrays, meta):
+            written.append(index)
+            super()._save(index, arrays, meta)
+
+    def tick(rows):
+        crash = _crash_after(rows)
+
+        def progress(row):
+            if "q_min" in row:
+                now[0] += 4.0
+            crash(row)
+
+        return progress
+
+    kw = dict(max_steps=80, saves=8)
+    whole = run_gd(obj, p0, **kw)
+    written: list = []
+    with pytest.raises(_Crash):
+        run_gd(obj, p0, **kw, checkpoint=Counted(tmp_path / "a", every=10.0), progress=tick(6))
+    assert written and min(np.diff([0, *written])) >= 3, written
+    rows, count = _counter()
+    _same(run_gd(obj, p0, **kw, checkpoint=Checkpointer(tmp_path / "a"), resume=True,
+                 progress=count), whole)  # fmt: skip
+    assert len(rows) == sum(len(tr) for tr in [whole]) - written[-1]
+    written = []
+    with pytest.raises(_Crash):
+        run_gd(obj, p0, **kw, checkpoint=Counted(tmp_path / "b", every=0.0), progress=tick(6))
+    assert np.all(np.diff(written) == 1) and len(written) >= 5, written
+    with pytest.raises(ValueError, match="every"):
+        Checkpointer(tmp_path, every=-1.0)
+
+
 def test_a_half_written_checkpoint_is_ignored(small, tmp_path):
     obj, p0 = small
     ck = Checkpointer(tmp_path)

@@ -184,7 +184,7 @@ def test_gflow_run_seeds_resumes_after_a_crash(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "--dynamics", "flow", "--seeds", "3", "--seed", "7", "--n", "60",
             "--width", "8", "--log-t-max", "5", "--saves", "4", "--no-progress",
-            "--out", str(out)]  # fmt: skip
+            "--checkpoint-every", "0", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
 
     class Crash(Exception):

@@ -148,7 +148,16 @@ class _DtFromArgs(diffrax.AbstractStepSizeController):
         return _DtFromArgs(self.inner.wrap(direction))
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        return self.inner.init(terms, t0, t1, y0, args[2], args, func, error_order)
+        h = args[2]
+        if h is None or isinstance(self.inner, diffrax.ConstantStepSize):
+            return self.inner.init(terms, t0, t1, y0, h, args, func, error_order)
+        # NaN: let the controller choose (as dt0=None would): one program for the first
+        # segment and the later ones, which go on with the step reached
+        return jax.lax.cond(
+            jnp.isnan(h),
+            lambda: self.inner.init(terms, t0, t1, y0, None, args, func, error_order),
+            lambda: self.inner.init(terms, t0, t1, y0, h, args, func, error_order),
+        )
 
     def adapt_step_size(self, *args, **kwargs):
         return self.inner.adapt_step_size(*args, **kwargs)
@@ -719,7 +728,7 @@ def _drive(
             warm = [arrays.get(f"warm{i}") for i in range(k_runs)]
 
     def save_checkpoint():
-        if checkpoint is None:
+        if checkpoint is None or not checkpoint.due():
             return
         arrays, metas = recorders_state(recs)
         arrays.update(pack("y/", y))
@@ -747,10 +756,9 @@ def _drive(
                     # a run not in `todo` gets a zero-length segment: it stays where it is
                     far = c + _LOSS_SPAN if clock == "loss" else np.full(k_runs, c1_all)
                     c1 = np.where(todo, far, c)
-                    steps0 = [dt0[i] for i in np.flatnonzero(todo)]
-                    h0 = None
-                    if all(h is not None for h in steps0):
-                        h0 = jnp.asarray([dt0[i] if todo[i] else 1.0 for i in range(k_runs)], dtype)
+                    # NaN: the controller chooses the first step (_DtFromArgs)
+                    h0 = jnp.asarray([math.nan if dt0[i] is None else dt0[i] if todo[i] else 1.0
+                                      for i in range(k_runs)], dtype)  # fmt: skip
                     out = segment(
                         objective, y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
                         jnp.asarray(z_target, dtype),

@@ -544,7 +544,7 @@ def _drive(
         finished, first, pending = meta["finished"], meta["first"], meta["pending"]
 
     def save_checkpoint():
-        if checkpoint is not None:
+        if checkpoint is not None and checkpoint.due():
             arrays, metas = recorders_state(recs)
             arrays.update(pack("state/", state))
             meta = dict(recorders=metas, targets=targets, status=status, message=message,
