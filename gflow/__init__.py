@@ -17,7 +17,6 @@ from gflow import cache  # noqa: E402
 cache.configure()  # JAX's persistent compilation cache (gflow.cache: where, how to turn off)
 
 from gflow import data, losses, models, objective, quantities  # noqa: E402
-from gflow.compare import compare  # noqa: E402
 from gflow.data import DataError, Dataset  # noqa: E402
 from gflow.dynamics import (  # noqa: E402
     KinkStepping,
@@ -38,6 +37,18 @@ from gflow.trajectory import Trajectory  # noqa: E402
 __version__ = "0.1.0"
 
 timing.record("import gflow", timing.elapsed())
+
+
+def __getattr__(name: str):
+    # gflow.compare (the function) on first use: it imports SciPy's interpolation, a
+    # third of a second that a run which compares nothing need not wait for
+    if name == "compare":
+        from gflow.compare import compare
+
+        globals()["compare"] = compare
+        return compare
+    raise AttributeError(f"module 'gflow' has no attribute {name!r}")
+
 
 __all__ = [
     "data",

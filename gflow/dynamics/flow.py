@@ -34,6 +34,7 @@ import numpy as np
 import optimistix as optx
 from jax.flatten_util import ravel_pytree
 
+from gflow import timing
 from gflow.checkpoint import (
     Checkpointer,
     pack,
@@ -752,23 +753,25 @@ def _drive(
                 while todo.any():
                     segment, evals = stable if phase else first
                     if phase:
-                        set_stable_steps(todo)
+                        with timing.phase("flow: stable step"):
+                            set_stable_steps(todo)
                     # a run not in `todo` gets a zero-length segment: it stays where it is
                     far = c + _LOSS_SPAN if clock == "loss" else np.full(k_runs, c1_all)
                     c1 = np.where(todo, far, c)
                     # NaN: the controller chooses the first step (_DtFromArgs)
                     h0 = jnp.asarray([math.nan if dt0[i] is None else dt0[i] if todo[i] else 1.0
                                       for i in range(k_runs)], dtype)  # fmt: skip
-                    out = segment(
-                        objective, y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
-                        jnp.asarray(z_target, dtype),
-                    )  # fmt: skip
-                    y_new, c_new, result = out[0], out[1], out[2]
-                    ok = np.asarray(_segment_ok(result, phase))
-                    reached = np.asarray(_reached(clock, result))
-                    c_new, n_steps, n_acc, finite = jax.device_get(
-                        (c_new, out[3], out[4], _all_finite(y_new))
-                    )
+                    with timing.phase("flow: stepping"):
+                        out = segment(
+                            objective, y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
+                            jnp.asarray(z_target, dtype),
+                        )  # fmt: skip
+                        y_new, c_new, result = out[0], out[1], out[2]
+                        ok = np.asarray(_segment_ok(result, phase))
+                        reached = np.asarray(_reached(clock, result))
+                        c_new, n_steps, n_acc, finite = jax.device_get(
+                            (c_new, out[3], out[4], _all_finite(y_new))
+                        )
                     y = _select(todo & finite, y_new, y)
                     failed = []
                     for i in np.flatnonzero(todo):
@@ -791,7 +794,9 @@ def _drive(
                     if failed:
                         record(failed)  # keep what was reached: its last finite state
             live = np.flatnonzero(alive)
-            for i, row in zip(live, record(live), strict=True):
+            with timing.phase("flow: save points"):
+                rows = record(live)
+            for i, row in zip(live, rows, strict=True):
                 if cfl is not None and row["log_loss"] < log_threshold:
                     stabilised[i] = True
                 stop = _stop_reason(row, row["log_t"], totals[i]["steps"], max_steps, log_loss_min)
@@ -799,7 +804,8 @@ def _drive(
                     status[i], message[i] = stop
                     alive[i] = False
             done += 1
-            save_checkpoint()
+            with timing.phase("flow: checkpoints"):
+                save_checkpoint()
     except KeyboardInterrupt:
         for i in np.flatnonzero(alive):
             status[i], message[i] = "stopped", "interrupted"
