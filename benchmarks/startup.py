@@ -6,17 +6,19 @@ new process, timed from outside (process start to exit):
 * ``base``: a reference commit (``--base``, default ``main`` as it was before the
   start-up work) checked out into a temporary folder by ``git worktree``, run with the
   same interpreter; it has no compilation cache, so each of its runs is cold;
-* ``cold``: this tree with an empty compilation cache folder (``GFLOW_COMPILATION_CACHE``
-  set to a new folder), so everything compiles;
-* ``warm``: this tree again with the folder the cold run filled (same shapes).
+* ``before``: the first commit with the phase timer (``--before``), with the compilation
+  cache off: what ``base`` does, broken down by phase (its ``timing.json``);
+* ``cold``: this tree with empty caches (``XDG_CACHE_HOME`` set to a new folder: no
+  compiled programs, no parsed data), so everything compiles;
+* ``warm``: this tree again with the caches the cold run filled (same shapes).
 
-The three alternate, ``--reps`` times, so that drift of the machine hits all alike;
-medians and the ratios ``cold / base`` and ``warm / base`` are reported, with this
-tree's per-phase breakdown (``timing.json`` of its runs: wall per phase and JAX's
-tracing, lowering and compilation inside each) and ``python -c 'import gflow'``'s time.
-Appends to ``results/startup.json``.
+The four alternate, ``--reps`` times, so that drift of the machine hits all alike;
+medians and the ratios ``cold / base`` and ``warm / base`` are reported, with the
+per-phase breakdowns (``timing.json``: wall per phase and JAX's tracing, lowering and
+compilation inside each) and ``python -c 'import gflow'``'s time. Appends to
+``results/startup.json``.
 
-    python benchmarks/startup.py [--base REV] [--reps 3]
+    python benchmarks/startup.py [--base REV] [--before REV] [--reps 2]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,45 +58,53 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base", default="973506d", help="reference commit (default: main "
                     "before the start-up work)")  # fmt: skip
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--before", default="c69a8a3", help="first commit with gflow.timing")
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--args", default="", help="extra gflow run options (quoted)")
     args = ap.parse_args(argv)
     extra = args.args.split()
     from common import machine, write_result
 
     tmp = Path(tempfile.mkdtemp(prefix="gflow-startup-"))
-    base_dir = tmp / "base"
-    subprocess.run(["git", "worktree", "add", "--detach", str(base_dir), args.base], cwd=ROOT,
-                   check=True, capture_output=True)  # fmt: skip
-    env0 = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env_base = {**env0, "PYTHONPATH": str(base_dir)}
-    env_here = {**env0, "PYTHONPATH": str(ROOT)}
-    walls = {"base": [], "cold": [], "warm": []}
-    breakdown = {"cold": [], "warm": []}
+    trees = {"base": tmp / "base", "before": tmp / "before"}
+    for name, rev in (("base", args.base), ("before", args.before)):
+        subprocess.run(["git", "worktree", "add", "--detach", str(trees[name]), rev], cwd=ROOT,
+                       check=True, capture_output=True)  # fmt: skip
+    env0 = {k: v for k, v in os.environ.items()
+            if not k.startswith(("JAX_COMPILATION_CACHE", "GFLOW_COMPILATION_CACHE"))}  # fmt: skip
+    walls = {"base": [], "before": [], "cold": [], "warm": []}
+    breakdown = {"before": [], "cold": [], "warm": []}
     imports = {"base": [], "here": []}
     try:
         for rep in range(args.reps):
-            cache = tmp / f"cache{rep}"
-            env_cache = {**env_here, "GFLOW_COMPILATION_CACHE": str(cache)}
-            walls["base"].append(_run(base_dir, tmp / f"base{rep}", env_base, extra))
-            for kind in ("cold", "warm"):
+            xdg = {"XDG_CACHE_HOME": str(tmp / f"xdg{rep}")}  # empty for the cold run
+            runs = (
+                ("base", trees["base"], {**env0, **xdg, "PYTHONPATH": str(trees["base"])}),
+                ("before", trees["before"], {**env0, **xdg, "PYTHONPATH": str(trees["before"]),
+                                             "GFLOW_COMPILATION_CACHE": "off"}),
+                ("cold", ROOT, {**env0, **xdg, "PYTHONPATH": str(ROOT)}),
+                ("warm", ROOT, {**env0, **xdg, "PYTHONPATH": str(ROOT)}),
+            )  # fmt: skip
+            for kind, tree, env in runs:
+                if kind == "cold":
+                    shutil.rmtree(tmp / f"xdg{rep}", ignore_errors=True)
                 out = tmp / f"{kind}{rep}"
-                walls[kind].append(_run(ROOT, out, env_cache, extra))
-                breakdown[kind].append(json.loads((out / "timing.json").read_text()))
+                walls[kind].append(_run(tree, out, env, extra))
+                if kind in breakdown:
+                    breakdown[kind].append(json.loads((out / "timing.json").read_text()))
+            off = {**env0, "GFLOW_COMPILATION_CACHE": "off"}
             imports["base"].append(
-                _import_time(base_dir, {**env_base, "GFLOW_COMPILATION_CACHE": "off"})
+                _import_time(trees["base"], {**off, "PYTHONPATH": str(trees["base"])})
             )
-            imports["here"].append(
-                _import_time(ROOT, {**env_here, "GFLOW_COMPILATION_CACHE": "off"})
-            )
-            print(f"rep {rep}: base {walls['base'][-1]:.1f} s, cold {walls['cold'][-1]:.1f} s, "
-                  f"warm {walls['warm'][-1]:.1f} s", flush=True)  # fmt: skip
+            imports["here"].append(_import_time(ROOT, {**off, "PYTHONPATH": str(ROOT)}))
+            print("rep", rep, ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base_dir)], cwd=ROOT,
-                       capture_output=True)  # fmt: skip
+        for tree in trees.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
+                           capture_output=True)  # fmt: skip
     med = {k: statistics.median(v) for k, v in walls.items()}
     record = dict(
-        base=args.base, reps=args.reps, args=extra, walls=walls, median=med,
+        base=args.base, before=args.before, reps=args.reps, args=extra, walls=walls, median=med,
         ratio_cold=med["cold"] / med["base"], ratio_warm=med["warm"] / med["base"],
         import_s={k: statistics.median(v) for k, v in imports.items()},
         breakdown={k: _median_breakdown(v) for k, v in breakdown.items()},
@@ -106,7 +117,7 @@ def main(argv=None):
           f"here {record['import_s']['here']:.2f} s")  # fmt: skip
     from gflow.timing import table
 
-    for kind in ("cold", "warm"):
+    for kind in ("before", "cold", "warm"):
         print(f"\n{kind} (median per phase):\n{table(record['breakdown'][kind])}")
     print(f"-> {path}")
     return record

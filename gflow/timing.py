@@ -137,7 +137,7 @@ def table(rep: dict | None = None) -> str:
     lines = [head]
     for name, r in rep["phases"].items():
         lines.append(f"{name:<22}{r['self']:>8.2f}{r['trace']:>9.2f}{r['lower']:>9.2f}"
-                     f"{r['compile']:>10.2f}{r['compiles']:>7d}")  # fmt: skip
+                     f"{r['compile']:>10.2f}{round(r['compiles']):>7d}")  # fmt: skip
     untimed = rep["total"] - sum(r["self"] for r in rep["phases"].values())
     lines.append(f"{'(untimed)':<22}{untimed:>8.2f}")
     lines.append(f"{'total':<22}{rep['total']:>8.2f}")

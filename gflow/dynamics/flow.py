@@ -761,7 +761,7 @@ def _drive(
                     # NaN: the controller chooses the first step (_DtFromArgs)
                     h0 = jnp.asarray([math.nan if dt0[i] is None else dt0[i] if todo[i] else 1.0
                                       for i in range(k_runs)], dtype)  # fmt: skip
-                    with timing.phase("flow: stepping"):
+                    with timing.phase("flow: stepping, stable" if phase else "flow: stepping"):
                         out = segment(
                             objective, y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
                             jnp.asarray(z_target, dtype),
