@@ -162,7 +162,38 @@ def flow_kinks(rec: dict) -> str:
     return _table(head, rows) + f"\n\n{_stamp(rec)}"
 
 
+def startup(rec: dict) -> str:
+    med = rec["median"]
+    n = rec["reps"]
+    rows = [
+        [f"`base`: main before the start-up work ({rec['base']})", f"{med['base']:.1f}", "1"],
+        ["`cold`: this tree, empty caches", f"{med['cold']:.1f}", f"**{rec['ratio_cold']:.2f}x**"],
+        ["`warm`: its second run", f"{med['warm']:.1f}", f"**{rec['ratio_warm']:.2f}x**"],
+    ]  # fmt: skip
+    first = _table([f"default `gflow run`, new process (median of {n})", "wall (s)", "vs base"],
+                   rows)  # fmt: skip
+    kinds = ("before", "cold", "warm")
+    names: list = []
+    for k in kinds:
+        names += [p for p in rec["breakdown"][k]["phases"] if p not in names]
+    head = ["phase"] + [f"{k}: own s (JAX s)" for k in kinds]
+    body = []
+    for name in names:
+        row = [name]
+        for k in kinds:
+            r = rec["breakdown"][k]["phases"].get(name)
+            jax_s = 0 if r is None else r["trace"] + r["lower"] + r["compile"]
+            row.append("" if r is None else f"{r['self']:.2f} ({jax_s:.2f})")
+        body.append(row)
+    body.append(["total (from gflow's import)"]
+                + [f"{rec['breakdown'][k]['total']:.2f}" for k in kinds])  # fmt: skip
+    return (first + "\n\n" + _table(head, body)
+            + f"\n\nimport gflow: {rec['import_s']['base']:.2f} s (base), "
+            f"{rec['import_s']['here']:.2f} s (this tree).\n\n{_stamp(rec)}")  # fmt: skip
+
+
 RENDER = {
+    "startup": startup,
     "gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds,
     "flow_accuracy-default": flow_accuracy, "flow_kinks-default": flow_kinks,
     "flow_kinks-wide": flow_kinks,

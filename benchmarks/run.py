@@ -40,6 +40,7 @@ FULL = {
         ["flow_accuracy.py"],
     ],
     "kernels": [["kernels.py"], ["flow_seeds.py"]],
+    "startup": [["startup.py", "--reps", "2"]],
 }  # fmt: skip
 
 QUICK = {

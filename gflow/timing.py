@@ -5,8 +5,9 @@ it: tracing to a jaxpr (``trace``), lowering to an MLIR module (``lower``), XLA'
 compilation or a persistent-cache read in its place (``compile``), with counts, and the
 persistent compilation cache's hits and misses. What no phase covers is ``other``.
 Phases nest: an inner phase's time is its own and is not counted again in the outer
-one's ``self`` time. ``report()`` is JSON-able (``gflow run`` writes it as
-``timing.json``); ``table()`` prints it.
+one's ``self`` time. Each thread has its own nesting; phases of two threads overlap in
+time (their ``self`` times then add up to more than the wall clock). ``report()`` is
+JSON-able (``gflow run`` writes it as ``timing.json``); ``table()`` prints it.
 
     from gflow import timing
     with timing.phase("my step"):
@@ -34,8 +35,19 @@ _COUNTS = {
 _lock = threading.Lock()
 _start = time.perf_counter()
 _phases: dict[str, dict] = {}
-_stack: list[str] = []
+_local = threading.local()  # each thread's open phases: [name, nested seconds]
 _installed = False
+
+
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def _current() -> str:
+    st = _stack()
+    return st[-1][0] if st else "other"
 
 
 def _row(name: str) -> dict:
@@ -51,7 +63,7 @@ def _on_duration(event: str, duration: float, **_) -> None:
     if kind is None:
         return
     with _lock:
-        row = _row(_stack[-1] if _stack else "other")
+        row = _row(_current())
         row[kind] += duration
         if kind == "trace":
             row["traces"] += 1
@@ -63,7 +75,7 @@ def _on_event(event: str, **_) -> None:
     kind = _COUNTS.get(event)
     if kind is not None:
         with _lock:
-            _row(_stack[-1] if _stack else "other")[kind] += 1
+            _row(_current())[kind] += 1
 
 
 def _install() -> None:
@@ -79,22 +91,24 @@ def _install() -> None:
 @contextlib.contextmanager
 def phase(name: str):
     """Time the block as phase ``name`` (added up over repeated uses), with JAX's
-    tracing, lowering and compilation inside it."""
+    tracing, lowering and compilation inside it (in this thread: phases of different
+    threads overlap, each with its own nesting)."""
     _install()
-    with _lock:
-        _stack.append(name)
+    st = _stack()
+    entry = [name, 0.0]
+    st.append(entry)
     t = time.perf_counter()
-    inner = sum(r["wall"] for r in _phases.values())
     try:
         yield
     finally:
         dt = time.perf_counter() - t
+        st.pop()
+        if st:
+            st[-1][1] += dt
         with _lock:
-            _stack.pop()
-            nested = sum(r["wall"] for r in _phases.values()) - inner
             row = _row(name)
             row["wall"] += dt
-            row["self"] += dt - nested
+            row["self"] += dt - entry[1]
             row["calls"] += 1
 
 
