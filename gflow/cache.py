@@ -16,7 +16,9 @@ can share it). It does nothing when JAX's cache was set up by the user
 
 A folder that cannot be created or written turns the cache off with a warning; an entry
 that cannot be read (a damaged file) is compiled anew, with JAX's warning. Neither stops
-a run. ``data_dir()`` is a sibling folder for parsed copies of built-in data.
+a run. Entries are written whole or not at all (``_atomic_entries``), so a full disk or
+a killed run leaves no truncated one behind. ``data_dir()`` is a sibling folder for
+parsed copies of built-in data.
 """
 
 from __future__ import annotations
@@ -96,12 +98,63 @@ def configure(where: str | os.PathLike | None = None) -> Path | None:
         max_bytes = MAX_BYTES
     except ImportError:  # no lock, no eviction: entries are only ever added
         max_bytes = -1
+    _atomic_entries()
     _set(enable=True, jax_compilation_cache_dir=str(path),
          jax_persistent_cache_min_compile_time_secs=0.0,
          jax_persistent_cache_min_entry_size_bytes=0,
          jax_compilation_cache_max_size=max_bytes)  # fmt: skip
     _ours = path
     return path
+
+
+def _atomic_entries() -> None:
+    """JAX's file cache (jax 0.10's ``LRUCache.put``) writes an entry in place: a full
+    disk or a process killed mid-write leaves a truncated entry, which every later run
+    reads, warns about and compiles anew, and which is never rewritten (an existing key
+    is kept). Here an entry is written to a temporary file and renamed into place,
+    under the same lock, so it is whole or absent. Left as JAX's when its internals are
+    not the expected ones."""
+    try:
+        from jax._src import lru_cache
+    except ImportError:
+        return
+    cls = getattr(lru_cache, "LRUCache", None)
+    suffix = getattr(lru_cache, "_CACHE_SUFFIX", None)
+    atime = getattr(lru_cache, "_ATIME_SUFFIX", None)
+    if cls is None or suffix is None or atime is None or getattr(cls.put, "_atomic", False):
+        return
+    original = cls.put
+
+    def put(self, key: str, value: bytes) -> None:
+        if not hasattr(self, "eviction_enabled") or not hasattr(self, "path"):
+            return original(self, key, value)
+        if not key:
+            raise ValueError("key cannot be empty")
+        if self.eviction_enabled and len(value) > self.max_size:
+            return original(self, key, value)  # JAX warns and skips it
+        path = self.path / f"{key}{suffix}"
+        if self.eviction_enabled:
+            self.lock.acquire(timeout=self.lock_timeout_secs)
+        try:
+            if path.exists():
+                return
+            self._evict_if_needed(additional_size=len(value))
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_bytes(value)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            if self.eviction_enabled:
+                import time
+
+                (self.path / f"{key}{atime}").write_bytes(time.time_ns().to_bytes(8, "little"))
+        finally:
+            if self.eviction_enabled:
+                self.lock.release()
+
+    put._atomic = True
+    cls.put = put
 
 
 def _set(enable: bool, **options) -> None:

@@ -99,3 +99,23 @@ def test_status_line_every_few_seconds_with_the_time_left():
     n = len(lines)
     time.sleep(0.12)
     assert len(buf.getvalue().splitlines()) == n  # closed: no more lines
+
+
+def test_a_full_disk_leaves_no_truncated_cache_entry(tmp_path):
+    """Writes that fail past 2 kB (RLIMIT_FSIZE, as a full disk fails them): every
+    entry in the cache folder is whole afterwards, so the next run reads them all
+    without a warning (JAX writes entries in place; gflow.cache renames them in)."""
+    folder = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(GFLOW_COMPILATION_CACHE=str(folder), PYTHONPATH=str(ROOT))
+    small = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n" + PROBE
+    )
+    res = subprocess.run([sys.executable, "-c", small], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert not list(folder.glob(".*.tmp"))  # no temporary file left either
+    res = _probe(str(folder))
+    assert res.returncode == 0, res.stderr
+    assert "Error reading persistent compilation cache entry" not in res.stderr

@@ -198,6 +198,18 @@ def test_nonneg_quadratic_matches_brute_force_and_its_own_optimality(rng, rank):
         np.testing.assert_allclose(lam, lam_bf, atol=1e-9)
 
 
+def _svm(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The hard-margin SVM without intercept by SLSQP on the primal, written here
+    independently of gflow.known (the code under test uses that one)."""
+    res = scipy.optimize.minimize(
+        lambda v: 0.5 * v @ v, np.zeros(X.shape[1]), jac=lambda v: v, method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda v: y * (X @ v) - 1,
+                      "jac": lambda v: y[:, None] * X}], options=dict(ftol=1e-14, maxiter=500),
+    )  # fmt: skip
+    assert res.success, res.message
+    return res.x
+
+
 @pytest.fixture(scope="module")
 def linear_problem():
     ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=1), "unit")
@@ -208,19 +220,7 @@ def linear_problem():
 def test_kkt_residual_is_zero_at_the_svm_solution_and_not_elsewhere(linear_problem):
     ds, (obj, p0) = linear_problem
     X, y = np.asarray(ds.x).reshape(len(ds), -1), ds.y_signed
-    # hard-margin SVM without bias by SLSQP on the primal (independent of the NNLS path)
-    res = scipy.optimize.minimize(
-        lambda w: 0.5 * w @ w,
-        np.zeros(X.shape[1]),
-        jac=lambda w: w,
-        constraints=[
-            {"type": "ineq", "fun": lambda w: y * (X @ w) - 1, "jac": lambda w: y[:, None] * X}
-        ],
-        method="SLSQP",
-        options=dict(ftol=1e-14, maxiter=500),
-    )
-    assert res.success, res.message
-    w = res.x
+    w = _svm(X, y)  # by SLSQP on the primal (independent of the NNLS path)
     params = jax.tree.map(lambda a: a, p0)
     params["layers"][0]["kernel"] = np.asarray(w[:, None] * 3.0)  # any positive scale
     at_svm = kkt_residual(obj, params, gap=None)
@@ -467,11 +467,7 @@ def test_a_diagonal_net_flows_to_the_l1_max_margin_and_a_linear_model_does_not()
     x, y = _sparse_data()
     d = x.shape[1]
     gamma = _l1_margin(-(y[:, None] * x))
-    svm = scipy.optimize.minimize(
-        lambda v: 0.5 * v @ v, np.zeros(d), jac=lambda v: v, method="SLSQP",
-        constraints=[{"type": "ineq", "fun": lambda v: y * (x @ v) - 1,
-                      "jac": lambda v: y[:, None] * x}], options=dict(ftol=1e-14),
-    ).x  # fmt: skip
+    svm = _svm(x, y.astype(float))
 
     def gap(beta):  # relative gap of the L1-normalized margin to the LP's
         return (gamma - np.min(y * (x @ beta)) / np.abs(beta).sum()) / gamma
@@ -499,11 +495,7 @@ def test_margin_search_finds_nothing_above_the_svm_and_finds_the_way_back_to_it(
 
     ds, (obj, p0) = linear_problem
     X, y = np.asarray(ds.x).reshape(len(ds), -1), ds.y_signed
-    w = scipy.optimize.minimize(
-        lambda v: 0.5 * v @ v, np.zeros(X.shape[1]), jac=lambda v: v, method="SLSQP",
-        constraints=[{"type": "ineq", "fun": lambda v: y * (X @ v) - 1,
-                      "jac": lambda v: y[:, None] * X}], options=dict(ftol=1e-14, maxiter=500),
-    ).x  # fmt: skip
+    w = _svm(X, y)
     gamma_svm = np.min(y * (X @ w)) / np.linalg.norm(w)
 
     def at(v):
@@ -620,11 +612,7 @@ def test_a_leaky_relu_net_on_symmetric_data_reaches_the_linear_max_margin():
 
     x, y = _sparse_data(n=20)
     xs, ys = np.concatenate([x, -x]), np.concatenate([y, -y])
-    w = scipy.optimize.minimize(
-        lambda v: 0.5 * v @ v, np.zeros(x.shape[1]), jac=lambda v: v, method="SLSQP",
-        constraints=[{"type": "ineq", "fun": lambda v: ys * (xs @ v) - 1,
-                      "jac": lambda v: ys[:, None] * xs}], options=dict(ftol=1e-14),
-    ).x  # fmt: skip
+    w = _svm(xs, ys)
     model = build_model("mlp", (x.shape[1],), 1, width=8, depth=2, activation="leaky_relu")
     obj, p0 = make_objective(model, (xs, ys), "exp")
     assert obj.family == "leaky2"
@@ -666,11 +654,7 @@ def test_a_linear_model_flows_to_the_svm(linear_problem):
 
     ds, (obj, p0) = linear_problem
     X, y = np.asarray(ds.x).reshape(len(ds), -1), ds.y_signed
-    w = scipy.optimize.minimize(
-        lambda v: 0.5 * v @ v, np.zeros(X.shape[1]), jac=lambda v: v, method="SLSQP",
-        constraints=[{"type": "ineq", "fun": lambda v: y * (X @ v) - 1,
-                      "jac": lambda v: y[:, None] * X}], options=dict(ftol=1e-14, maxiter=500),
-    ).x  # fmt: skip
+    w = _svm(X, y)
     gamma = np.min(y * (X @ w)) / np.linalg.norm(w)
     tr = run_flow(obj, p0, log_t_min=10, log_t_max=100, saves=12, save_params=True)
     assert np.max(tr["normalized_margin"]) <= gamma * (1 + 1e-6)
