@@ -42,7 +42,13 @@ from gflow.checkpoint import (
     restore_recorders,
     unpack,
 )
-from gflow.dynamics.gd import log1p_of_log_t, log_t_grid, log_t_of_log1p, quantities_many
+from gflow.dynamics.gd import (
+    log1p_of_log_t,
+    log_t_grid,
+    log_t_of_log1p,
+    one_blas_thread,
+    quantities_many,
+)
 from gflow.dynamics.sliding import KinkStepping, run_flow_kinks
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
@@ -743,6 +749,7 @@ def _drive(
         checkpoint.save(done + 1, arrays, meta)
 
     log_threshold = objective.loss.log_threshold
+    blas = one_blas_thread()
     try:
         for target in plan.targets[done:]:
             if not alive.any():
@@ -809,6 +816,8 @@ def _drive(
     except KeyboardInterrupt:
         for i in np.flatnonzero(alive):
             status[i], message[i] = "stopped", "interrupted"
+    finally:
+        blas.restore_original_limits()
     finals = jax.device_get(y[0])
     return [
         recs[i].finish(lane(finals, i), status[i], message[i], objective) for i in range(k_runs)
