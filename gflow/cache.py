@@ -82,6 +82,8 @@ def configure(where: str | os.PathLike | None = None) -> Path | None:
         _set(enable=False)
         return None
     path = Path(where).expanduser()
+    if path == _ours and cache_dir() == path:
+        return path  # already so (gflow's command line and run() may both ask)
     why = _writable(path)
     if why is not None:
         warnings.warn(

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,6 @@ class Checkpointer:
         once ``every`` seconds have passed since this process's last one (or its first
         save point): a crash then loses at most that much work, and a short run spends
         no time writing (about 40 ms a checkpoint)."""
-        import time
-
         now = time.monotonic()
         if self._last is None:
             self._last = now
@@ -121,8 +120,6 @@ class Checkpointer:
     def save(self, index: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Write checkpoint ``index``; an ``OSError`` naming the folder when it cannot be
         written (a full disk), with the previous checkpoint kept for ``resume``."""
-        import time
-
         self._last = time.monotonic()
         with _interrupts_deferred():
             try:

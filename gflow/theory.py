@@ -712,11 +712,19 @@ def remaining_path(verdict: Verdict) -> float | None:
     det = verdict.details
     if "exponent" not in det:
         return None
-    a = det["exponent"] + det["half_width"]
+    return _still_to_come(det["increment_per_log_t"], det["log_t"][-1], det["exponent"],
+                          det["half_width"])  # fmt: skip
+
+
+def _still_to_come(rates, log_t_last: float, slope: float, half: float) -> float | None:
+    """The integral from ``log_t_last`` to infinity of increments per unit log t fitted
+    as ``c (log t)^a``, with ``a = slope + half`` (the slowest decay the interval
+    allows) and the largest of the last three rates as the scale: ``rate T / (-1 - a)``;
+    ``None`` unless ``a < -1`` (the integral would not converge)."""
+    a = slope + half
     if not a < -1:
         return None
-    lt, rate = det["log_t"], det["increment_per_log_t"]
-    return max(rate[-3:]) * lt[-1] / (-1 - a)
+    return float(np.max(rates[-3:])) * log_t_last / (-1 - a)
 
 
 def local_optimality(
@@ -797,12 +805,11 @@ def reaches_maximum(traj: Trajectory, log_threshold: float, gamma_max: float, *,
         return Verdict(name, None, "the smoothed margin has stopped rising", det)
     mid = np.sqrt(ts[:-1] * ts[1:])
     slope, half = _line(np.log(mid[ok]), np.log(rise[ok]), level)
-    a = slope + half
     det.update(gap=gap, exponent=slope, half_width=half)
-    if not a < -1:
+    to_come = _still_to_come(rise[ok], ts[-1], slope, half)
+    if to_come is None:
         return Verdict(name, None, f"the rise's decay (log t)^{slope:.3g} +- {half:.2g} "
                        "does not bound what is to come: run longer", det)  # fmt: skip
-    to_come = float(np.max(rise[ok][-3:])) * ts[-1] / (-1 - a)
     det["to_come"] = to_come
     s = (f"gap to the maximum {gamma_max:.6g}: {gap / gamma_max:.3g} (relative) at log t = "
          f"{ts[-1]:.4g}; the smoothed margin's rise still to come, extrapolated: "
