@@ -367,6 +367,15 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "default: %(default)s; inf: never)",
     )
     g.add_argument(
+        "--input-span",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="integrate the flow's dense first layer in the span of the inputs: the same "
+        "flow in fewer coordinates, exact to rounding at fixed steps (gflow's MLPs; auto: "
+        "when the data's rank is at most half the input size, as on the default problem's "
+        "300 images of 784 pixels; default: %(default)s)",
+    )
+    g.add_argument(
         "--log-t-max",
         type=_positive_float,
         default=100.0,

@@ -66,6 +66,7 @@ class RunOptions:
     cfl: float | None = None
     kinks: bool = False
     kink_fallback: float = 100.0  # KinkStepping.fallback; inf: never
+    input_span: str = "auto"  # the flow's first layer in the inputs' span: auto, on, off
     # how far and what is kept
     log_t_max: float = 100.0
     log_t_min: float = 0.0
@@ -184,6 +185,8 @@ def _check_saved_options(path, saved, args) -> None:
 def _validate(args: RunOptions) -> None:
     from gflow.dynamics.solvers import DEFAULT_TOL, default_cfl, is_fixed_step, stability_edge
 
+    if args.input_span not in _SPAN:
+        raise ValueError(f"--input-span must be one of {sorted(_SPAN)}, got {args.input_span!r}")
     if args.log_t_max <= args.log_t_min:
         raise ValueError(
             f"--log-t-max must exceed --log-t-min = {args.log_t_min}, got {args.log_t_max}"
@@ -216,6 +219,9 @@ def _validate(args: RunOptions) -> None:
         raise ValueError(
             f"--clock time cannot reach --log-t-max {args.log_t_max:g}; use loss or logt"
         )
+
+
+_SPAN = {"auto": None, "on": True, "off": False}  # --input-span: run_flow's input_span
 
 
 def _kinks(args: RunOptions):
@@ -355,6 +361,7 @@ def run(args: RunOptions) -> int:
                         atol=args.atol,
                         dt=args.dt,
                         cfl=args.cfl,
+                        input_span=_SPAN[args.input_span],
                         max_steps=args.steps or 1_000_000,
                         **common,
                     )
@@ -619,7 +626,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
                     runs = run_flow_seeds(
                         obj, inits, clock=args.clock, solver=args.solver, rtol=args.rtol,
                         atol=args.atol, dt=args.dt, cfl=args.cfl,
-                        stepsize_controller=_kinks(args),
+                        stepsize_controller=_kinks(args), input_span=_SPAN[args.input_span],
                         log_loss_min=args.log_loss_min, max_steps=args.steps or 1_000_000,
                         **common,
                     )  # fmt: skip

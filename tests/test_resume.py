@@ -81,13 +81,16 @@ def test_gd_resumed_after_a_crash_equals_the_uninterrupted_run(case, small, tmp_
     [
         dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7),  # stability stepping after warm-up
         dict(solver="tsit5", rtol=1e-5, atol=1e-8, clock="time"),
+        # in the span of the inputs (60 digits span fewer than their 64 pixels)
+        dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7, input_span=True),
     ],
-    ids=["stability-stepping", "tsit5-time"],
+    ids=["stability-stepping", "tsit5-time", "input-span"],
 )
 def test_flow_resumed_after_a_crash_equals_the_uninterrupted_run(kw, small, tmp_path):
     obj, p0 = small
     kw = dict(kw, log_t_max=12.0, saves=10)
     whole = run_flow(obj, p0, **kw)
+    assert (whole.config["input_span"] is not None) == ("input_span" in kw)
     for cut in (2, 7):
         ck = Checkpointer(tmp_path / str(cut))
         with pytest.raises(_Crash):
@@ -108,7 +111,7 @@ def inits():
             for s in (3, 4, 5)]  # fmt: skip
 
 
-@pytest.mark.parametrize("dynamics", ["gd", "flow"])
+@pytest.mark.parametrize("dynamics", ["gd", "flow", "flow-span"])
 def test_seeds_resumed_after_a_crash_equal_the_uninterrupted_runs(dynamics, small, inits, tmp_path):
     """A crash part-way through recording a save point (some runs' rows written, not the
     checkpoint) resumes from the save point before it, bit for bit."""
@@ -118,6 +121,8 @@ def test_seeds_resumed_after_a_crash_equal_the_uninterrupted_runs(dynamics, smal
     else:
         run = run_flow_seeds
         kw = dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7, log_t_max=6.0, saves=6)
+        if dynamics == "flow-span":
+            kw["input_span"] = True
     seeds = [3, 4, 5]
     whole = run(obj, inits, seeds=seeds, **kw)
     ck = Checkpointer(tmp_path)

@@ -60,6 +60,8 @@ from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     solver_name,
     stability_edge,
 )
+from gflow.dynamics.span import input_span as input_span_of
+from gflow.dynamics.span import span_from_arrays
 from gflow.objective import Objective
 from gflow.quantities import sq_norm
 from gflow.spectrum import lanczos_top_many
@@ -110,19 +112,34 @@ class StabilityStepping(NamedTuple):
     drift: float = 0.05
 
 
+class _ThetaNorm(eqx.Module):
+    """The step-size controller's error norm, an RMS: the dissipation integral D (the
+    state's last entry) is a monitor, left out so that carrying it does not change theta's
+    steps. ``share``: the fraction of the full state's entries the state carries (a flow
+    in the span of the inputs, ``gflow.dynamics.span``, leaves out entries that never
+    move); the RMS is taken over all of them, as without the reduction."""
+
+    share: float = eqx.field(static=True, default=1.0)
+
+    def __call__(self, y):
+        rms = optx.rms_norm(y[:-1])
+        return rms if self.share == 1.0 else rms * math.sqrt(self.share)
+
+
 def _theta_norm(y):
-    """The step-size controller's error norm: the dissipation integral D (the state's last
-    entry) is a monitor, left out so that carrying it does not change theta's steps."""
-    return optx.rms_norm(y[:-1])
+    return _ThetaNorm()(y)
 
 
-def _controller(stepsize_controller, fixed: bool, rtol: float, atol: float):
+def _controller(
+    stepsize_controller, fixed: bool, rtol: float, atol: float, share: float = 1.0
+):  # fmt: skip
     """The step-size controller of a segment: the user's (a PID controller's norm made
-    to leave out D), else a constant step, else a PID controller at ``rtol``, ``atol``."""
+    to leave out D), else a constant step, else a PID controller at ``rtol``, ``atol``
+    (``_ThetaNorm(share)``)."""
     if fixed:
         return diffrax.ConstantStepSize()
     if stepsize_controller is None:
-        return diffrax.PIDController(rtol=rtol, atol=atol, norm=_theta_norm)
+        return diffrax.PIDController(rtol=rtol, atol=atol, norm=_ThetaNorm(share))
     if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
         raise TypeError(
             "stepsize_controller must be a diffrax.AbstractStepSizeController, got "
@@ -240,7 +257,7 @@ def _segment_cached(clock: str, the_solver, controller, steps: int, dtype: str):
 def _stiffness_fns(clock: str):
     """Jitted ``(jac_matvec, drift_dt)`` for stability stepping on ``clock``:
     ``v -> -J v`` (J: the field's Jacobian in theta, v a parameter pytree) and
-    ``|theta| / |f(theta)|``."""
+    ``|theta| / |f(theta)|``, with ``|theta|^2`` counting ``sq_fixed`` more."""
     field = vector_field(clock)
 
     def velocity(obj, c, y, theta):
@@ -252,10 +269,11 @@ def _stiffness_fns(clock: str):
         return jax.tree.map(jnp.negative, jv)
 
     @eqx.filter_jit
-    def drift_dt(obj, c, y):
+    def drift_dt(obj, c, y, sq_fixed):
+        # sq_fixed: |theta|^2 of parameters the state leaves out (gflow.dynamics.span)
         theta = ravel_pytree(y[0])[0]
         f = ravel_pytree(velocity(obj, c, y, y[0]))[0]
-        return jnp.linalg.norm(theta) / jnp.linalg.norm(f)
+        return jnp.sqrt(jnp.sum(theta**2) + sq_fixed) / jnp.linalg.norm(f)
 
     return jac_matvec, drift_dt
 
@@ -277,7 +295,7 @@ class _Plan(NamedTuple):
 
 def _plan(
     *, clock, solver, stepsize_controller, rtol, atol, dt, cfl, warmup, refresh, drift,
-    log_t_max, log_loss_min, saves, log_t_min, log_t0, max_steps, dtype,
+    log_t_max, log_loss_min, saves, log_t_min, log_t0, max_steps, dtype, share=1.0,
 ) -> _Plan:  # fmt: skip
     """Check ``run_flow``'s arguments (a ``ValueError`` naming the bad one) and set up."""
     if clock not in CLOCKS:
@@ -320,14 +338,18 @@ def _plan(
     stable = None
     dtype = np.dtype(dtype).name
     if cfl is None:
-        ctrl = _controller(stepsize_controller, dt is not None, rtol, atol)
+        ctrl = _controller(stepsize_controller, dt is not None, rtol, atol, share)
         first = _segment_fn(clock, solver, ctrl, all_steps, dtype)
     else:
         first = (
             None
             if warmup is None
             else _segment_fn(
-                clock, make_solver(warmup), _controller(None, False, rtol, atol), all_steps, dtype
+                clock,
+                make_solver(warmup),
+                _controller(None, False, rtol, atol, share),
+                all_steps,
+                dtype,
             )  # fmt: skip
         )
         stable = _segment_fn(clock, solver, diffrax.ConstantStepSize(), int(refresh), dtype)
@@ -453,6 +475,7 @@ def run_flow(
     log_t_min: float = 0.0,
     log_t0: float | None = None,
     max_steps: int = 1_000_000,
+    input_span: bool | None = None,
     save_params: bool = False,
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
@@ -493,6 +516,11 @@ def run_flow(
     - ``log_t0``: start at ``t = e^log_t0`` rather than ``t = 0`` (continuing a run);
       save points at or before it are skipped.
     - ``max_steps``: budget of solver steps over the whole run.
+    - ``input_span``: integrate a dense first layer in the span of the inputs
+      (``gflow.dynamics.span``: the same flow in fewer coordinates, exact up to rounding
+      at fixed steps). None: when the data's rank is at most half the input size (the
+      default problem's 300 images of 784 pixels), on gflow's MLPs; True: whenever it is
+      below it; False: never. The config's ``input_span`` is the rank used, or None.
     - ``progress``: called with each recorded row.
     - ``checkpoint`` / ``resume``: as in ``run_gd``; the ODE state, clock, step size,
       Lanczos vector and counters are saved at every save point.
@@ -502,8 +530,8 @@ def run_flow(
         stepsize_controller=stepsize_controller, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
         warmup=warmup, refresh=refresh, drift=drift, log_t_max=log_t_max,
         log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min, log_t0=log_t0,
-        max_steps=max_steps, save_params=save_params, config=config, progress=progress,
-        checkpoint=checkpoint, resume=resume,
+        max_steps=max_steps, input_span=input_span, save_params=save_params, config=config,
+        progress=progress, checkpoint=checkpoint, resume=resume,
     )  # fmt: skip
     return tr
 
@@ -532,7 +560,7 @@ def _vmapped_stiffness(clock: str, layout: tuple):
 
     return (
         eqx.filter_jit(jax.vmap(matvec, in_axes=(None, 0, 0, 0))),
-        eqx.filter_jit(jax.vmap(drift_dt.__wrapped__, in_axes=(None, 0, 0))),
+        eqx.filter_jit(jax.vmap(drift_dt.__wrapped__, in_axes=(None, 0, 0, 0))),
     )
 
 
@@ -569,6 +597,7 @@ def run_flow_seeds(
     saves: int = 50,
     log_t_min: float = 0.0,
     max_steps: int = 1_000_000,
+    input_span: bool | None = None,
     save_params: bool = False,
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
@@ -595,8 +624,8 @@ def run_flow_seeds(
         stepsize_controller=stepsize_controller, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
         warmup=warmup, refresh=refresh, drift=drift, log_t_max=log_t_max,
         log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min, log_t0=None,
-        max_steps=max_steps, save_params=save_params, config=config, progress=progress,
-        checkpoint=checkpoint, resume=resume,
+        max_steps=max_steps, input_span=input_span, save_params=save_params, config=config,
+        progress=progress, checkpoint=checkpoint, resume=resume,
     )  # fmt: skip
 
 
@@ -608,7 +637,7 @@ def _drive(
     objective: Objective, params0: list, seeds: list, *, single: bool, clock, solver,
     stepsize_controller, rtol, atol, dt, cfl, warmup, refresh, drift, log_t_max,
     log_loss_min, saves, log_t_min, log_t0, max_steps, save_params, config, progress,
-    checkpoint, resume, handed=None,
+    checkpoint, resume, input_span=None, handed=None,
 ) -> list[Trajectory]:  # fmt: skip
     """The one flow driver: K runs (K = 1 for ``run_flow``) in one vmapped integration
     (``run_flow_seeds``' docstring). ``handed``: ``(monitor, dissipation)`` of a run this
@@ -645,15 +674,25 @@ def _drive(
                 f"give StabilityStepping a cfl: no default for {solver_name(solver)!r}"
             )
         warmup, refresh, drift = st.warmup, st.refresh, st.drift
+    got = checkpoint.restore() if (checkpoint is not None and resume) else None
+    # the state's parameters: in the span of the inputs (the checkpoint's choice on resume)
+    span = (
+        input_span_of(objective, params0, input_span)
+        if got is None
+        else span_from_arrays(objective, params0, got[0])
+    )
     plan = _plan(
         clock=clock, solver=solver, stepsize_controller=stepsize_controller, rtol=rtol,
         atol=atol, dt=dt, cfl=cfl, warmup=warmup, refresh=refresh, drift=drift,
         log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
         log_t0=log_t0, max_steps=max_steps, dtype=objective.dtype,
+        share=1.0 if span is None else span.share(clock),
     )  # fmt: skip
     k_runs, dtype = len(seeds), objective.dtype
     first = _vmapped(plan.first) if plan.first is not None else None
     stable = _vmapped(plan.stable) if plan.stable is not None else None
+    field = objective if span is None else span.objective  # what the ODE's field reads
+    starts0 = params0 if span is None else [span.restrict(p) for p in params0]
 
     def lane(tree, i):
         return jax.tree.map(lambda a: a[i], tree)
@@ -661,6 +700,7 @@ def _drive(
     recs = []
     for s in seeds:
         cfg = {**objective.describe(), **(config or {}), **plan.settings}
+        cfg["input_span"] = None if span is None else span.rank
         if not single:
             cfg.update(seed=int(s), seeds=[int(v) for v in seeds])
         recs.append(
@@ -671,7 +711,7 @@ def _drive(
         )  # fmt: skip
     totals = [{"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0} for _ in seeds]
 
-    starts = [_start(clock, p, plan.z0, dtype) for p in params0]
+    starts = [_start(clock, p, plan.z0, dtype) for p in starts0]
     y = jax.tree.map(lambda *a: jnp.stack(a), *[st[0] for st in starts])
     if handed is not None:
         for rec in recs:
@@ -684,14 +724,18 @@ def _drive(
     status = ["completed"] * k_runs
     message = [f"reached log t = {log_t_max:.6g}"] * k_runs
 
+    def full(params):
+        return params if span is None else span.lift_many(params)
+
     def record(which, log_t=None) -> list[dict]:
-        q, host_y = jax.device_get((quantities_many(objective, y[0]), y))
+        theta = full(y[0])
+        q, host_y, host_theta = jax.device_get((quantities_many(objective, theta), y, theta))
         rows = []
         for i in which:
             at = _log_t(clock, lane(host_y, i), float(c[i])) if log_t is None else log_t
             row = recs[i].add(
                 totals[i]["accepted"], at,
-                lane(q, i), lane(host_y[0], i) if save_params else None,
+                lane(q, i), lane(host_theta, i) if save_params else None,
                 dissipation=float(host_y[-1][i]), grad_evals=float(totals[i]["grad_evals"]),
                 solver_steps=float(totals[i]["steps"]), rejected=float(totals[i]["rejected"]),
             )  # fmt: skip
@@ -701,25 +745,25 @@ def _drive(
         return rows
 
     if cfl is not None:
-        jac_many, drift_many = _vmapped_stiffness(clock, _layout(params0[0]))
-        dim = ravel_pytree(params0[0])[0].size
+        jac_many, drift_many = _vmapped_stiffness(clock, _layout(starts0[0]))
+        dim = ravel_pytree(starts0[0])[0].size
+        sq_fixed = jnp.asarray(np.zeros(k_runs) if span is None else span.sq_fixed, dtype)
         warm: list = [None] * k_runs
 
     def set_stable_steps(todo: np.ndarray) -> None:
         """The ``cfl`` step of each run in ``todo`` (``run_flow``'s ``stable_dt``)."""
         c_ = jnp.asarray(c, dtype)
         eigs = lanczos_top_many(
-            lambda v: jac_many(objective, c_, y, jnp.asarray(v, dtype)), dim, warm,
+            lambda v: jac_many(field, c_, y, jnp.asarray(v, dtype)), dim, warm,
             active=todo, **_LANCZOS,
         )  # fmt: skip
-        ratios = np.asarray(drift_many(objective, c_, y))
+        ratios = np.asarray(drift_many(field, c_, y, sq_fixed))
         for i in np.flatnonzero(todo):
             warm[i] = eigs[i].vector
             totals[i]["grad_evals"] += 2 * eigs[i].matvecs + 1
             dt0[i] = _stable_step(eigs[i].value, float(ratios[i]), cfl, plan.edge, drift)
 
     done = 0  # save points reached
-    got = checkpoint.restore() if (checkpoint is not None and resume) else None
     if got is None:
         if handed is None:
             record(range(k_runs), -math.inf if log_t0 is None else log_t0)
@@ -739,6 +783,8 @@ def _drive(
             return
         arrays, metas = recorders_state(recs)
         arrays.update(pack("y/", y))
+        if span is not None:
+            arrays.update(span.arrays())
         if cfl is not None:
             arrays.update({f"warm{i}": np.asarray(w) for i, w in enumerate(warm) if w is not None})
         meta = dict(
@@ -770,7 +816,7 @@ def _drive(
                                       for i in range(k_runs)], dtype)  # fmt: skip
                     with timing.phase("flow: stepping, stable" if phase else "flow: stepping"):
                         out = segment(
-                            objective, y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
+                            field, y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
                             jnp.asarray(z_target, dtype),
                         )  # fmt: skip
                         y_new, c_new, result = out[0], out[1], out[2]
@@ -818,7 +864,7 @@ def _drive(
             status[i], message[i] = "stopped", "interrupted"
     finally:
         blas.restore_original_limits()
-    finals = jax.device_get(y[0])
+    finals = jax.device_get(full(y[0]))
     return [
         recs[i].finish(lane(finals, i), status[i], message[i], objective) for i in range(k_runs)
     ]

@@ -668,7 +668,7 @@ def run_flow_kinks(
         eig = lanczos_top(matvec, flat.size, v0=warm, **_LANCZOS)
         warm = eig.vector
         lanczos = 2 * eig.matvecs + 1
-        h = _stable_step(eig.value, float(drift_dt(objective, 0.0, y)), default_cfl(_STABLE),
+        h = _stable_step(eig.value, float(drift_dt(objective, 0.0, y, 0.0)), default_cfl(_STABLE),
                          stability_edge(_STABLE), st.drift)  # fmt: skip
         count["grad_evals"] += lanczos
         return kink_rate / ((evals_per_step(make_solver(_STABLE))[0] + lanczos / st.refresh) / h)
