@@ -125,6 +125,8 @@ def flow_accuracy(rec: dict) -> str:
         worst = max(r["errors"].items(), key=lambda kv: kv[1]["worst"])[1]
         end = max(e["end"] for e in r["errors"].values())
         name = ("reference: " if r["reference"] else "") + setting(r)
+        if not r["reference"] and r.get("input_span") is False:
+            name += ", all parameters (no span)"
         if "default" in r["name"]:
             name += " " + r["name"][r["name"].index("(") :]
         verdict = {True: "pass", False: "FAIL", None: "n/a"}[r["fidelity"]]
