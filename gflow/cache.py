@@ -19,16 +19,32 @@ that cannot be read (a damaged file) is compiled anew, with JAX's warning. Neith
 a run. Entries are written whole or not at all (``_atomic_entries``), so a full disk or
 a killed run leaves no truncated one behind. ``data_dir()`` is a sibling folder for
 parsed copies of built-in data.
+
+**Traced programs.** JAX keeps compiled programs, but every process still traces its
+functions anew: for the flow's ``diffeqsolve`` segments about a second each.
+``Traced(fn, ...)`` keeps what tracing gives, the exported StableHLO (``jax.export``), in
+a ``traced`` folder of gflow's cache, and a later process calls that (its compilation
+then comes from the compilation cache). An entry's key is everything that could change
+the program: the argument structure (with the static fields of the model, loss and
+solver, which must print without memory addresses), the shapes and dtypes, the sources of
+gflow, the versions of JAX and its libraries, the JAX options that change tracing, and
+the device kind. Only code whose behaviour those determine is kept (the caller says so:
+gflow's own models, losses and solvers); a model, loss or norm of the user's own is traced
+each time, as its source is not in the key. A damaged entry is traced and written anew.
+The switch is the compilation cache's: off turns both off.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["configure", "cache_dir", "data_dir", "ENV", "MAX_BYTES"]
+__all__ = ["configure", "cache_dir", "data_dir", "traced_dir", "Traced", "ENV", "MAX_BYTES"]
 
 ENV = "GFLOW_COMPILATION_CACHE"
 MAX_BYTES = 2 << 30
@@ -169,3 +185,125 @@ def _set(enable: bool, **options) -> None:
     for k, v in options.items():
         jax.config.update(k, v)
     compilation_cache.reset_cache()
+
+
+def traced_dir() -> Path | None:
+    """The folder of traced programs (``Traced``): ``traced`` in gflow's compilation cache
+    folder, or ``None`` when that cache is off or is one the user set up in JAX."""
+    here = cache_dir()
+    return None if (_ours is None or here != _ours) else here / "traced"
+
+
+_LIBRARIES = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax", "flax", "numpy")
+# JAX options that change what tracing produces
+_OPTIONS = ("jax_enable_x64", "jax_numpy_dtype_promotion", "jax_default_matmul_precision",
+            "jax_numpy_rank_promotion", "jax_enable_checks", "jax_debug_nans")  # fmt: skip
+TRACED_KEEP = 256  # entries kept in the traced folder (the oldest go first)
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    """gflow's sources and the versions of the libraries that trace its programs."""
+    import sys
+    from importlib import metadata
+
+    h = hashlib.sha256(sys.version.encode())
+    for name in _LIBRARIES:
+        try:
+            h.update(f"{name}={metadata.version(name)};".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}=?;".encode())
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+class Traced:
+    """``fn`` (a function of array pytrees) jitted, with its traced program kept on disk.
+
+    ``static``: what of ``fn`` its arguments do not show (e.g. the solver it closes over),
+    as text; ``out_tree(*args)``: the structure of its outputs (a kept program returns
+    their leaves); ``trusted(*args)``: whether everything the program depends on is gflow's
+    or a library's (else it is only jitted, as ``eqx.filter_jit`` would). Every argument
+    leaf must be an array. The module docstring says what the key holds."""
+
+    def __init__(self, fn: Callable, *, static: str, out_tree: Callable, trusted: Callable):
+        import equinox as eqx
+
+        self.fn, self.static, self.out_tree, self.trusted = fn, static, out_tree, trusted
+        self.plain = eqx.filter_jit(fn)
+        self._memo: dict = {}
+
+    def __call__(self, *args):
+        import jax
+
+        folder = traced_dir()
+        leaves, treedef = jax.tree.flatten(args)
+        if folder is None or not all(isinstance(a, jax.Array) for a in leaves):
+            return self.plain(*args)
+        avals = tuple((a.shape, a.dtype.name, bool(a.weak_type)) for a in leaves)
+        memo = (treedef, avals, tuple(str(getattr(jax.config, o, None)) for o in _OPTIONS))
+        call = self._memo.get(memo)
+        if call is None:
+            call = self._load_or_trace(folder, treedef, leaves, avals, args)
+            self._memo[memo] = call
+        if call is self.plain:
+            return self.plain(*args)
+        return jax.tree.unflatten(self.out_tree(*args), call(*leaves))
+
+    def _key(self, treedef, avals) -> str | None:
+        import jax
+
+        text = f"{self.static}|{treedef}"
+        if " at 0x" in text:  # an object printed by its address: no stable key
+            return None
+        device = jax.devices()[0]
+        options = [f"{o}={getattr(jax.config, o, None)}" for o in _OPTIONS]
+        parts = [_code_fingerprint(), text, repr(avals), *options, device.platform,
+                 getattr(device, "device_kind", "")]  # fmt: skip
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _load_or_trace(self, folder: Path, treedef, leaves, avals, args):
+        import jax
+
+        key = self._key(treedef, avals) if self.trusted(*args) else None
+        if key is None:
+            return self.plain
+        path = folder / f"{key}.jaxexport"
+        exported = None
+        if path.is_file():
+            try:
+                exported = jax.export.deserialize(bytearray(path.read_bytes()))
+            except Exception:  # noqa: BLE001 - damaged (or foreign): traced anew below
+                exported = None
+        if exported is None:
+
+            def flat(*xs):
+                return jax.tree.leaves(self.fn(*jax.tree.unflatten(treedef, xs)))
+
+            try:
+                exported = jax.export.export(jax.jit(flat))(*leaves)
+                data = exported.serialize()
+            except Exception:  # noqa: BLE001 - a program export cannot take: jit it only
+                return self.plain
+            _write(folder, path, data)
+        return jax.jit(exported.call)
+
+
+def _write(folder: Path, path: Path, data: bytes) -> None:
+    """``data`` into ``path`` whole (a temporary file renamed in), keeping the newest
+    ``TRACED_KEEP`` entries; a folder that cannot be written is passed over."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        entries = sorted(folder.glob("*.jaxexport"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-TRACED_KEEP]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from gflow import timing
 
@@ -119,3 +121,90 @@ def test_a_full_disk_leaves_no_truncated_cache_entry(tmp_path):
     res = _probe(str(folder))
     assert res.returncode == 0, res.stderr
     assert "Error reading persistent compilation cache entry" not in res.stderr
+
+
+@pytest.fixture
+def own_cache(tmp_path):
+    """gflow's cache in a folder of this test (and back to the session's afterwards), with
+    the in-process memo of traced segments cleared, as in a new process."""
+    from gflow import cache
+    from gflow.dynamics import flow
+
+    before = cache.cache_dir()
+    flow._vmapped.cache_clear()
+    cache.configure(tmp_path / "cache")
+    yield tmp_path / "cache" / "traced"
+    flow._vmapped.cache_clear()
+    cache.configure(before if before is not None else "off")
+
+
+def _flow(activation="relu"):
+    from gflow import data as D
+    from gflow.dynamics import run_flow
+    from gflow.models import build_model
+    from gflow.objective import make_objective
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 20, seed=0), "unit")
+    model = build_model("mlp", ds.input_shape, 1, width=6, activation=activation)
+    obj, p0 = make_objective(model, ds, "logistic")
+    return run_flow(obj, p0, solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8,
+                    log_t_max=4.0, saves=4)  # fmt: skip
+
+
+def _same_columns(a, b):
+    assert a.column_names == b.column_names
+    for c in a.column_names:
+        np.testing.assert_array_equal(a[c], b[c], err_msg=c)
+
+
+def test_traced_segments_are_kept_and_read_back(own_cache, monkeypatch):
+    """The flow's two segment programs (warm-up, stable) are exported once; a new process
+    (memo cleared) reads them without tracing, bit for bit the same run; a damaged entry
+    is traced and written anew."""
+    first = _flow()
+    kept = sorted(own_cache.glob("*.jaxexport"))
+    assert len(kept) == 2
+    from gflow.dynamics import flow
+
+    flow._vmapped.cache_clear()
+    with monkeypatch.context() as m:  # read back: no export, so no tracing of the segments
+        m.setattr(jax.export, "export", _no_export)
+        _same_columns(_flow(), first)
+    flow._vmapped.cache_clear()
+    for path in kept:
+        path.write_bytes(path.read_bytes()[:100])  # truncated
+    _same_columns(_flow(), first)
+    assert all(p.stat().st_size > 100 for p in kept)  # written whole again
+    jax.export.deserialize(bytearray(kept[0].read_bytes()))
+
+
+def _no_export(*args, **kwargs):
+    raise AssertionError("traced again")
+
+
+def test_another_model_is_another_entry(own_cache):
+    """Same shapes, another activation: the key holds the model's static fields."""
+    _flow("relu")
+    _flow("leaky_relu")
+    assert len(list(own_cache.glob("*.jaxexport"))) == 4
+
+
+def test_a_model_of_ones_own_is_only_jitted(own_cache):
+    """A pure-function model's code is not in the key: nothing is kept for it."""
+    from gflow import data as D
+    from gflow.dynamics import run_flow
+    from gflow.models import build_model, split_params
+    from gflow.objective import make_objective
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 20, seed=0), "unit")
+    w = split_params(build_model("mlp", ds.input_shape, 1, width=6))[1]
+
+    def apply_fn(params, x):
+        h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["layers"][0]["kernel"])
+        return h @ params["layers"][1]["kernel"]
+
+    obj, _ = make_objective(apply_fn, ds, "logistic", order=2, params=w)
+    tr = run_flow(obj, w, solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8, log_t_max=3.0,
+                  saves=3)  # fmt: skip
+    assert tr.status == "completed"
+    assert not list(own_cache.glob("*.jaxexport"))

@@ -339,12 +339,12 @@ def _plan(
     dtype = np.dtype(dtype).name
     if cfl is None:
         ctrl = _controller(stepsize_controller, dt is not None, rtol, atol, share)
-        first = _segment_fn(clock, solver, ctrl, all_steps, dtype)
+        first = _kept(clock, solver, ctrl, all_steps, dtype)
     else:
         first = (
             None
             if warmup is None
-            else _segment_fn(
+            else _kept(
                 clock,
                 make_solver(warmup),
                 _controller(None, False, rtol, atol, share),
@@ -352,7 +352,7 @@ def _plan(
                 dtype,
             )  # fmt: skip
         )
-        stable = _segment_fn(clock, solver, diffrax.ConstantStepSize(), int(refresh), dtype)
+        stable = _kept(clock, solver, diffrax.ConstantStepSize(), int(refresh), dtype)
     settings = dict(
         dynamics="flow", clock=clock, solver=name, rtol=rtol, atol=atol, dt=dt, cfl=cfl,
         warmup=solver_name(warmup) if (cfl is not None and warmup is not None) else None,
@@ -536,12 +536,55 @@ def run_flow(
     return tr
 
 
+def _kept(clock: str, solver, controller, steps: int, dtype: str) -> tuple:
+    """``(segment, evals, static)``: ``_segment_fn``'s, and the text that (with its
+    arguments) determines its program, for keeping it traced (``gflow.cache.Traced``);
+    None for a solver or controller of the user's own, whose code the key cannot hold."""
+    static = None
+    ours = isinstance(controller, diffrax.ConstantStepSize) or (
+        type(controller) is diffrax.PIDController and isinstance(controller.norm, _ThetaNorm)
+    )
+    if ours and type(solver).__module__.split(".")[0] in ("diffrax", "gflow"):
+        static = f"flow segment|{clock}|{solver!r}|{controller!r}|{steps}|{dtype}|vmapped"
+    return (*_segment_fn(clock, solver, controller, steps, dtype), static)
+
+
+def _ours(obj: Objective, *_) -> bool:
+    """Whether an objective's program is determined by gflow's code and its static fields:
+    a model gflow built (every node of its graph a gflow or Flax class) and a gflow loss,
+    on one device."""
+    from flax import nnx
+
+    if not isinstance(obj.graphdef, nnx.graphlib.GraphDef):
+        return False
+    if jax.process_count() > 1 or len(obj.x.sharding.device_set) > 1:
+        return False  # a sharded program: traced where it runs
+    if type(obj.loss).__module__ != "gflow.losses":
+        return False
+    for node in obj.graphdef.nodes:
+        kind = getattr(node, "type", None)
+        if not isinstance(kind, type) or kind.__module__.split(".")[0] not in ("gflow", "flax"):
+            return False
+    return True
+
+
+def _segment_out(obj, y, *_):
+    """The structure of a segment's outputs: ``(y1, c1, result, steps, accepted)``."""
+    return jax.tree.structure((y, 0, diffrax.RESULTS.successful, 0, 0))
+
+
 @functools.cache
-def _vmapped(segment_and_evals: tuple):
-    """The segment of ``_segment_fn`` over a batch of runs: state, clock, end, first step
-    batched (axis 0); objective and save target shared."""
-    segment, evals = segment_and_evals
-    return eqx.filter_jit(jax.vmap(segment.__wrapped__, in_axes=(None, 0, 0, 0, 0, None))), evals
+def _vmapped(segment_evals_static: tuple):
+    """The segment of ``_kept`` over a batch of runs: state, clock, end, first step
+    batched (axis 0); objective and save target shared. Its traced program is kept on
+    disk (``gflow.cache.Traced``) where ``static`` says what determines it."""
+    from gflow.cache import Traced
+
+    segment, evals, static = segment_evals_static
+    batched = jax.vmap(segment.__wrapped__, in_axes=(None, 0, 0, 0, 0, None))
+    if static is None:
+        return eqx.filter_jit(batched), evals
+    return Traced(batched, static=static, out_tree=_segment_out, trusted=_ours), evals
 
 
 @functools.cache
