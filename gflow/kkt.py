@@ -35,7 +35,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
@@ -250,6 +249,8 @@ def nonneg_quadratic(K: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, float]:
     r = np.sqrt(w[keep])
     A = r[:, None] * U[:, keep].T  # A^T A = K (on its range)
     b = (U[:, keep].T @ c) / r  # A^T b = c for c in range(K)
+    import scipy.optimize  # here: its import takes 0.2 s, and most runs never get here
+
     lam, _ = scipy.optimize.nnls(A, b, maxiter=50 * K.shape[0])
     g = K @ lam - c
     scale = max(float(np.abs(c).max()), np.finfo(np.float64).tiny)
@@ -338,6 +339,8 @@ def kkt_pareto(
     norm2 = float(np.sum(np.asarray(ravel_pytree(theta_s)[0]) ** 2))
     slack = q - 1.0
     lam0, _ = nonneg_quadratic(K, L * q)
+    import scipy.optimize
+
     rows = []
     for w in weights:
         c = L * q - 0.5 * w * norm2 * slack  # minimise lam K lam - 2 c.lam (+ |theta_s|^2)

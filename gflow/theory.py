@@ -240,8 +240,6 @@ def _fit_slope(x: np.ndarray, y: np.ndarray) -> float:
 def _line(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float]:
     """``(slope, level confidence half-width)`` of a least-squares line (Student t on
     the residuals' scatter; infinite with 2 points)."""
-    from scipy import stats
-
     n = x.size
     slope, icpt = np.polyfit(x, y, 1)
     resid = y - (slope * x + icpt)
@@ -249,14 +247,12 @@ def _line(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float]:
     if n <= 2:
         return float(slope), math.inf
     se = math.sqrt(float(np.sum(resid**2)) / (n - 2) / sxx)
-    return float(slope), float(stats.t.ppf(0.5 + level / 2, n - 2)) * se
+    return float(slope), _student_t(0.5 + level / 2, n - 2) * se
 
 
 def _corrected_slope(x: np.ndarray, y: np.ndarray, terms: int, level: float):
     """``(b, level half-width of b)`` for ``y = a + b x`` plus the first ``terms`` of the
     corrections ``e^{-x}``, ``x e^{-x}`` by least squares (Student t on the residuals)."""
-    from scipy import stats
-
     n = x.size
     e = np.exp(-x)
     design = np.stack([np.ones(n), x, e, x * e][: 2 + terms], axis=1)
@@ -267,7 +263,15 @@ def _corrected_slope(x: np.ndarray, y: np.ndarray, terms: int, level: float):
     dof = n - design.shape[1]
     var_b = float(np.linalg.pinv(a.T @ a)[1, 1]) / scale[1] ** 2
     se = math.sqrt(float(np.sum(resid**2)) / dof * var_b)
-    return float(coef[1]), float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    return float(coef[1]), _student_t(0.5 + level / 2, dof) * se
+
+
+def _student_t(p: float, dof: int) -> float:
+    """Student's t quantile: ``scipy.stats.t.ppf(p, dof)``, which is this same function,
+    without scipy.stats' import (0.5 s)."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(dof, p))
 
 
 def exponent_interval(x: np.ndarray, y: np.ndarray, level: float = 0.99) -> dict:
