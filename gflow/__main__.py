@@ -1,5 +1,3 @@
-import sys
+from gflow.cli import entry
 
-from gflow.cli import main
-
-sys.exit(main())
+entry()
