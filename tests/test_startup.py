@@ -128,14 +128,21 @@ def own_cache(tmp_path):
     """gflow's cache in a folder of this test (and back to the session's afterwards), with
     the in-process memo of traced segments cleared, as in a new process."""
     from gflow import cache
-    from gflow.dynamics import flow
 
     before = cache.cache_dir()
-    flow._vmapped.cache_clear()
+    _new_process()
     cache.configure(tmp_path / "cache")
     yield tmp_path / "cache" / "traced"
-    flow._vmapped.cache_clear()
+    _new_process()
     cache.configure(before if before is not None else "off")
+
+
+def _new_process():
+    """Forget the flow's traced programs held in this process (as a new one would)."""
+    from gflow.dynamics import flow
+
+    flow._vmapped.cache_clear()
+    flow._vmapped_stiffness.cache_clear()
 
 
 def _flow(activation="relu"):
@@ -158,19 +165,17 @@ def _same_columns(a, b):
 
 
 def test_traced_segments_are_kept_and_read_back(own_cache, monkeypatch):
-    """The flow's two segment programs (warm-up, stable) are exported once; a new process
-    (memo cleared) reads them without tracing, bit for bit the same run; a damaged entry
-    is traced and written anew."""
+    """The flow's programs (warm-up and stable segments, Jacobian products, drift bound)
+    are exported once; a new process reads them without tracing, bit for bit the same run;
+    a damaged entry is traced and written anew."""
     first = _flow()
     kept = sorted(own_cache.glob("*.jaxexport"))
-    assert len(kept) == 2
-    from gflow.dynamics import flow
-
-    flow._vmapped.cache_clear()
+    assert len(kept) == 4
+    _new_process()
     with monkeypatch.context() as m:  # read back: no export, so no tracing of the segments
         m.setattr(jax.export, "export", _no_export)
         _same_columns(_flow(), first)
-    flow._vmapped.cache_clear()
+    _new_process()
     for path in kept:
         path.write_bytes(path.read_bytes()[:100])  # truncated
     _same_columns(_flow(), first)
@@ -186,7 +191,7 @@ def test_another_model_is_another_entry(own_cache):
     """Same shapes, another activation: the key holds the model's static fields."""
     _flow("relu")
     _flow("leaky_relu")
-    assert len(list(own_cache.glob("*.jaxexport"))) == 4
+    assert len(list(own_cache.glob("*.jaxexport"))) == 8
 
 
 def test_a_model_of_ones_own_is_only_jitted(own_cache):

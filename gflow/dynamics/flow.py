@@ -591,7 +591,7 @@ def _vmapped(segment_evals_static: tuple):
 def _vmapped_stiffness(clock: str, layout: tuple):
     """Batched ``(jac_matvec, drift_dt)`` of ``_stiffness_fns`` on flat vectors, for
     parameter pytrees of ``layout`` (``_layout``): cached on it, so that later runs of the
-    same model compile nothing."""
+    same model compile nothing, and their traced programs kept (``gflow.cache.Traced``)."""
     jac_matvec, drift_dt = _stiffness_fns(clock)
     treedef, leaves = layout
     unravel = ravel_pytree(
@@ -601,10 +601,19 @@ def _vmapped_stiffness(clock: str, layout: tuple):
     def matvec(obj, c, y, v):
         return ravel_pytree(jac_matvec.__wrapped__(obj, c, y, unravel(v)))[0]
 
+    from gflow.cache import Traced
+
+    static = f"stiffness|{clock}|{layout!r}|vmapped"
     return (
-        eqx.filter_jit(jax.vmap(matvec, in_axes=(None, 0, 0, 0))),
-        eqx.filter_jit(jax.vmap(drift_dt.__wrapped__, in_axes=(None, 0, 0, 0))),
-    )
+        Traced(jax.vmap(matvec, in_axes=(None, 0, 0, 0)), static=static + "|jac",
+               out_tree=_one_array, trusted=_ours),
+        Traced(jax.vmap(drift_dt.__wrapped__, in_axes=(None, 0, 0, 0)), static=static + "|drift",
+               out_tree=_one_array, trusted=_ours),
+    )  # fmt: skip
+
+
+def _one_array(*_):
+    return jax.tree.structure(0)
 
 
 def _layout(params) -> tuple:
