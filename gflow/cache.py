@@ -292,16 +292,13 @@ class Traced:
 
 
 def _write(folder: Path, path: Path, data: bytes) -> None:
-    """``data`` into ``path`` whole (a temporary file renamed in), keeping the newest
+    """``data`` into ``path`` whole (``trajectory.atomic_write``), keeping the newest
     ``TRACED_KEEP`` entries; a folder that cannot be written is passed over."""
+    from gflow.trajectory import atomic_write
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, data)
         entries = sorted(folder.glob("*.jaxexport"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-TRACED_KEEP]:
             old.unlink(missing_ok=True)

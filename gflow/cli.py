@@ -199,7 +199,8 @@ Hessian eigenvalue (stability stepping; chosen from measured accuracy: to log t 
 normalized margin stays within 1e-4 of a tight reference at every save point, and the
 balance drift below 1e-6; benchmarks/RESULTS.md). Every save point records exact
 invariants of the flow (per-unit and layer balance drift, dissipation defect), and the
-flow fidelity verdict holds the drift to --rtol. About half a minute on a 2-core CPU. At
+flow fidelity verdict holds the drift to --rtol. About 25 s on a 2-core CPU the first
+time, 11 s after (compiled and traced programs are kept: --compilation-cache). At
 the end the theory checks run (gflow check). Files go to --out: gd/ and flow/ run folders
 (config.json, trajectory.npz, trajectory.csv, params_final.npz, checks.json), run.json
 and plots.png. While it runs, each run folder holds a checkpoint of its last save point:
@@ -373,8 +374,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="integrate the flow's dense first layer in the span of the inputs: the same "
         "flow in fewer coordinates, exact to rounding at fixed steps (gflow's MLPs; auto: "
-        "when the data's rank is at most half the input size, as on the default problem's "
-        "300 images of 784 pixels; default: %(default)s)",
+        "when there are at most half as many samples as inputs, as on the default "
+        "problem's 300 images of 784 pixels; on: whenever the data's rank is below the "
+        "input size; default: %(default)s)",
     )
     g.add_argument(
         "--log-t-max",
@@ -491,7 +493,8 @@ def add_cache_option(p) -> None:
     p.add_argument("--compilation-cache", metavar="DIR|off", default=None,
                    help="folder of JAX's persistent compilation cache, or 'off' (default: "
                    "$GFLOW_COMPILATION_CACHE, else ~/.cache/gflow/jax); later runs of the "
-                   "same shapes skip compiling")  # fmt: skip
+                   "same shapes skip compiling, and (its 'traced' folder) tracing the flow's "
+                   "programs for gflow's own models")  # fmt: skip
 
 
 def _nonneg_float(text: str) -> float:

@@ -126,10 +126,6 @@ class _ThetaNorm(eqx.Module):
         return rms if self.share == 1.0 else rms * math.sqrt(self.share)
 
 
-def _theta_norm(y):
-    return _ThetaNorm()(y)
-
-
 def _controller(
     stepsize_controller, fixed: bool, rtol: float, atol: float, share: float = 1.0
 ):  # fmt: skip
@@ -518,9 +514,10 @@ def run_flow(
     - ``max_steps``: budget of solver steps over the whole run.
     - ``input_span``: integrate a dense first layer in the span of the inputs
       (``gflow.dynamics.span``: the same flow in fewer coordinates, exact up to rounding
-      at fixed steps). None: when the data's rank is at most half the input size (the
-      default problem's 300 images of 784 pixels), on gflow's MLPs; True: whenever it is
-      below it; False: never. The config's ``input_span`` is the rank used, or None.
+      at fixed steps). None: on gflow's MLPs when there are at most half as many samples as
+      inputs and the data's rank is at most half the input size (the default problem's
+      300 images of 784 pixels); True: whenever the rank is below it; False: never.
+      The config's ``input_span`` is the rank used, or None.
     - ``progress``: called with each recorded row.
     - ``checkpoint`` / ``resume``: as in ``run_gd``; the ODE state, clock, step size,
       Lanczos vector and counters are saved at every save point.

@@ -125,17 +125,20 @@ def input_span(objective: Objective, params0: list, when: bool | None = None) ->
     """The reduction of flow runs from ``params0`` on ``objective``, or None.
 
     ``when``: None reduces when it at least halves the first layer's inputs (rank of the
-    data ``r <= d / 2``), True whenever ``r < d``, False never. Only gflow's MLPs (every
-    layer dense) on one device are reduced. The rank is NumPy's ``matrix_rank`` rule
-    (singular values above ``max(n, d) eps s_max``): the directions left out carry the
-    inputs' rounding only."""
+    data ``r <= d / 2``; decided from the sample count ``n <= d / 2`` before any SVD, so
+    that a large data set costs nothing), True whenever ``r < d``, False never. Only
+    gflow's MLPs (every layer dense) on one device are reduced. The rank is NumPy's
+    ``matrix_rank`` rule (singular values above ``max(n, d) eps s_max``): the directions
+    left out carry the inputs' rounding only."""
     if when is False:
         return None
     model = _model(objective, params0[0])
     if model is None or len(objective.x.sharding.device_set) > 1:
         return None
-    x = np.asarray(objective.x, np.float64).reshape(objective.x.shape[0], -1)
-    n, d = x.shape
+    n, d = objective.x.shape[0], int(np.prod(objective.x.shape[1:]))
+    if when is None and 2 * n > d:
+        return None  # the rank is at most n: more than d / 2 samples would need the SVD
+    x = np.asarray(objective.x, np.float64).reshape(n, d)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
     tol = (s[0] if s.size else 0.0) * max(n, d) * np.finfo(np.float64).eps
     r = int(np.sum(s > tol))
