@@ -31,7 +31,7 @@ gflow, the versions of JAX and its libraries, the JAX options that change tracin
 the device kind. Only code whose behaviour those determine is kept (the caller says so:
 gflow's own models, losses and solvers); a model, loss or norm of the user's own is traced
 each time, as its source is not in the key. A damaged entry is traced and written anew.
-The switch is the compilation cache's: off turns both off.
+The compilation cache's switch turns both off; ``GFLOW_TRACED=off`` this one alone.
 """
 
 from __future__ import annotations
@@ -189,7 +189,10 @@ def _set(enable: bool, **options) -> None:
 
 def traced_dir() -> Path | None:
     """The folder of traced programs (``Traced``): ``traced`` in gflow's compilation cache
-    folder, or ``None`` when that cache is off or is one the user set up in JAX."""
+    folder, or ``None`` when that cache is off, is one the user set up in JAX, or
+    ``GFLOW_TRACED=off``."""
+    if os.environ.get(TRACED_ENV, "").strip().lower() in _OFF:
+        return None
     here = cache_dir()
     return None if (_ours is None or here != _ours) else here / "traced"
 
@@ -199,6 +202,7 @@ _LIBRARIES = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax", "fl
 _OPTIONS = ("jax_enable_x64", "jax_numpy_dtype_promotion", "jax_default_matmul_precision",
             "jax_numpy_rank_promotion", "jax_enable_checks", "jax_debug_nans")  # fmt: skip
 TRACED_KEEP = 256  # entries kept in the traced folder (the oldest go first)
+TRACED_ENV = "GFLOW_TRACED"  # off: trace in every process (compiled programs still kept)
 
 
 @functools.cache

@@ -1,8 +1,15 @@
 """Test configuration: float64 on (gflow turns it on at import), strict dtype promotion."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
+
+# Traced programs are not kept in the test suite (its tests below turn it back on): almost
+# every test has programs of its own shapes, and exporting each one cost the cold suite
+# about 40% more time while no later run reads it back (tests/test_startup.py)
+os.environ.setdefault("GFLOW_TRACED", "off")
 
 import gflow  # noqa: F401  (enables float64)
 

@@ -124,12 +124,13 @@ def test_a_full_disk_leaves_no_truncated_cache_entry(tmp_path):
 
 
 @pytest.fixture
-def own_cache(tmp_path):
+def own_cache(tmp_path, monkeypatch):
     """gflow's cache in a folder of this test (and back to the session's afterwards), with
-    the in-process memo of traced segments cleared, as in a new process."""
+    traced programs kept and the in-process memo of them cleared, as in a new process."""
     from gflow import cache
 
     before = cache.cache_dir()
+    monkeypatch.setenv(cache.TRACED_ENV, "on")  # the suite turns it off (conftest)
     _new_process()
     cache.configure(tmp_path / "cache")
     yield tmp_path / "cache" / "traced"
@@ -213,3 +214,14 @@ def test_a_model_of_ones_own_is_only_jitted(own_cache):
                   saves=3)  # fmt: skip
     assert tr.status == "completed"
     assert not list(own_cache.glob("*.jaxexport"))
+
+
+def test_gflow_traced_off_keeps_compiling_but_not_tracing(own_cache, monkeypatch):
+    """``GFLOW_TRACED=off``: no traced program is written (compiled ones still are)."""
+    from gflow import cache
+
+    monkeypatch.setenv(cache.TRACED_ENV, "off")
+    assert cache.traced_dir() is None
+    _flow()
+    assert not own_cache.exists() or not list(own_cache.glob("*.jaxexport"))
+    assert any(p.name.endswith("-cache") for p in own_cache.parent.iterdir())
