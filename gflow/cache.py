@@ -30,7 +30,8 @@ solver, which must print without memory addresses), the shapes and dtypes, the s
 gflow, the versions of JAX and its libraries, the JAX options that change tracing, and
 the device kind. Only code whose behaviour those determine is kept (the caller says so:
 gflow's own models, losses and solvers); a model, loss or norm of the user's own is traced
-each time, as its source is not in the key. A damaged entry is traced and written anew.
+each time, as its source is not in the key. A damaged entry, or one whose program fails
+at its first call, is dropped and traced anew.
 The compilation cache's switch turns both off; ``GFLOW_TRACED=off`` this one alone.
 """
 
@@ -249,12 +250,22 @@ class Traced:
         avals = tuple((a.shape, a.dtype.name, bool(a.weak_type)) for a in leaves)
         memo = (treedef, avals, tuple(str(getattr(jax.config, o, None)) for o in _OPTIONS))
         call = self._memo.get(memo)
-        if call is None:
-            call = self._load_or_trace(folder, treedef, leaves, avals, args)
+        fresh = call is None
+        if fresh:
+            call, path = self._load_or_trace(folder, treedef, leaves, avals, args)
             self._memo[memo] = call
         if call is self.plain:
             return self.plain(*args)
-        return jax.tree.unflatten(self.out_tree(*args), call(*leaves))
+        try:
+            out = call(*leaves)
+        except Exception:  # noqa: BLE001 - a kept program that will not run here: trace
+            if not fresh:
+                raise
+            if path is not None:
+                path.unlink(missing_ok=True)
+            self._memo[memo] = self.plain
+            return self.plain(*args)
+        return jax.tree.unflatten(self.out_tree(*args), out)
 
     def _key(self, treedef, avals) -> str | None:
         import jax
@@ -269,11 +280,13 @@ class Traced:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _load_or_trace(self, folder: Path, treedef, leaves, avals, args):
+        """``(callable, its entry's path)``: the kept program, or one exported now and
+        written, or ``(self.plain, None)``."""
         import jax
 
         key = self._key(treedef, avals) if self.trusted(*args) else None
         if key is None:
-            return self.plain
+            return self.plain, None
         path = folder / f"{key}.jaxexport"
         exported = None
         if path.is_file():
@@ -290,9 +303,9 @@ class Traced:
                 exported = jax.export.export(jax.jit(flat))(*leaves)
                 data = exported.serialize()
             except Exception:  # noqa: BLE001 - a program export cannot take: jit it only
-                return self.plain
+                return self.plain, None
             _write(folder, path, data)
-        return jax.jit(exported.call)
+        return jax.jit(exported.call), path
 
 
 def _write(folder: Path, path: Path, data: bytes) -> None:

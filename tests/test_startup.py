@@ -225,3 +225,20 @@ def test_gflow_traced_off_keeps_compiling_but_not_tracing(own_cache, monkeypatch
     _flow()
     assert not own_cache.exists() or not list(own_cache.glob("*.jaxexport"))
     assert any(p.name.endswith("-cache") for p in own_cache.parent.iterdir())
+
+
+def test_a_kept_program_that_fails_is_dropped_and_traced_anew(own_cache, monkeypatch):
+    """A kept program whose first call fails (say, one the libraries here cannot run) is
+    removed and the function traced as usual: the run is the same."""
+    first = _flow()
+    kept = sorted(own_cache.glob("*.jaxexport"))
+    _new_process()
+
+    class Broken:
+        def call(self, *args):
+            raise RuntimeError("cannot run here")
+
+    with monkeypatch.context() as m:
+        m.setattr(jax.export, "deserialize", lambda data: Broken())
+        _same_columns(_flow(), first)
+    assert not any(p.exists() for p in kept)  # dropped
