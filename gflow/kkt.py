@@ -249,7 +249,7 @@ def nonneg_quadratic(K: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, float]:
     r = np.sqrt(w[keep])
     A = r[:, None] * U[:, keep].T  # A^T A = K (on its range)
     b = (U[:, keep].T @ c) / r  # A^T b = c for c in range(K)
-    import scipy.optimize  # here: its import takes 0.2 s, and most runs never get here
+    import scipy.optimize  # on first use: its 0.2 s import is not paid by `import gflow`
 
     lam, _ = scipy.optimize.nnls(A, b, maxiter=50 * K.shape[0])
     g = K @ lam - c

@@ -145,13 +145,14 @@ def input_span(objective: Objective, params0: list, when: bool | None = None) ->
     if r == 0 or r >= d or (when is None and 2 * r > d):
         return None
     basis = jnp.asarray(vt[:r].T, objective.x.dtype)
-    return _make(objective, model, basis, params0)
-
-
-def _make(objective, model, basis, params0) -> Span:
     ks = np.stack([np.asarray(_first(p), np.float64) for p in params0])
     v = np.asarray(basis, np.float64)
     fixed = ks - np.einsum("dr,kre->kde", v, np.einsum("dr,kde->kre", v, ks))
+    return _make(objective, model, basis, fixed, params0)
+
+
+def _make(objective, model, basis, fixed: np.ndarray, params0) -> Span:
+    """The ``Span`` of ``basis`` and the runs' fixed parts ``fixed`` (K, d, width)."""
     sq = np.sum(fixed**2, axis=(1, 2))
     dtype = objective.x.dtype
     size = sum(int(np.size(a)) for a in jax.tree.leaves(params0[0]))
@@ -163,10 +164,6 @@ def span_from_arrays(objective: Objective, params0: list, arrays: dict) -> Span 
     written without one."""
     if "span/basis" not in arrays:
         return None
-    model = _model(objective, params0[0])
     basis = jnp.asarray(arrays["span/basis"], objective.x.dtype)
     fixed = np.asarray(arrays["span/fixed"])
-    span = _make(objective, model, basis, params0)
-    return span._replace(
-        fixed=jnp.asarray(fixed, objective.x.dtype), sq_fixed=np.sum(fixed**2, axis=(1, 2))
-    )
+    return _make(objective, _model(objective, params0[0]), basis, fixed, params0)
