@@ -24,7 +24,8 @@ and the wall time to get there (issue 18, "a known-answer suite").
   is the L1 max-margin without coordinate i (an LP), a KKT point of the whole problem
   that is not a local optimum, since using coordinate i raises the L1 margin (the full
   LP's). Error: ``|beta - beta_restricted|_1``; the gap to the full LP's margin stays;
-  ``gflow.theory.local_optimality`` must say "NOT a local optimum" (printed).
+  ``gflow.theory.local_optimality`` must observe a FAIL (a better point within a stated
+  ball; printed).
 
     python experiments/known_answers.py [--log-t-max 1000]
 """

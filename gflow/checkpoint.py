@@ -224,6 +224,8 @@ def recorder_state(rec) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     marks = list(rec.checkpoints.items())
     arrays = pack_params_list("snap", rec.snapshots)
     arrays.update(pack_params_list("mark", [v["params"] for _, v in marks]))
+    if rec.monitor is not None and rec.monitor.last_unit is not None:
+        arrays["unit"] = rec.monitor.last_unit
     meta = {
         "rows": rec.rows,
         "num_snapshots": len(rec.snapshots),
@@ -240,6 +242,7 @@ def restore_recorder(rec, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -
         from gflow.invariants import Monitor
 
         rec.monitor = Monitor.from_state(meta["monitor"])
+        rec.monitor.last_unit = arrays.get("unit")
     rec.snapshots = unpack_params_list("snap", arrays, meta["num_snapshots"])
     params = unpack_params_list("mark", arrays, len(meta["marks"]))
     rec.checkpoints = {

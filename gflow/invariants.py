@@ -124,6 +124,26 @@ class Monitor:
     def __init__(self, balances0: list[np.ndarray] | None, log_loss0: float):
         self.balances0 = None if balances0 is None else [np.asarray(b) for b in balances0]
         self.log_loss0 = float(log_loss0)
+        # the direction theta / |theta| at the last save point (flat, float64), for
+        # `direction_step`; kept as an array beside `state()` in checkpoints
+        self.last_unit: np.ndarray | None = None
+
+    def direction_step(self, params) -> float:
+        """``|u - u_prev|``, ``u = theta / |theta|`` at this save point and ``u_prev`` at the
+        previous one (NaN at the first, or without parameters): the direction's chord
+        between save points, what ``gflow.theory.direction`` fits."""
+        if params is None:
+            return math.nan
+        import jax
+
+        leaves = [np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(params)]
+        flat = np.concatenate(leaves) if leaves else np.zeros(0)
+        norm = float(np.linalg.norm(flat))
+        u = flat / norm if norm > 0 else flat
+        prev, self.last_unit = self.last_unit, u
+        if prev is None or prev.shape != u.shape:
+            return math.nan
+        return float(np.linalg.norm(u - prev))
 
     def columns(self, balances, rho: float, log_loss: float, dissipation: float | None) -> dict:
         """The monitor columns at a save point (``MONITOR_COLUMNS`` and ``dissipation``):

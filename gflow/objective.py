@@ -143,7 +143,21 @@ class Objective(eqx.Module):
         q = self.margins_of(out)
         ll = self.loss.log_loss(out, self._labels(out))
         got = Q.compute(self.loss, q, ll, params, self.order, layer_norms(params))
-        return got._replace(balances=self.balances(params))
+        return got._replace(balances=self.balances(params),
+                            alignment_gap=self.alignment_gap(params))  # fmt: skip
+
+    def alignment_gap(self, params) -> Array:
+        """``1 - cos(theta, -grad Loss)`` (Ji & Telgarsky 2020's alignment: it tends to 0
+        along the flow of a homogeneous net), computed as ``|u - v|^2 / 2`` for the unit
+        vectors ``u = theta / |theta|``, ``v = -g / |g|``: the same number without the
+        cancellation of ``1 - cos`` (its digits survive below 1e-16). One gradient."""
+        from jax.flatten_util import ravel_pytree
+
+        theta = ravel_pytree(jax.tree.map(_wide, params))[0]
+        g = ravel_pytree(jax.tree.map(_wide, self.grad_log_loss(params)))[0]
+        u = theta / jnp.linalg.norm(theta)
+        v = -g / jnp.linalg.norm(g)
+        return 0.5 * jnp.sum(jnp.square(u - v))
 
     def balances(self, params):
         """Per-unit balances ``||w_in||^2 - ||w_out||^2`` (``gflow.invariants``), in ``q``'s

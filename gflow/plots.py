@@ -22,7 +22,39 @@ PANELS = (
     ("balance_drift", r"balance drift / $\rho^2$ (0 for the exact flow)"),
     ("dissipation_defect", "dissipation defect (0 for the exact flow)"),
 )
-LOG_PANELS = ("rho_L", "balance_drift", "dissipation_defect")
+LOG_PANELS = ("rho_L", "balance_drift", "dissipation_defect", "step_sharpness")
+# GD's eta lambda_max(Hessian of Loss) at each save point (gflow.dynamics.run_gd), shown
+# where a run recorded it, against 2 (GD's stability edge, what edge-of-stability studies
+# plot) and 1/2 (the largest mu(Loss) of the GD theorem's step condition S5 past t0)
+SHARPNESS_PANEL = ("step_sharpness", r"GD: $\eta\,\lambda_{max}$(Hessian of Loss)")
+
+
+def _panels(trajs) -> tuple:
+    """``PANELS``, with GD's sharpness panel where a run recorded it."""
+    has = any(np.isfinite(_column(tr, "step_sharpness")).any() for tr in trajs)
+    return PANELS + ((SHARPNESS_PANEL,) if has else ())
+
+
+def _figure(panels: tuple):
+    """A figure of two columns for ``panels`` (a spare axis hidden)."""
+    rows = -(-len(panels) // 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 10 * rows / 3), constrained_layout=True)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _sharpness_guides(ax) -> None:
+    """The lines 2 and 1/2 on the sharpness panel."""
+    ax.axhline(2.0, color="k", ls="--", lw=0.8, label="2: GD's stability edge")
+    ax.axhline(0.5, color="r", ls=":", lw=0.8, label=r"1/2 $\geq \mu$(Loss) past t0 (S5)")
+    ax.legend(fontsize=7)
+
+
+def _positive(y: np.ndarray) -> np.ndarray:
+    """``y`` with its values <= 0 masked, for a log axis."""
+    y = np.asarray(y, np.float64)
+    return np.where(y > 0, y, np.nan)
 
 
 def _column(tr: Trajectory, name: str) -> np.ndarray:
@@ -36,12 +68,23 @@ def _column(tr: Trajectory, name: str) -> np.ndarray:
 
 def plot_trajectories(trajs: dict[str, Trajectory], path: str | Path, title: str = "") -> Path:
     """Log loss, rho^L, normalized and smoothed margin, and the invariant monitors
-    (``gflow.invariants``) against log t, one line per run."""
-    fig, axes = plt.subplots(3, 2, figsize=(10, 10), constrained_layout=True)
-    for (name, label), ax in zip(PANELS, axes.ravel(), strict=True):
+    (``gflow.invariants``) against log t, one line per run; for GD runs that recorded it,
+    ``eta lambda_max(Hessian of Loss)`` at each save point (the dashed line: its largest
+    value over the steps since the previous save point) against 2 and 1/2."""
+    panels = _panels(trajs.values())
+    fig, axes = _figure(panels)
+    for (name, label), ax in zip(panels, axes.ravel(), strict=False):
         for run, tr in trajs.items():
             x = tr["log_t"]
             keep = np.isfinite(x)
+            if name == "step_sharpness":
+                if not np.isfinite(_column(tr, name)).any():
+                    continue
+                (line,) = ax.plot(x[keep], _positive(tr[name])[keep], marker=".", ms=3, label=run)
+                most = _positive(_column(tr, "step_sharpness_max"))[keep]
+                ax.plot(x[keep], most, ls="--", lw=0.8, color=line.get_color(),
+                        label=f"{run}: max over the steps since the last save")  # fmt: skip
+                continue
             ax.plot(x[keep], _column(tr, name)[keep], marker=".", ms=3, label=run)
         if name.endswith("margin"):
             # the margins start far below zero at t = 0: scale to the part after log t_min
@@ -77,12 +120,19 @@ def seed_bands(runs: list[Trajectory], name: str, grid: np.ndarray):
 def plot_seed_bands(groups: dict[str, list[Trajectory]], path: str | Path, title: str = "") -> Path:
     """The panels of ``plot_trajectories`` for several seeds per dynamics: the mean line
     and the min-max band over seeds, on a common log t grid (from 0)."""
-    fig, axes = plt.subplots(3, 2, figsize=(10, 10), constrained_layout=True)
+    panels = _panels([tr for runs in groups.values() for tr in runs])
+    fig, axes = _figure(panels)
     top = max(float(np.nanmax(tr["log_t"])) for runs in groups.values() for tr in runs)
     grid = np.linspace(0.0, top, 200)
-    for (name, label), ax in zip(PANELS, axes.ravel(), strict=True):
+    for (name, label), ax in zip(panels, axes.ravel(), strict=False):
         for kind, runs in groups.items():
+            if name == "step_sharpness" and not any(
+                np.isfinite(_column(tr, name)).any() for tr in runs
+            ):
+                continue
             mean, lo, hi = seed_bands(runs, name, grid)
+            if name == "step_sharpness":
+                mean, lo, hi = _positive(mean), _positive(lo), _positive(hi)
             (line,) = ax.plot(grid, mean, label=f"{kind}: mean of {len(runs)} seeds")
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.25, lw=0)
         _panel(ax, name, label)
@@ -95,6 +145,8 @@ def _panel(ax, name: str, label: str) -> None:
     ax.grid(alpha=0.3)
     if name in LOG_PANELS:
         ax.set_yscale("log")
+    if name == "step_sharpness":
+        _sharpness_guides(ax)
 
 
 def _finish(fig, axes, title: str, path) -> Path:

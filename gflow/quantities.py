@@ -85,6 +85,8 @@ class Quantities(NamedTuple):
     # per-unit balances, one array per hidden layer (gflow.invariants), or None when the
     # model's units are not known; set by Objective.quantities
     balances: Any = None
+    # 1 - cos(theta, -grad Loss), set by Objective.quantities (Ji & Telgarsky's alignment)
+    alignment_gap: Any = None
 
 
 def compute(

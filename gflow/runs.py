@@ -26,7 +26,7 @@ from gflow.problem import Problem
 
 __all__ = [
     "RunOptions", "run", "claim", "release", "held_folder", "saved_options", "problem_of",
-    "format_table",
+    "format_table", "exit_code", "saved_checks",
 ]  # fmt: skip
 
 
@@ -58,6 +58,7 @@ class RunOptions:
     alpha0: float = 0.1
     loss_ub: float | None = None
     batch_size: int | None = None
+    sharpness_every: int = 1  # full-batch GD's sharpness estimate: every K-th step; 0: off
     clock: str = "loss"
     solver: str = "ralston"
     rtol: float | None = None  # 3e-5 / 3e-8; under kinks 1e-9 / 1e-12 (_validate)
@@ -348,6 +349,7 @@ def run(args: RunOptions) -> int:
                         batch_size=args.batch_size,
                         max_steps=args.steps or 100_000,
                         seed=args.seed,
+                        sharpness_every=args.sharpness_every,
                         **common,
                     )
                 else:
@@ -397,7 +399,7 @@ def run(args: RunOptions) -> int:
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     atomic_write(out / "timing.json", (json.dumps(timing.report(), indent=2) + "\n").encode())
     _warn_never_below(trajs, obj)
-    return 0 if all(t.status != "failed" for t in trajs.values()) else 1
+    return exit_code(trajs.values(), checks.values())
 
 
 _LOCK = ".gflow-lock"
@@ -592,7 +594,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     resume = args.resume is not None
     seeds = [args.seed + i for i in range(args.seeds)]
     inits = [split_params(args.problem.make_model(ds, s))[1] for s in seeds]
-    groups, table = {}, []
+    groups, table, verdicts = {}, [], []
     for kind in which:
         kept = not args.no_checkpoint and not (args.kinks and kind == "flow")
         ck = Checkpointer(out / kind, every=args.checkpoint_every) if kept else None
@@ -604,6 +606,7 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
             for folder, tr in zip(folders, runs, strict=True):
                 if not (folder / "checks.json").is_file():
                     _repair(folder, tr, check_run(tr, obj))
+                verdicts.append(saved_checks(folder))
         else:
             if resume and ck is not None and ck.exists():
                 print(f"{kind}: resuming from the checkpoint in {ck.path}")
@@ -620,7 +623,8 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
                     runs = run_gd_seeds(
                         obj, inits, schedule=args.schedule, lr=args.lr, alpha0=args.alpha0,
                         loss_ub=args.loss_ub, batch_size=args.batch_size,
-                        max_steps=args.steps or 100_000, **common,
+                        max_steps=args.steps or 100_000,
+                        sharpness_every=args.sharpness_every, **common,
                     )  # fmt: skip
                 else:
                     runs = run_flow_seeds(
@@ -636,7 +640,8 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
             for folder, tr in zip(folders, runs, strict=True):
                 tr.config["wall_seconds"] = wall / len(runs)
                 tr.save(folder, objective=False)
-                atomic_write(folder / "checks.json", checks_json(check_run(tr, obj)).encode())
+                verdicts.append(check_run(tr, obj))
+                atomic_write(folder / "checks.json", checks_json(verdicts[-1]).encode())
             _settle_checkpoint(ck, runs, kind, out)
             if _interrupted(runs):
                 return _stop_interrupted(out)
@@ -663,7 +668,29 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     _warn_never_below({f"{k} seed {s}": tr for k, runs in groups.items()
                        for s, tr in zip(seeds, runs, strict=True)}, obj)  # fmt: skip
-    return 0 if all(tr.status != "failed" for r in groups.values() for tr in r) else 1
+    return exit_code([tr for r in groups.values() for tr in r], verdicts)
+
+
+def exit_code(runs, verdicts) -> int:
+    """The exit code of ``gflow run`` and ``gflow check`` on the same runs: 1 when a run
+    failed (it broke down or diverged) or an in-scope verdict FAILs
+    (``gflow.verdict.failed``), else 0. ``verdicts``: one list per run."""
+    from gflow.verdict import failed
+
+    bad = any(tr.status == "failed" for tr in runs) or any(failed(vs) for vs in verdicts)
+    return 1 if bad else 0
+
+
+def saved_checks(folder) -> list:
+    """The verdicts in a run folder's ``checks.json`` (none when it has none)."""
+    import json
+
+    from gflow.verdict import Verdict
+
+    path = Path(folder) / "checks.json"
+    if not path.is_file():
+        return []
+    return [Verdict.from_dict(d) for d in json.loads(path.read_text())["verdicts"]]
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:
@@ -829,6 +856,11 @@ def _print_summary(
             cells = []
             for n in names:
                 v = next((v for v in checks.get(n, []) if v.name == label), None)
-                cells.append("-" if v is None else {"PASS": "pass"}.get(v.mark, v.mark))
+                cells.append("-" if v is None else v.mark)
             print(f"{label:<18}" + "".join(f"{c:>16}" for c in cells))
+        for n in names:
+            for v in checks.get(n, []):
+                if v.decide:  # INCONCLUSIVE: why, and what would decide it
+                    print(f"{v.name} ({n}) inconclusive: {v.summary.rsplit('; ', 1)[-1]}; "
+                          f"to decide it: {v.decide}")
         print("(details: checks.json in each run folder; gflow check RUN_DIR)")

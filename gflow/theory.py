@@ -25,18 +25,39 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from gflow.losses import Loss, get_loss
+from gflow.optimality import LOCAL_SCOPE  # noqa: F401  (the scope's wording, re-exported)
 from gflow.trajectory import Trajectory
+from gflow.verdict import (
+    ALIGNMENT,
+    DIRECTION,
+    FAIL,
+    FIDELITY,
+    INCONCLUSIVE,
+    KKT_FALLING,
+    LOCAL_OPTIMUM,
+    LYU21,
+    MONOTONE,
+    PASS,
+    RATES,
+    RHO_INCREASING,
+    Verdict,
+    failed,
+    inconclusive,
+    outside,
+)  # fmt: skip
 
 __all__ = [
     "Verdict",
+    "failed",
+    "inconclusive",
     "threshold_index",
     "monotonicity",
     "rates",
+    "rates_horizon",
     "check_trajectory",
     "gamma_hat",
     "gd_scope",
@@ -54,44 +75,6 @@ __all__ = [
     "check_run",
     "checks_json",
 ]
-
-
-@dataclass
-class Verdict:
-    """One claim's verdict on one run: ``passed`` is ``True`` / ``False``, or ``None`` when
-    the run does not reach the claim's regime (n/a) or, with ``outside`` saying why, when
-    the claim's theorem does not cover the run (an assumption fails, measured where it
-    can be). An outside verdict keeps what was observed in ``summary`` and ``details``
-    (``details["observed"]``: what the check read), but it is not a failure: only an
-    in-scope ``False`` is."""
-
-    name: str
-    passed: bool | None
-    summary: str
-    details: dict = field(default_factory=dict)
-    outside: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def mark(self) -> str:
-        if self.outside:
-            return "outside"
-        return {True: "PASS", False: "FAIL", None: "n/a"}[self.passed]
-
-    def __str__(self) -> str:
-        if self.outside:
-            why = f"outside the theory ({self.outside})"
-            return f"[OUTSIDE] {self.name}: {why}; observed: {self.summary}"
-        return f"[{self.mark}] {self.name}: {self.summary}"
-
-
-def outside(verdict: Verdict, why: str) -> Verdict:
-    """``verdict`` marked as outside its theorem's scope for reason ``why``: what it read
-    stays in ``summary``, its would-be result in ``details["observed"]``."""
-    det = {**verdict.details, "observed": verdict.passed}
-    return Verdict(verdict.name, None, verdict.summary, det, outside=why)
 
 
 def _log_r(u: float, u0: float) -> float:
@@ -191,13 +174,13 @@ def monotonicity(
     where = "from the start" if from_start else "past the loss threshold"
     if i0 is None:
         msg = "never below the loss threshold: the claim does not apply"
-        return [Verdict("margin monotone", None, msg), Verdict("rho increasing", None, msg)]
+        return [Verdict(MONOTONE, None, msg), Verdict(RHO_INCREASING, None, msg)]
     lt = np.asarray(traj["log_t"])[i0:]
     start = {"t0_index": i0, "t0_log_t": float(lt[0]), "rtol": rtol, "from_start": from_start}
     out = []
     for name, col, strict in (
-        ("margin monotone", "smoothed_margin", False),
-        ("rho increasing", "rho", True),
+        (MONOTONE, "smoothed_margin", False),
+        (RHO_INCREASING, "rho", True),
     ):
         v = np.asarray(traj[col])[i0:]
         bad = _nonfinite(v, lt, col)
@@ -296,7 +279,8 @@ def exponent_interval(x: np.ndarray, y: np.ndarray, level: float = 0.99) -> dict
                 straight=_fit_slope(x, y), low=slope - half, high=slope + half)  # fmt: skip
 
 
-RESOLUTION = 0.25  # the exponent error a rates verdict should tell apart (issue 18)
+_DECIDED = (PASS, FAIL, INCONCLUSIVE)  # what an outside verdict keeps as observed
+RESOLUTION = 0.25  # the exponent error a rates verdict must tell apart to decide (issue 18)
 
 
 def rates(
@@ -307,6 +291,7 @@ def rates(
     log_time: np.ndarray | None = None,
     level: float = 0.99,
     min_decades: float = 1.0,
+    resolution: float = RESOLUTION,
 ) -> list[Verdict]:
     """Theorem 4.3's rates as exponents, decided by whether the theory's lies in the
     fitted interval: over every save point past ``t0`` with ``log T > 1`` (``T = t``, or
@@ -316,21 +301,25 @@ def rates(
     within ``exponent_interval`` at ``level`` (fitted with the finite-T corrections the
     rates carry; both widened by the smoothed margin's own slope over the window, which
     they carry, times 1 and 2/L: gamma_tilde approaches its limit at no known rate).
-    A span under ``min_decades`` of log T is reported with the caveat that
-    Theta(.) is asymptotic; the interval's half-width is the verdict's resolution (an
-    exponent off by more is told apart). The ratios' factor-band widths are in the
-    details."""
+    The verdict decides only where it can, with an indifference zone of the theory's
+    exponent +- ``resolution / 2``: PASS when both intervals lie inside it, FAIL when
+    one lies wholly outside it (an exponent off by ``resolution`` is told apart once
+    the half-width is under ``resolution / 2``), both only with half-widths of at most
+    ``resolution`` over ``min_decades`` of log T or more; INCONCLUSIVE otherwise (an
+    interval too wide, a window too short for an asymptotic claim, or across the zone's
+    edge), naming the horizon that would resolve it (``rates_horizon``). The ratios'
+    factor-band widths are in the details."""
     L = int(order)
     i0 = threshold_index(traj, log_threshold)
     if i0 is None:
         msg = "never below the loss threshold: the claim does not apply"
-        return [Verdict("rates", None, msg)]
+        return [Verdict(RATES, None, msg)]
     lt = np.asarray(traj["log_t"] if log_time is None else log_time, np.float64)[i0:]
     ll = np.asarray(traj["log_loss"])[i0:]
     for col in ("log_loss", "rho"):
         bad = _nonfinite(np.asarray(traj[col])[i0:], np.asarray(traj["log_t"])[i0:], col)
         if bad is not None:
-            return [Verdict("rates", False, bad, {"nonfinite": True})]
+            return [Verdict(RATES, False, bad, {"nonfinite": True})]
     lr = np.log(np.asarray(traj["rho"])[i0:])
     with np.errstate(invalid="ignore", divide="ignore"):
         lm = np.log(np.asarray(traj["smoothed_margin"], np.float64)[i0:])
@@ -338,27 +327,41 @@ def rates(
     if keep.sum() < 6:
         return [
             Verdict(
-                "rates", None,
+                RATES, None,
                 f"fewer than 6 save points past t0 with log T > 1 ({int(keep.sum())}): run "
                 "longer or save more often",
             )
         ]  # fmt: skip
     lt, ll, lr, lm = lt[keep], ll[keep], lr[keep], lm[keep]
     x = np.log(lt)
+    # What the fits subtract, and why the claims are unchanged (docs/theory.md, "rates"):
+    # rho^L = l^{-1}(Loss) / gamma_tilde exactly, and gamma_tilde stays within
+    # [gamma_tilde(t0), gamma_max] (Theorem 4.1, checked by `margin monotone`), so rho^L =
+    # Theta(log T) exactly when l^{-1}(Loss) = Theta(log T): its fit is on log
+    # l^{-1}(Loss) = L log rho + log gamma_tilde, free of the margin's climb. Along the
+    # flow du/dt = e^{-u} |grad log Loss|^2 with u = -log Loss, and |grad log Loss| =
+    # L qbar / (rho cos) (Euler; cos = cos(theta, -grad Loss), qbar the loss-weighted mean
+    # margin, qbar / u -> 1), so u - (2-2/L) log u = log T + log C + o(1) with log C =
+    # 2 log L + (2/L) log gamma_tilde - 2 log cos + 2 log(qbar / u): bounded terms, which
+    # do not change the Theta(.) claim, and the first two measured ones are subtracted so
+    # that their drift over the window is not read as a slope. A folder without the
+    # alignment column: its term is not subtracted, and the interval is widened by its
+    # possible drift instead (the margin's measured slope times 2/L, as before).
+    gap = np.asarray(traj["alignment_gap"], np.float64)[i0:][keep] if (
+        "alignment_gap" in traj.columns) else np.full(lt.shape, np.nan)  # fmt: skip
+    lm_ok = bool(np.all(np.isfinite(lm)))
+    cos_ok = lm_ok and bool(np.all(np.isfinite(gap) & (gap < 1)))
+    y_rho = L * lr + (lm if lm_ok else 0.0)
+    y_loss = -(ll + lt) - ((2 / L) * lm - 2 * np.log1p(-gap) if cos_ok else 0.0)
     fits = {
-        "rho": (exponent_interval(x, L * lr, level), 1.0, "rho^L"),
-        "loss": (exponent_interval(x, -(ll + lt), level), 2 - 2 / L, "1/(Loss T)"),
+        "rho": (exponent_interval(x, y_rho, level), 1.0, "rho^L"),
+        "loss": (exponent_interval(x, y_loss, level), 2 - 2 / L, "1/(Loss T)"),
     }
-    # The smoothed margin gamma_tilde climbs to its limit at no known rate (Theorem 4.1),
-    # and both rates carry it: rho^L = l^{-1}(Loss) / gamma_tilde, and along the flow
-    # (exponential loss, aligned gradient) du/dt = L^2 gamma_tilde^(2/L) e^{-u}
-    # u^(2-2/L) for u = -log Loss, so -log Loss - log t = (2-2/L) log log t + (2/L) log
-    # gamma_tilde + O(1). Its measured slope over the window widens the two intervals by
-    # 1 and 2/L times as much.
-    drift = abs(_fit_slope(x, lm)) if np.all(np.isfinite(lm)) else math.inf
-    for (f, _, _), weight in zip(fits.values(), (1.0, 2 / L), strict=True):
-        f["margin_drift"] = weight * drift
-        f["half_width"] += weight * drift
+    drift = abs(_fit_slope(x, lm)) if lm_ok else math.inf
+    for (f, _, _), widen in zip(fits.values(), (lm_ok, cos_ok), strict=True):
+        f["subtracted"] = bool(widen)
+        f["margin_drift"] = 0.0 if widen else drift * (1.0 if f is fits["rho"][0] else 2 / L)
+        f["half_width"] += f["margin_drift"]
         f["low"], f["high"] = f["slope"] - f["half_width"], f["slope"] + f["half_width"]
     decades = float(np.log10(lt[-1] / lt[0]))
     det = {
@@ -368,20 +371,61 @@ def rates(
         "band_loss": float(np.exp(np.ptp(ll + lt + (2 - 2 / L) * x))),
         **{f"exponent_{k}": {**f, "theory": th} for k, (f, th, _) in fits.items()},
     }  # fmt: skip
-    ok = all(f["low"] <= th <= f["high"] for f, th, _ in fits.values())
+    band = resolution / 2  # the theory's exponent +- band: the indifference zone
+    inside = [th - band <= f["low"] and f["high"] <= th + band for f, th, _ in fits.values()]
+    apart = [f["high"] < th - band or f["low"] > th + band for f, th, _ in fits.values()]
     parts = [
         f"{name} ~ (log T)^{f['slope']:.3g} +- {f['half_width']:.2g} (theory {th:.3g})"
         for f, th, name in fits.values()
     ]
     s = f"over log T in [{lt[0]:.4g}, {lt[-1]:.4g}] ({lt.size} points): " + "; ".join(parts)
-    if decades < min_decades:
-        s += (f"; only {decades:.2g} decades of log T: Theta(.) is asymptotic, read the "
-              "exponents as local")  # fmt: skip
     wide = max(f["half_width"] for f, _, _ in fits.values())
-    if ok and wide > RESOLUTION:
-        s += (f"; resolution +-{wide:.2g}: an exponent off by {RESOLUTION:g} would pass too "
-              "(the margin still moves, or the window is short: run longer)")  # fmt: skip
-    return [Verdict("rates", ok, s, det)]
+    det["resolution"] = resolution
+    resolved = wide <= resolution and decades >= min_decades
+    if resolved and any(apart):
+        return [Verdict(RATES, False, f"{s}: off the theory's by more than {band:g}", det)]
+    if resolved and all(inside):
+        return [Verdict(RATES, True, f"{s}: within {band:g} of the theory's", det)]
+    # Too wide to tell an exponent off by `resolution` apart, too short a window for an
+    # asymptotic claim, or an interval across the band's edge: no verdict either way.
+    if decades < min_decades:
+        why = f"only {decades:.2g} decades of log T: Theta(.) is asymptotic"
+        target = resolution
+    elif wide > resolution:
+        why = f"an interval of +-{wide:.2g} cannot tell an exponent off by {resolution:g} apart"
+        target = resolution
+    else:
+        why = f"an interval crosses the edge of the theory's +-{band:g}"
+        target = max(min(abs(abs(f["slope"] - th) - band) for f, th, _ in fits.values()), 1e-3)
+    horizon = rates_horizon(float(lt[0]), float(lt[-1]), wide, target, min_decades)
+    det["horizon_log_T"] = horizon
+    return [inconclusive(RATES, f"{s}; {why}", _horizon_advice(horizon, log_time), det)]
+
+
+def rates_horizon(
+    log_t_first: float, log_t_last: float, half_width: float, resolution: float,
+    min_decades: float = 1.0,
+) -> float:  # fmt: skip
+    """The ``log T`` to which a run would have to go for the rates' intervals to narrow to
+    ``resolution``, extrapolated: a fitted slope's half-width falls as ``1 / w`` with the
+    window's width ``w`` in ``log log T`` (the design's spread; the corrections fitted
+    with it decay, so this is if anything pessimistic), so ``w' = w half_width /
+    resolution``, and at least ``min_decades`` of ``log T`` past the window's start."""
+    w = math.log(log_t_last / log_t_first)
+    need = w * max(half_width / resolution, 1.0)
+    need = max(need, min_decades * math.log(10.0))
+    if not math.isfinite(need) or need > 700:  # beyond any float: say so
+        return math.inf
+    return log_t_first * math.exp(need)
+
+
+def _horizon_advice(horizon: float, log_time) -> str:
+    """What would decide the rates: a longer run, said as gflow run's option."""
+    clock = "log t" if log_time is None else "log T (GD's sum of steps from t0)"
+    if not math.isfinite(horizon) or horizon > 1e300:
+        return "more save points past t0, or a run whose margin has settled"
+    return (f"a run to {clock} of about {horizon:.3g} (--log-t-max; extrapolated from how "
+            "the fitted intervals narrow with the window), or more save points")  # fmt: skip
 
 
 def fidelity_tolerance(traj: Trajectory) -> float | None:
@@ -403,49 +447,66 @@ def fidelity_tolerance(traj: Trajectory) -> float | None:
 
 
 def _worst(traj: Trajectory, col: str) -> tuple[float, float]:
-    """``(max over save points, log t where)`` of a monitor column (NaN if empty)."""
+    """``(max over save points, log t where)`` of a monitor column: NaN when it is empty
+    (the model has no such invariant), NaN at the first NaN when only some save points
+    lack it (the run broke down there: a monitor that is not there cannot pass)."""
     v = np.asarray(traj[col], np.float64)
     if not np.isfinite(v).any():
         return math.nan, math.nan
-    i = int(np.nanargmax(v))
+    if np.isnan(v).any():
+        i = int(np.argmax(np.isnan(v)))
+        return math.nan, float(traj["log_t"][i])
+    i = int(np.argmax(v))
     return float(v[i]), float(traj["log_t"][i])
+
+
+_MONITORS = ("balance_drift", "layer_balance_drift", "dissipation_defect")
 
 
 def fidelity(traj: Trajectory) -> Verdict:
     """The run's distance from the exact gradient flow, read off the invariant monitors
-    at every save point (module docstring)."""
+    at every save point (module docstring). A monitor the model does not have is named
+    with the reason (``config["invariants"]``) and never judged; a monitor that is NaN at
+    some save points fails there; with no monitor to judge, the verdict is n/a."""
     if "balance_drift" not in traj.columns:
-        return Verdict("flow fidelity", None, "no invariant monitors in this run folder")
+        return Verdict(FIDELITY, None, "no invariant monitors in this run folder")
     cfg = traj.config
-    det = {}
-    for col in ("balance_drift", "layer_balance_drift", "dissipation_defect"):
+    empty = dict(cfg.get("invariants", {}))
+    det = {"empty": empty}
+    for col in _MONITORS:
+        if col not in traj.columns:
+            continue
         worst, where = _worst(traj, col)
-        det[col] = {"max": worst, "at_log_t": where}
-    det["empty"] = cfg.get("invariants", {})
-    col = "balance_drift" if math.isfinite(det["balance_drift"]["max"]) else "layer_balance_drift"
-    b, d = det[col]["max"], det["dissipation_defect"]["max"]
-    shown = (
-        f"{col.replace('_', ' ')} {b:.2g} (worst at log t = {det[col]['at_log_t']:.4g}), "
-        f"dissipation defect {d:.2g}"
-    )
+        if math.isnan(worst) and math.isnan(where):
+            empty.setdefault(col, "not recorded by this run")
+        else:
+            det[col] = {"max": worst, "at_log_t": where}
+    present = [c for c in _MONITORS if c in det]
+    shown = ", ".join(
+        f"{c.replace('_', ' ')} {det[c]['max']:.2g} (worst at log t = {det[c]['at_log_t']:.4g})"
+        for c in present
+    ) or "no monitor"
+    missing = "; ".join(f"{c.replace('_', ' ')}: {why}" for c, why in empty.items()
+                        if c in _MONITORS)  # fmt: skip
+    if missing:
+        shown += f" (not monitored: {missing})"
     if traj.kind != "flow":
         return Verdict(
-            "flow fidelity", None,
+            FIDELITY, None,
             f"GD is not the flow; its distance from it: {shown} (a measurement, not a failure)",
             det,
         )  # fmt: skip
     smooth = cfg.get("smooth")
-    judged = [c for c in ("balance_drift", "layer_balance_drift") if math.isfinite(det[c]["max"])]
-    if smooth:
+    judged = [c for c in ("balance_drift", "layer_balance_drift") if c in det]
+    if smooth and "dissipation_defect" in det:
         judged.append("dissipation_defect")
     if not judged:
-        why = "; ".join(sorted(set(det["empty"].values()))) or "no exact invariant is known"
-        return Verdict("flow fidelity", None, f"not measurable: {why}", det)
+        return Verdict(FIDELITY, None, f"not measurable: {shown}", det)
     tol = fidelity_tolerance(traj)
     det["tolerance"] = tol
     if tol is None:
         return Verdict(
-            "flow fidelity", None,
+            FIDELITY, None,
             f"the run asked for no accuracy (its step-size controller has no rtol): {shown}",
             det,
         )  # fmt: skip
@@ -458,16 +519,20 @@ def fidelity(traj: Trajectory) -> Verdict:
             "and does not fall with the step"
         )
     if bad:
-        worst = max(bad, key=lambda c: det[c]["max"])
+        worst = max(bad, key=lambda c: -math.inf if math.isnan(det[c]["max"]) else det[c]["max"])
+        worst = next((c for c in bad if math.isnan(det[c]["max"])), worst)
+        value = det[worst]["max"]
+        what = ("is not finite" if math.isnan(value) else
+                f"{value:.2g} exceeds the run's tolerance {tol:.2g} (rtol)")  # fmt: skip
         s = (
-            f"{worst.replace('_', ' ')} {det[worst]['max']:.2g} at log t = "
-            f"{det[worst]['at_log_t']:.4g} exceeds the run's tolerance {tol:.2g} (rtol): the "
+            f"{worst.replace('_', ' ')} at log t = {det[worst]['at_log_t']:.4g} {what}: the "
             f"integration is not faithful there (try a smaller --cfl, --dt or --rtol); "
             f"{shown}{note}"
         )
-        return Verdict("flow fidelity", False, s, det)
-    s = f"every save point within tolerance {tol:.2g} (rtol): {shown}{note}"
-    return Verdict("flow fidelity", True, s, det)
+        return Verdict(FIDELITY, False, s, det)
+    names = ", ".join(c.replace("_", " ") for c in judged)
+    s = f"every save point within tolerance {tol:.2g} (rtol) on {names}: {shown}{note}"
+    return Verdict(FIDELITY, True, s, det)
 
 
 NOT_HOMOGENEOUS = "the model is not homogeneous (biases in every layer)"
@@ -476,9 +541,24 @@ NOT_HOMOGENEOUS = "the model is not homogeneous (biases in every layer)"
 def gd_scope(traj: Trajectory, step_ratio: float | None = None) -> list[str]:
     """Why the paper's GD theorem (4.2, and 4.3 / 4.4 for GD) does not cover a GD run:
     ``[]`` when it does. It assumes full-batch GD on a C^2 homogeneous model (S1, A2)
-    with the exponential loss (A3) and small enough steps (S5: below a bound whose
-    constant is not known, so the measurable necessary part is checked,
-    ``eta * lambda_max(Hessian of Loss) <= 2`` when ``step_ratio`` is given)."""
+    with the exponential loss (A3) and small enough steps (S5).
+
+    S5 asks ``eta_t <= H(L_t) = mu(L_t) / (C_eta kappa(L_t))`` at every step past t0, with
+    ``C_eta kappa`` an upper bound of the loss's smoothness near ``theta_t`` (not known)
+    and ``mu(w) = log(1/Loss(t0)) / (2 log(1/w))`` from the construction ``gamma_hat``
+    uses. Since ``lambda_max(Hess Loss(theta_t)) <= C_eta kappa(L_t)``, it implies
+    ``eta_t lambda_max(theta_t) <= mu(L_t)`` (at most 1/2, falling to 0 with the loss),
+    which is what is checked: from the run's own columns (``gflow.dynamics.run_gd``'s
+    ``step_condition_max``, ``max eta_t lambda_t log(1/L_t)`` over the steps between two
+    save points, ``lambda_t`` a Rayleigh quotient hence a lower bound, so that a step
+    found above ``mu`` is above it), as ``2 max eta_t lambda_t log(1/L_t) <= log(1/L(t0))``
+    at every estimated step past t0 (t0: ``threshold_index``). The check is necessary,
+    not sufficient: a run it passes is not certified to satisfy S5 (the constant
+    ``C_eta`` is unknown, and with ``sharpness_every > 1`` only some steps are seen).
+
+    ``step_ratio``: for a run folder without those columns, the largest ``eta
+    lambda_max`` measured at its saved parameters (``theory.step_ratio``); above 2 (the
+    stability bound, far weaker than S5) the run is outside."""
     cfg = traj.config
     why = []
     if cfg.get("dynamics") == "sgd" or cfg.get("batch_size"):
@@ -490,6 +570,35 @@ def gd_scope(traj: Trajectory, step_ratio: float | None = None) -> list[str]:
         why.append(f"a non-smooth model ({kind}): the GD theorem assumes C^2 (S1)")
     if cfg.get("loss") != "exp":
         why.append(f"the {cfg.get('loss')} loss: the GD theorem is proved for the exponential (A3)")
+    every = cfg.get("sharpness_every") or 0
+    log_threshold = cfg.get("log_threshold")
+    if log_threshold is None and cfg.get("loss") is not None:
+        try:
+            log_threshold = get_loss(cfg["loss"]).log_threshold
+        except ValueError:  # a loss of one's own with no threshold recorded
+            log_threshold = None
+    i0 = None if log_threshold is None else threshold_index(traj, float(log_threshold))
+    u0 = None if i0 is None else -float(traj["log_loss"][i0])  # log(1/Loss(t0))
+    if every and "step_condition_max" in traj.columns and u0 is not None and u0 > 0:
+        # eta_t lambda_t / mu(L_t) = 2 eta_t lambda_t log(1/L_t) / log(1/Loss(t0)), at the
+        # worst step between each two save points past t0
+        ratio = 2.0 * np.asarray(traj["step_condition_max"], np.float64)[i0 + 1 :] / u0
+        if not np.isnan(ratio).all():
+            j = int(np.nanargmax(ratio))
+            if ratio[j] > 1:
+                lt = np.asarray(traj["log_t"], np.float64)
+                seen = int(traj["sharpness_steps"][-1] - traj["sharpness_steps"][i0])
+                steps = int(traj["step"][-1] - traj["step"][i0])
+                stride = "every step" if every == 1 else f"every {every} steps and at save points"
+                lo, hi = lt[i0 + j], lt[i0 + j + 1]  # the save points around that step
+                at = f"between log t = {lo:.4g} and {hi:.4g}" if np.isfinite(lo) else ""
+                at = at or f"before log t = {hi:.4g}"
+                why.append(
+                    f"eta * lambda_max reached {ratio[j]:.3g} times mu(Loss) at a step {at}: not "
+                    "a small step (S5's necessary part, eta_t lambda_max <= mu(L_t) = "
+                    f"log(1/Loss(t0)) / (2 log(1/L_t)); {seen} of {steps} steps past t0 seen, "
+                    f"{stride})"
+                )
     if step_ratio is not None and not step_ratio <= 2:
         why.append(f"eta * lambda_max = {step_ratio:.3g} > 2 measured: not a small step (S5)")
     return why
@@ -504,6 +613,18 @@ def _log_steps_from(log_t: np.ndarray, i0: int) -> np.ndarray:
     with np.errstate(divide="ignore"):
         out[later] = lt[later] + np.log(-np.expm1(lt[i0] - lt[later]))
     return out
+
+
+def _log_threshold(cfg: dict, loss: Loss | str | None) -> float:
+    """The log of the loss threshold (t0's) of ``loss`` (a ``Loss`` or a name), else of the
+    run's config (a loss of one's own by the threshold recorded there)."""
+    if isinstance(loss, Loss):
+        return loss.log_threshold
+    if loss is None and cfg.get("log_threshold") is not None:  # a loss of one's own
+        return float(cfg["log_threshold"])
+    if loss or cfg.get("loss"):
+        return get_loss(loss or cfg["loss"]).log_threshold
+    raise ValueError("the run's config names no loss: pass loss=")
 
 
 def check_trajectory(
@@ -529,14 +650,7 @@ def check_trajectory(
     order = order or cfg.get("order")
     if order is None:
         raise ValueError("the run's config names no order: pass order=")
-    if isinstance(loss, Loss):
-        log_threshold = loss.log_threshold
-    elif loss is None and cfg.get("log_threshold") is not None:  # a loss of one's own
-        log_threshold = float(cfg["log_threshold"])
-    elif loss or cfg.get("loss"):
-        log_threshold = get_loss(loss or cfg["loss"]).log_threshold
-    else:
-        raise ValueError("the run's config names no loss: pass loss=")
+    log_threshold = _log_threshold(cfg, loss)
     why = []
     if traj.kind == "flow":
         why = [NOT_HOMOGENEOUS] if cfg.get("homogeneous") is False else []
@@ -555,7 +669,7 @@ def check_trajectory(
         out[0].summary = f"gamma_hat, the GD theorem's smoothed margin: {out[0].summary}"
         out += rates(gd, order, log_threshold, log_time=_log_steps_from(traj["log_t"], i0))
     if why:
-        out = [outside(v, "; ".join(why)) if v.passed is not None else v for v in out]
+        out = [outside(v, "; ".join(why)) if v.outcome in _DECIDED else v for v in out]
     out.append(fidelity(traj))
     return out
 
@@ -609,7 +723,11 @@ def step_ratio(traj: Trajectory, objective, *, most: int = 8) -> float | None:
     parameters past the loss threshold (at most ``most`` of them, evenly; the final ones
     if it saved none), ``eta`` the step recorded there (``log_lr``): above 2 the step is
     not small (GD leaves the flow's regime). One Lanczos (20 Hessian-vector products,
-    3 digits) each. ``None`` when nothing was saved or no step recorded."""
+    3 digits) each. ``None`` when nothing was saved or no step recorded.
+
+    The fallback of ``gd_scope`` for run folders from before GD recorded its sharpness at
+    every step (``step_condition_max``). ``eta Loss lambda`` is formed in log space (``inf``
+    past float64's range, as on a diverged run), and non-finite points are skipped."""
     from gflow.spectrum import top_hessian_eigenvalue
 
     if "log_lr" not in traj.columns:
@@ -621,11 +739,17 @@ def step_ratio(traj: Trajectory, objective, *, most: int = 8) -> float | None:
         points = [points[int(k)] for k in np.linspace(0, len(points) - 1, most)]
     worst = None
     for i, p in points:
-        log_eta = float(traj["log_lr"][i])
-        if not math.isfinite(log_eta):
+        log_scale = float(traj["log_lr"][i]) + float(traj["log_loss"][i])  # log(eta Loss)
+        if not math.isfinite(log_scale):
             continue
         lam = top_hessian_eigenvalue(objective, p, of="loss", iters=20, tol=1e-3).value
-        r = math.exp(log_eta + float(traj["log_loss"][i])) * lam
+        if not math.isfinite(lam):
+            continue
+        x = log_scale + math.log(abs(lam)) if lam else -math.inf
+        try:
+            r = math.copysign(math.exp(x), lam)
+        except OverflowError:  # a diverged run: eta * lambda_max past float64's range
+            r = math.copysign(math.inf, lam)
         worst = r if worst is None else max(worst, r)
     return worst
 
@@ -637,74 +761,157 @@ def _unit(params) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+FOLLOW_UP_RESOLUTION = 0.25  # the exponent error the direction / alignment verdicts tell apart
+# FAIL zones (calibrated in benchmarks/verdicts.py): a direction whose increments per unit
+# log t do not fall (exponent > -0.125), a 1 - cos that grows (exponent > 0.125). True
+# flows early on show increments as slow as (log t)^-0.39 (1,000 MNIST samples, raw
+# pixels, log t <= 30), so "above -1" alone is no evidence against a finite path.
+DIRECTION_BAND = FOLLOW_UP_RESOLUTION / 2
+
+
+def _follow_up_window(traj: Trajectory, log_threshold: float, col: str, from_snapshots):
+    """``(log t, values)`` of a follow-up column at the save points past t0 with log t >
+    1 where it is finite: the recorded column, or (an older folder) the same values
+    computed from the run's snapshots by ``from_snapshots(indices) -> values``."""
+    lt = np.asarray(traj["log_t"], np.float64)
+    i0 = threshold_index(traj, log_threshold)
+    if i0 is None:
+        return None, "never below the loss threshold: the claim does not apply"
+    idx = np.arange(i0, lt.size)
+    idx = idx[(lt[idx] > 1) & np.isfinite(lt[idx])]
+    if col in traj.columns and np.isfinite(np.asarray(traj[col])[idx]).any():
+        v = np.asarray(traj[col], np.float64)
+    elif traj.snapshots and len(traj.snapshots) == len(traj):
+        v = from_snapshots()
+    else:
+        return None, (f"this run folder has no {col} column and no snapshot at every save "
+                      "point (rerun with this version of gflow, or --save-params)")  # fmt: skip
+    keep = idx[np.isfinite(v[idx])]
+    return (lt[keep], v[keep]), None
+
+
+def _trend(name: str, x_lt, values, *, level: float, bound: float, fail_above: float,
+           what: str, details: dict) -> Verdict:  # fmt: skip
+    """The common decision of the follow-up claims: ``values`` against log t fitted as a
+    power of log t (``_line`` on logs, Student half-width at ``level``); the claim is
+    "the exponent is below ``bound``". PASS when the interval lies below ``bound``. FAIL
+    only when the evidence excludes the claim by the deviation the verdict is built to
+    tell apart: the interval lies wholly above ``fail_above`` (>= ``bound``), its
+    half-width is at most ``FOLLOW_UP_RESOLUTION`` and the window spans a decade of log
+    t or more. INCONCLUSIVE otherwise, with the horizon that would narrow the interval
+    enough (``rates_horizon``). An asymptotic claim is never refuted in logic by a finite
+    window: a FAIL says the run shows the opposite trend, resolved, over a decade."""
+    x, y = np.log(x_lt), np.log(values)
+    slope, half = _line(x, y, level)
+    decades = float(np.log10(x_lt[-1] / x_lt[0]))
+    details.update(exponent=slope, half_width=half, level=level, decades=decades,
+                   bound=bound, resolution=FOLLOW_UP_RESOLUTION)  # fmt: skip
+    s = (f"{what} ~ (log t)^{slope:.3g} +- {half:.2g} over log t in [{x_lt[0]:.4g}, "
+         f"{x_lt[-1]:.4g}] ({x_lt.size} points; the claim: below {bound:g})")  # fmt: skip
+    if slope + half < bound:
+        return Verdict(name, True, s, details)
+    res = FOLLOW_UP_RESOLUTION
+    details["fail_above"] = fail_above
+    if slope - half > fail_above and half <= res and decades >= 1:
+        return Verdict(name, False, f"{s}: above {fail_above:g}", details)
+    if decades < 1:
+        why, target = f"only {decades:.2g} decades of log t", res
+    elif half > res:
+        why, target = f"an interval of +-{half:.2g} is wider than {res:g}", res
+    else:  # narrow enough, between the bound and the failing zone: a longer window
+        why = f"the interval is neither below {bound:g} nor wholly above {fail_above:g}"
+        target = None
+    horizon = (10 * float(x_lt[-1]) if target is None else
+               rates_horizon(float(x_lt[0]), float(x_lt[-1]), half, target))  # fmt: skip
+    details["horizon_log_t"] = horizon
+    return inconclusive(name, f"{s}; {why}", _horizon_advice(horizon, None), details)
+
+
 def direction(traj: Trajectory, log_threshold: float, *, level: float = 0.99) -> Verdict:
     """Directional convergence (Ji & Telgarsky 2020, "Directional convergence and alignment
     in deep learning"): ``u = theta / |theta|`` converges along the flow of a homogeneous
-    net, so its path is finite. From the snapshots past t0 the increments ``|u_{k+1} -
-    u_k|`` per unit ``log t`` are fitted against ``log log t`` (a power of log t): PASS
-    when their exponent is below -1 with the interval (``exponent_interval``'s straight
-    fit and Student half-width), so that the path length integral in ``log t`` converges;
-    FAIL when it is at or above -1 (a direction still turning as fast, e.g. a rotation);
-    n/a with fewer than 6 increments or under a decade of log t (an asymptotic claim,
-    like the rates). Reports the increments per unit log t."""
-    lt = np.asarray(traj["log_t"], np.float64)
-    pts = [(i, p) for i, p in _past_threshold(traj, log_threshold) if lt[i] > 1]
-    if len(pts) < 7:
-        return Verdict(
-            "direction converges",
-            None,
-            f"{len(pts)} snapshots past t0 with log t > 1: save more (--save-params)",
-        )
-    us = [_unit(p) for _, p in pts]
-    ts = np.array([lt[i] for i, _ in pts])
-    if ts[-1] < 10 * ts[0]:
-        return Verdict("direction converges", None,
-                       f"snapshots past t0 span log t {ts[0]:.4g} to {ts[-1]:.4g}, under a "
-                       "decade: the claim is asymptotic, run longer")  # fmt: skip
-    steps = np.array([np.linalg.norm(b - a) for a, b in zip(us[:-1], us[1:], strict=True)])
-    mid = np.sqrt(ts[:-1] * ts[1:])
-    rate = steps / np.diff(ts)
+    net, and its path has finite length. From the ``direction_step`` column (``|u_k -
+    u_{k-1}|`` between save points, recorded on every run; an older folder's snapshots
+    give the same), the increments per unit ``log t`` past t0 (log t > 1) are fitted as
+    a power of log t (``_trend``): PASS when the exponent is surely below -1 (the path's
+    integral in log t converges, if the fitted law holds on), FAIL when it is surely above
+    -``DIRECTION_BAND`` with a half-width of at most ``FOLLOW_UP_RESOLUTION`` over a decade
+    of log t (a direction turning at an undiminished rate, e.g. a rotation),
+    INCONCLUSIVE otherwise (true flows early on decay as slowly as (log t)^-0.4); n/a
+    with fewer than 6 increments. A direction that stopped moving (zero increments)
+    passes."""
+
+    def from_snapshots():
+        us = [_unit(p) for p in traj.snapshots]
+        return np.array([math.nan] + [float(np.linalg.norm(b - a))
+                                      for a, b in zip(us[:-1], us[1:], strict=True)])  # fmt: skip
+
+    got, why = _follow_up_window(traj, log_threshold, "direction_step", from_snapshots)
+    if got is None:
+        return Verdict(DIRECTION, None, why)
+    lt_all = np.asarray(traj["log_t"], np.float64)
+    ts, steps = got
+    if ts.size < 6:
+        return Verdict(DIRECTION, None, f"{ts.size} direction steps past t0 with log t > 1: "
+                       "save more often (--saves)")  # fmt: skip
+    # each step covers the interval from the previous save point to this one
+    prev = np.array([lt_all[np.searchsorted(lt_all, t) - 1] for t in ts])
+    ok = prev > 1  # the whole step past log t = 1, as the window
+    ts, steps, prev = ts[ok], steps[ok], prev[ok]
+    # a chord of unit vectors whose components carry a few ulps each is exact to a few
+    # eps: below 64 eps the direction did not move
+    steps = np.where(steps <= 64 * np.finfo(np.float64).eps, 0.0, steps)
+    rate = steps / (ts - prev)
+    mid = np.sqrt(ts * prev)
+    det = dict(log_t=[float(v) for v in mid], increment_per_log_t=[float(v) for v in rate])
+    if np.all(rate == 0):
+        return Verdict(DIRECTION, True, "the direction stopped moving", det)
     if np.any(rate <= 0):
-        return Verdict("direction converges", True, "the direction stopped moving", {})
-    x, y = np.log(mid), np.log(rate)
-    slope, half = _line(x, y, level)
-    det = dict(log_t=[float(v) for v in mid], increment_per_log_t=[float(v) for v in rate],
-               exponent=slope, half_width=half, level=level)  # fmt: skip
-    ok = slope + half < -1
-    bad = slope - half >= -1
-    s = (f"|d(theta/|theta|)| per unit log t ~ (log t)^{slope:.3g} +- {half:.2g} over log t "
-         f"in [{ts[0]:.4g}, {ts[-1]:.4g}] (below -1: a finite path; last increment "
-         f"{rate[-1]:.3g} per unit log t)")  # fmt: skip
-    return Verdict("direction converges", True if ok else (False if bad else None), s, det)
+        pos = rate > 0
+        mid, rate = mid[pos], rate[pos]
+        if rate.size < 6:
+            return Verdict(DIRECTION, True, "the direction stopped moving at most save points",
+                           det)  # fmt: skip
+    v = _trend(DIRECTION, mid, rate, level=level, bound=-1.0, fail_above=-DIRECTION_BAND,
+               what="|d(theta/|theta|)| per unit log t", details=det)  # fmt: skip
+    v.summary += f"; last increment {rate[-1]:.3g} per unit log t"
+    return v
 
 
-def alignment(traj: Trajectory, objective, log_threshold: float) -> Verdict:
-    """Alignment (Ji & Telgarsky 2020; the paper's Lemma C.8, beta -> 1): ``cos(theta,
-    -grad Loss)`` tends to 1 along the flow of a homogeneous net. From the snapshots past
-    t0 (at least 3): PASS when ``1 - cos`` at the last is below the first's, FAIL when it
-    is not; the values are reported."""
-    pts = _past_threshold(traj, log_threshold)
-    if len(pts) < 3:
-        return Verdict("alignment", None,
-                       f"{len(pts)} snapshots past t0: save more (--save-params)")  # fmt: skip
-    from jax.flatten_util import ravel_pytree
+def alignment(traj: Trajectory, objective, log_threshold: float, *,
+              level: float = 0.99) -> Verdict:  # fmt: skip
+    """Alignment (Ji & Telgarsky 2020; the paper's Lemma C.8, beta -> 1): ``1 - cos(theta,
+    -grad Loss)`` tends to 0 along the flow of a homogeneous net. From the
+    ``alignment_gap`` column (recorded on every run; an older folder's snapshots and
+    ``objective`` give the same), fitted past t0 (log t > 1) as a power of log t
+    (``_trend``): PASS when it surely falls (exponent below 0), FAIL when it surely rises
+    (exponent above ``DIRECTION_BAND``) at the resolution over a decade of log t,
+    INCONCLUSIVE otherwise. A gap of exactly 0
+    (aligned to rounding) passes."""
 
-    gaps, lts = [], []
-    for i, p in pts:
-        g = np.asarray(ravel_pytree(objective.grad_log_loss(p))[0], np.float64)
-        gaps.append(max(1.0 + float(_unit(p) @ (g / np.linalg.norm(g))), 0.0))
-        lts.append(float(traj["log_t"][i]))
-    det = dict(log_t=lts, one_minus_cos=gaps)
-    s = (f"1 - cos(theta, -grad Loss) {gaps[0]:.3g} at log t = {lts[0]:.4g} -> {gaps[-1]:.3g} "
-         f"at log t = {lts[-1]:.4g} ({len(gaps)} snapshots)")  # fmt: skip
-    return Verdict("alignment", gaps[-1] < gaps[0], s, det)
+    def from_snapshots():
+        if objective is None:
+            return np.full(len(traj), math.nan)
+        return np.array([float(objective.alignment_gap(p)) for p in traj.snapshots])
 
+    got, why = _follow_up_window(traj, log_threshold, "alignment_gap", from_snapshots)
+    if got is None:
+        return Verdict(ALIGNMENT, None, why)
+    ts, gaps = got
+    det = dict(log_t=[float(v) for v in ts], one_minus_cos=[float(v) for v in gaps])
+    if ts.size < 6:
+        return Verdict(ALIGNMENT, None, f"{ts.size} save points past t0 with log t > 1: save "
+                       "more often (--saves)", det)  # fmt: skip
+    if np.all(gaps[-3:] == 0):
+        return Verdict(ALIGNMENT, True, "theta is aligned with -grad Loss to rounding", det)
+    pos = gaps > 0
+    if pos.sum() < 6:
+        return Verdict(ALIGNMENT, None, "fewer than 6 nonzero gaps past t0", det)
+    v = _trend(ALIGNMENT, ts[pos], gaps[pos], level=level, bound=0.0, fail_above=DIRECTION_BAND,
+               what="1 - cos(theta, -grad Loss)", details=det)  # fmt: skip
+    v.summary += f"; {gaps[0]:.3g} at log t = {ts[0]:.4g} -> {gaps[-1]:.3g} at {ts[-1]:.4g}"
+    return v
 
-LOCAL_SCOPE = (
-    "a KKT point of the margin problem is proved a (global) optimum only for "
-    "fully-connected linear networks (Vardi, Shamir & Srebro 2022); for ReLU and "
-    "diagonal networks it need not be a local one"
-)
 
 
 def remaining_path(verdict: Verdict) -> float | None:
@@ -731,47 +938,59 @@ def _still_to_come(rates, log_t_last: float, slope: float, half: float) -> float
     return float(np.max(rates[-3:])) * log_t_last / (-1 - a)
 
 
-def local_optimality(
-    traj: Trajectory, objective, direction_verdict: Verdict | None = None, *,
-    radii=(0.01, 0.03, 0.1, 0.3), starts: int = 8, steps: int = 400,
-) -> Verdict:  # fmt: skip
+def local_optimality(traj: Trajectory, objective, direction_verdict: Verdict | None = None,
+                     **search) -> Verdict:  # fmt: skip
     """Is the flow's limit a local optimum of the margin problem (Vardi, Shamir & Srebro
-    2022)? The limit lies within ``R`` of the last snapshot's direction ``u``
-    (``remaining_path``, from ``direction``'s fit); ``gflow.optimality.margin_search``
-    searches the smallest ball around ``u`` of radius ``r >= 2R`` (from ``radii``) for
-    the largest normalized margin. PASS when its best point lies within ``R`` of ``u``
-    (where the limit can be: nothing better within ``r - R`` of it, a local optimum to
-    that resolution, the gain being the flow's own remaining progress); FAIL when it lies
-    farther (a larger margin at distance at most ``r + R`` from the limit that the flow
-    is not heading for). n/a when the direction's path cannot be bounded or ``2R``
-    exceeds the largest radius. Outside the theory (observed only) unless the model is a
-    fully-connected linear network (``LOCAL_SCOPE``)."""
-    from gflow.optimality import margin_search
+    2022)? ``gflow.optimality.local_optimum`` at the run's last direction, given the two
+    extrapolations it needs from this module: how far the direction can still move
+    (``remaining_path`` of ``direction``'s fit) and how much the smoothed margin can
+    still rise (``margin_to_come``). FAIL only on a found point of strictly larger
+    normalized margin than the limit's upper bound within a stated ball around the
+    limit; PASS only as "no better point within r, by a search of measured power";
+    INCONCLUSIVE otherwise. Outside the theory (observed only) unless the model is a
+    fully-connected linear network. ``search``: forwarded (``plants``, ``starts``, ...)."""
+    from gflow.optimality import local_optimum
 
-    name = "local optimum"
+    th = objective.loss.log_threshold
     if direction_verdict is None:
-        direction_verdict = direction(traj, objective.loss.log_threshold)
-    R = remaining_path(direction_verdict)
-    if R is None:
-        return Verdict(name, None, "the direction's remaining path is not bounded (see "
-                       "'direction converges'): run longer or save more snapshots")  # fmt: skip
-    fits = [r for r in radii if r >= 2 * R]
-    if not fits:
-        return Verdict(name, None, f"the direction may still move {R:.3g} (more than half "
-                       f"the largest radius {max(radii)}): run longer")  # fmt: skip
-    r = min(fits)
-    found = margin_search(objective, traj.snapshots[-1], radii=(r,), starts=starts,
-                          steps=steps)["radii"][0]  # fmt: skip
-    d, g = found["moved"], found["gain"]
-    det = dict(remaining_path=R, radius=r, best_distance=d, gain=g,
-               log_t=float(traj["log_t"][-1]))  # fmt: skip
-    ok = bool(d <= R)
-    what = "a local optimum" if ok else "NOT a local optimum"
-    s = (f"{what}: the largest normalized margin within {r:.3g} of the direction at log t = "
-         f"{det['log_t']:.4g} is {d:.3g} away (gain {g:.3g}); the flow can still move "
-         f"{R:.3g}")  # fmt: skip
-    v = Verdict(name, ok, s, det)
-    return v if objective.family == "linear" else outside(v, LOCAL_SCOPE)
+        direction_verdict = direction(traj, th)
+    return local_optimum(traj, objective, remaining_path(direction_verdict),
+                         margin_to_come(traj, th), **search)  # fmt: skip
+
+
+def margin_to_come(traj: Trajectory, log_threshold: float, *, level: float = 0.99) -> float | None:
+    """The smoothed margin's rise still to come past the last save point, extrapolated:
+    its increments per unit log t between save points past t0 (log t > 1) fitted as a
+    power of log t, ``c (log t)^a``, and integrated from the last log t on with ``a`` at
+    its interval's slow end (``_still_to_come``). ``None`` with fewer than 7 points,
+    under a decade of log t, fewer than 6 rising steps, or a decay the fit cannot bound
+    (``a`` not surely below -1). An extrapolation, not a bound."""
+    got = _rise_fit(traj, log_threshold, level)
+    return None if isinstance(got, str) else got[2]
+
+
+def _rise_fit(traj: Trajectory, log_threshold: float, level: float):
+    """``(slope, half-width, to come)`` of the smoothed margin's rise (``margin_to_come``),
+    or the reason it cannot be fitted."""
+    lt = np.asarray(traj["log_t"], np.float64)
+    i0 = threshold_index(traj, log_threshold)
+    idx = [] if i0 is None else [i for i in range(i0, len(lt)) if lt[i] > 1]
+    ts = lt[idx]
+    if len(idx) < 7 or ts[-1] < 10 * ts[0]:
+        return (f"{len(idx)} save points past t0 with log t > 1, over less than a decade "
+                "or fewer than 7: run longer")  # fmt: skip
+    sm = np.asarray(traj["smoothed_margin"], np.float64)[idx]
+    rise = np.diff(sm) / np.diff(ts)
+    ok = rise > 0
+    if ok.sum() < 6:
+        return "the smoothed margin has stopped rising"
+    mid = np.sqrt(ts[:-1] * ts[1:])
+    slope, half = _line(np.log(mid[ok]), np.log(rise[ok]), level)
+    to_come = _still_to_come(rise[ok], ts[-1], slope, half)
+    if to_come is None:
+        return (f"the rise's decay (log t)^{slope:.3g} +- {half:.2g} does not bound what is "
+                "to come: run longer")  # fmt: skip
+    return slope, half, to_come
 
 
 def reaches_maximum(traj: Trajectory, log_threshold: float, gamma_max: float, *,
@@ -799,29 +1018,17 @@ def reaches_maximum(traj: Trajectory, log_threshold: float, gamma_max: float, *,
         k = int(np.argmax(nm))
         return Verdict(name, False, f"normalized margin {nm[k]:.8g} at log t = {ts[k]:.4g} "
                        f"above the maximum {gamma_max:.8g}", det)  # fmt: skip
-    if len(idx) < 7 or ts[-1] < 10 * ts[0]:
-        return Verdict(name, None, f"{len(idx)} save points past t0 with log t > 1, over "
-                       "less than a decade or fewer than 7: run longer", det)  # fmt: skip
+    got = _rise_fit(traj, log_threshold, level)
+    if isinstance(got, str):
+        return Verdict(name, None, got, det)
+    slope, half, to_come = got
     gap = gamma_max - float(sm[-1])
-    rise = np.diff(sm) / np.diff(ts)
-    ok = rise > 0
-    if ok.sum() < 6:
-        return Verdict(name, None, "the smoothed margin has stopped rising", det)
-    mid = np.sqrt(ts[:-1] * ts[1:])
-    slope, half = _line(np.log(mid[ok]), np.log(rise[ok]), level)
     det.update(gap=gap, exponent=slope, half_width=half)
-    to_come = _still_to_come(rise[ok], ts[-1], slope, half)
-    if to_come is None:
-        return Verdict(name, None, f"the rise's decay (log t)^{slope:.3g} +- {half:.2g} "
-                       "does not bound what is to come: run longer", det)  # fmt: skip
     det["to_come"] = to_come
     s = (f"gap to the maximum {gamma_max:.6g}: {gap / gamma_max:.3g} (relative) at log t = "
          f"{ts[-1]:.4g}; the smoothed margin's rise still to come, extrapolated: "
          f"{to_come / gamma_max:.3g}")  # fmt: skip
     return Verdict(name, bool(gap <= to_come), s, det)
-
-
-LYU21 = "linear max-margin (Lyu et al. 2021)"
 
 
 def linear_max_margin(traj: Trajectory, objective) -> Verdict | None:
@@ -876,25 +1083,32 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
     parameters (``step_ratio``: the GD theorem's small-step assumption)."""
     ratio = None
     if traj.kind != "flow" and objective is not None and objective.homogeneous:
-        ratio = step_ratio(traj, objective)
+        ratio = None if "step_condition_max" in traj.columns else step_ratio(traj, objective)
     verdicts = check_trajectory(traj, loss=None if objective is None else objective.loss,
                                 step_ratio=ratio)  # fmt: skip
+    why = gd_scope(traj, ratio) if traj.kind != "flow" else []
+    if traj.config.get("homogeneous") is False:
+        why = why or [NOT_HOMOGENEOUS]
+    th = (objective.loss.log_threshold if objective is not None
+          else _log_threshold(traj.config, None))  # fmt: skip
+    dv = direction(traj, th)
+    follow = [dv, alignment(traj, objective, th)]
+    if why:  # these claims are the flow's on homogeneous nets, observed here
+        follow = [outside(v, "; ".join(why)) if v.outcome in _DECIDED else v for v in follow]
+    verdicts += follow
     if not (kkt and objective is not None and objective.homogeneous):
         return verdicts
-    why = gd_scope(traj, ratio) if traj.kind != "flow" else []
     lyu = linear_max_margin(traj, objective)
     if lyu is not None:
         verdicts.append(lyu)
     if traj.snapshots:
-        th = objective.loss.log_threshold
-        dv = direction(traj, th)
-        verdicts += [dv, alignment(traj, objective, th), local_optimality(traj, objective, dv)]
+        verdicts.append(local_optimality(traj, objective, dv))
     ks = kkt_along(traj, objective)
     if len(ks) >= 2:
         early, late = ks[0]["eps_rel"], ks[-1]["eps_rel"]
         verdicts.append(
             Verdict(
-                "KKT eps falling",
+                KKT_FALLING,
                 late < early,
                 f"relative eps {early:.3g} at log t = {ks[0]['log_t']:.4g} -> {late:.3g} "
                 f"at log t = {ks[-1]['log_t']:.4g} ({len(ks)} snapshots)",
@@ -904,7 +1118,7 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
     elif ks:
         verdicts.append(
             Verdict(
-                "KKT eps falling",
+                KKT_FALLING,
                 None,
                 f"relative eps {ks[0]['eps_rel']:.3g}, delta {ks[0]['delta']:.3g} at the end "
                 "(save parameters, --save-params, to see it fall)",
@@ -912,9 +1126,9 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
             )
         )
     if why:  # GD outside its theorem: these claims are the flow's, observed here
-        flows = ("KKT eps falling", "direction converges", "alignment", "local optimum", LYU21)
+        flows = (KKT_FALLING, LOCAL_OPTIMUM, LYU21)
         verdicts = [
-            outside(v, "; ".join(why)) if v.name in flows and v.passed is not None else v
+            outside(v, "; ".join(why)) if v.name in flows and v.outcome in _DECIDED else v
             for v in verdicts
         ]  # fmt: skip
     return verdicts

@@ -326,8 +326,10 @@ class TrajectoryRecorder:
         self, step: int, log_t: float, q: Quantities, params=None, *,
         dissipation: float | None = None, **extra: float,
     ) -> dict:  # fmt: skip
-        """Record a save point. ``dissipation``: the run's integral of
-        ``||grad log Loss||^2 d tau`` since its first row (None: not tracked)."""
+        """Record a save point. ``params``: the parameters there (kept as a snapshot when
+        the recorder saves parameters; always used for ``direction_step``).
+        ``dissipation``: the run's integral of ``||grad log Loss||^2 d tau`` since its
+        first row (None: not tracked)."""
         log_t = float(log_t)
         balances = None if q.balances is None else [np.asarray(b) for b in q.balances]
         if self.monitor is None:
@@ -350,6 +352,11 @@ class TrajectoryRecorder:
             {f"support_{k}": float(c) for k, c in zip(SUPPORT_DECADES, support, strict=True)}
         )
         row.update(self.monitor.columns(balances, q.rho, q.log_loss, dissipation))
+        # the follow-up claims' columns (Ji & Telgarsky 2020): how far theta is from
+        # -grad Loss's direction, and how far the direction moved since the last save point
+        gap = getattr(q, "alignment_gap", None)
+        row["alignment_gap"] = math.nan if gap is None else float(gap)
+        row["direction_step"] = self.monitor.direction_step(params)
         for col in self.config.get("invariants", {}):  # a column left empty, with its reason
             if col in row:
                 row[col] = math.nan

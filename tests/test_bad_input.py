@@ -100,9 +100,9 @@ def _in_a_small_disk(argv, fsize):
 
 
 def _nan_margins(tmp):
-    # GD of a linear model on the exponential loss: inside the GD theorem's scope (with
-    # --no-kkt its step is not measured), so a broken margin is an in-scope FAIL
-    folder = _small_run(tmp / "nanrun", "--loss", "exp")
+    # the flow of a linear model: inside Theorem 4.1's scope, so a broken margin is an
+    # in-scope FAIL (the loss-based GD's steps exceed mu(Loss): outside the GD theorem)
+    folder = _small_run(tmp / "nanrun", "--loss", "exp", "--dynamics", "flow")
     tr = Trajectory.load(folder)
     cols = dict(tr.columns)
     cols["smoothed_margin"] = cols["smoothed_margin"].copy()
@@ -130,7 +130,8 @@ def _busy(tmp):
 
 def _damaged_checkpoint(tmp):
     folder = tmp / "half"
-    rc, _, err = _in_a_small_disk([*SMALL, "--out", str(folder)], 3000)
+    # 4 kB a file: the first checkpoint fits (its rows carry every column), a later fails
+    rc, _, err = _in_a_small_disk([*SMALL, "--out", str(folder)], 4000)
     assert rc == 2 and "could not write checkpoint" in err, err
     (step,) = [p for p in (folder / "checkpoint").iterdir() if p.name.isdigit()]
     (step / "meta" / "metadata").unlink()

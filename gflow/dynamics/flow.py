@@ -784,7 +784,7 @@ def _drive(
             at = _log_t(clock, lane(host_y, i), float(c[i])) if log_t is None else log_t
             row = recs[i].add(
                 totals[i]["accepted"], at,
-                lane(q, i), lane(host_theta, i) if save_params else None,
+                lane(q, i), lane(host_theta, i),
                 dissipation=float(host_y[-1][i]), grad_evals=float(totals[i]["grad_evals"]),
                 solver_steps=float(totals[i]["steps"]), rejected=float(totals[i]["rejected"]),
             )  # fmt: skip

@@ -19,6 +19,20 @@ one step for full-batch GD and ``N // batch_size`` steps for SGD (the remainder 
 seeded permutation is dropped); SGD uses the unbiased estimate ``(N/B) grad(batch sum
 loss)`` of the sum-loss gradient and, for the loss-based schedule, the loss at the start
 of the epoch as the paper's "frame".
+
+Full-batch GD also estimates the sharpness ``lambda_max(Hessian of Loss)`` along the run
+(``sharpness_every``): each estimate is the top Ritz value of ``Hess Loss / Loss = Hess(log
+Loss) + g g^T`` (``g = grad log Loss``, finite when ``Loss`` underflows) on a Krylov space of
+``SHARPNESS_VECTORS`` Hessian-vector products started from the previous estimate's Ritz
+vector, computed as a Rayleigh quotient ``y^T A y / y^T y``: a lower bound of
+``lambda_max`` whether or not it has converged. The first product shares its pass with the
+step's gradient (``jax.jvp`` of ``value_and_grad``), except under the loss-based schedule,
+whose rolled-back epochs (about 2 in 3) would waste it: there the estimate is made before
+the step, once per parameters. The record gets ``sharpness``,
+``step_sharpness = eta lambda_max(Hess Loss)`` (what edge-of-stability plots show against
+2) and, over the steps since the previous save point, ``step_sharpness_max`` and
+``step_condition_max = max eta_t lambda_t log(1/L_t)``, from which ``gflow.theory.gd_scope``
+judges the GD theorem's step condition (S5) at every step.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from gflow.checkpoint import (
     Checkpointer,
@@ -54,6 +69,8 @@ __all__ = [
     "UP",
     "DOWN",
     "ALPHA_MIN",
+    "SHARPNESS_VECTORS",
+    "top_ritz",
 ]
 
 SCHEDULES = ("constant", "loss-based")
@@ -61,6 +78,8 @@ UP = 2.0 ** (1 / 5)
 DOWN = 2.0 ** (1 / 10)
 ALPHA_MIN = 1e-50
 RUNNING, STOP_ALPHA, STOP_NONFINITE = 0, 1, 2
+SHARPNESS_VECTORS = 3  # Hessian-vector products per sharpness estimate (a Krylov space)
+SHARPNESS_START_ROUNDS = 10  # restarts of that estimate at the initial parameters
 
 
 class GDState(NamedTuple):
@@ -79,6 +98,12 @@ class GDState(NamedTuple):
     # sum of d tau * ||grad log Loss||^2 over the accepted steps (d tau = eta * Loss): the
     # Euler sum of the flow's dissipation integral (gflow.invariants; full batch only)
     dissipation: jax.Array
+    # the sharpness (full batch, sharpness_every > 0; else NaN / -inf / 0 and no vector):
+    sharpness: jax.Array  # Rayleigh quotient of Hess Loss / Loss at params (NaN: not there)
+    sharp_vec: jax.Array  # (d,) its unit vector, the next estimate's start ((1,) if none)
+    step_sharpness_max: jax.Array  # max eta_t lambda_t over the steps since the last save
+    step_condition_max: jax.Array  # max eta_t lambda_t log(1/L_t) over the same steps
+    sharpness_steps: jax.Array  # steps whose eta_t lambda_t entered those maxima
 
 
 def log_t_grid(log_t_min: float, log_t_max: float, saves: int) -> np.ndarray:
@@ -98,6 +123,33 @@ def log1p_of_log_t(log_t: float) -> float:
     return float(np.logaddexp(0.0, log_t))
 
 
+SHARPNESS_COLUMNS = (
+    "sharpness", "step_sharpness", "step_sharpness_max", "step_condition_max", "sharpness_steps",
+)  # fmt: skip
+
+
+def _eta_lambda(log_eta: float, log_loss: float, lam: float) -> float:
+    """``eta lambda_max(Hess Loss) = eta Loss lam`` (``lam`` of ``Hess Loss / Loss``) on
+    the host, in log space: ``eta Loss`` alone over- or underflows where the product does
+    not; ``inf`` past float64's range, NaN where a factor is not defined."""
+    log_eta, log_loss, lam = float(log_eta), float(log_loss), float(lam)
+    if math.isnan(lam) or math.isnan(log_eta + log_loss):
+        return math.nan
+    if lam == 0.0 or log_eta + log_loss == -math.inf:
+        return 0.0
+    x = log_eta + log_loss + math.log(abs(lam))
+    try:
+        return math.copysign(math.exp(x), lam)
+    except OverflowError:
+        return math.copysign(math.inf, lam)
+
+
+def _or_nan(v) -> float:
+    """A running maximum as recorded: NaN when no step entered it (still ``-inf``)."""
+    v = float(v)
+    return math.nan if v == -math.inf else v
+
+
 def _finite_tree(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
@@ -106,16 +158,134 @@ def _tree_select(pred, a, b):
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
 
 
+def _runs_select(pred, a, b):
+    """``_tree_select`` per run: ``pred`` of shape (K,), leaves with a leading K axis."""
+    return jax.tree.map(
+        lambda u, v: jnp.where(pred.reshape(pred.shape + (1,) * (u.ndim - 1)), u, v), a, b
+    )
+
+
+def top_ritz(matvec, v0, vectors: int, first=None):
+    """The top Ritz pair of a symmetric operator on the Krylov space ``span{v0, A v0, ...,
+    A^(vectors-1) v0}`` (Lanczos with full re-orthogonalisation, jittable): ``(value,
+    vector)``, the vector of unit norm.
+
+    ``value`` is formed as the Rayleigh quotient ``y^T (A y) / y^T y`` of the returned
+    vector ``y``, with ``A y`` the same combination of the products as ``y`` is of the
+    basis: a lower bound of ``lambda_max(A)`` (up to rounding) however far from converged,
+    and the algebraic top, not the largest in magnitude. ``first``: ``A v0 / |v0|`` when
+    already computed. A breakdown (an invariant subspace) leaves the later vectors out.
+    """
+    q = v0 / jnp.linalg.norm(v0)
+    qs, ws = [q], []
+    for j in range(vectors):
+        w = first if (j == 0 and first is not None) else matvec(qs[j])
+        ws.append(w)
+        if j + 1 == vectors:
+            break
+        r = w
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            r = r - sum((u @ r) * u for u in qs)
+        b = jnp.linalg.norm(r)
+        ok = b > 1e-10 * jnp.linalg.norm(w)
+        qs.append(jnp.where(ok, r / jnp.where(ok, b, 1.0), jnp.zeros_like(r)))
+    Q, W = jnp.stack(qs), jnp.stack(ws)  # (m, d)
+    T = Q @ W.T
+    T = 0.5 * (T + T.T)
+    # a left-out (zero) vector gets a diagonal entry below T[0, 0] <= the top: never chosen
+    valid = jnp.sum(Q * Q, axis=1) > 0.5
+    low = T[0, 0] - 1.0 - jnp.abs(T[0, 0])
+    T = jnp.where(valid[:, None] & valid[None, :], T, 0.0) + jnp.diag(jnp.where(valid, 0.0, low))
+    s = jnp.linalg.eigh(T)[1][:, -1]
+    y, Ay = s @ Q, s @ W
+    yy = y @ y
+    return (y @ Ay) / yy, y / jnp.sqrt(yy)
+
+
+def _sharpness_matvec(obj: Objective, params, g_flat):
+    """``v -> (Hess log Loss + g g^T) v = (Hess Loss / Loss) v`` on flat vectors: the
+    Hessian of ``Loss`` over ``Loss``, which stays finite when ``Loss`` underflows."""
+    unravel = ravel_pytree(params)[1]
+
+    def matvec(v):
+        hv = jax.jvp(obj.grad_log_loss, (params,), (unravel(v),))[1]
+        return ravel_pytree(hv)[0] + g_flat * (g_flat @ v)
+
+    return matvec
+
+
+def _sharpness_at(obj: Objective, params, g, v0, rounds: int = 1):
+    """``(lambda, vector)`` at ``params`` (``g``: ``grad log Loss`` there): ``rounds``
+    restarts of ``top_ritz`` from ``v0``, each from the previous Ritz vector."""
+    mv = _sharpness_matvec(obj, params, ravel_pytree(g)[0])
+
+    def one(_, carry):
+        return top_ritz(mv, carry[1], SHARPNESS_VECTORS)
+
+    lam, vec = top_ritz(mv, v0, SHARPNESS_VECTORS)
+    return jax.lax.fori_loop(1, rounds, one, (lam, vec)) if rounds > 1 else (lam, vec)
+
+
+def _refreshed(obj: Objective, s: GDState, which) -> GDState:
+    """``s`` with its sharpness estimated at its parameters where ``which``."""
+    lam, vec = _sharpness_at(obj, s.params, s.grad, s.sharp_vec)
+    return s._replace(sharpness=jnp.where(which, lam.astype(s.sharpness.dtype), s.sharpness),
+                      sharp_vec=jnp.where(which, vec, s.sharp_vec))  # fmt: skip
+
+
+def _step_and_sharpness(obj: Objective, params, v0):
+    """``(log Loss, grad log Loss, lambda, vector)`` at ``params``: the step's gradient and
+    the first Hessian-vector product in one forward-over-reverse pass."""
+    flat, unravel = ravel_pytree(params)
+    q = v0 / jnp.linalg.norm(v0)
+    (ell, g), (_, hq) = jax.jvp(obj.value_and_grad, (params,), (unravel(q.astype(flat.dtype)),))
+    g_flat = ravel_pytree(g)[0]
+    mv = _sharpness_matvec(obj, params, g_flat)
+    first = ravel_pytree(hq)[0] + g_flat * (g_flat @ q)
+    lam, vec = top_ritz(mv, q, SHARPNESS_VECTORS, first=first)
+    return ell, g, lam, vec
+
+
+def _log_eta_lambda(log_eta, ell, lam):
+    """``(log |eta Loss lam|, sign)``: ``eta lambda_max(Hess Loss)`` with ``lam`` the
+    sharpness of ``Hess Loss / Loss``, kept in log space (``eta Loss`` alone over- or
+    underflows where the product does not)."""
+    return log_eta + ell + jnp.log(jnp.abs(lam)), jnp.sign(lam)
+
+
+def _step_condition(s: GDState, log_eta):
+    """The sharpness maxima of ``s`` after a step of size ``e^log_eta`` from its
+    parameters, counted when its sharpness was estimated there: ``eta lambda`` and ``eta
+    lambda log(1/L)``. Where ``L >= 1`` the latter is ``+inf`` when ``lambda > 0`` (there
+    ``mu(L) = log(1/L(t0)) / (2 log(1/L))`` is not positive, below any positive step) and
+    ``-inf`` otherwise (a lower bound ``<= 0`` says nothing)."""
+    lam, ell = s.sharpness, s.log_loss
+    log_x, sign = _log_eta_lambda(log_eta, ell, lam)
+    x = sign * jnp.exp(log_x)
+    u = -ell
+    c = sign * jnp.exp(log_x + jnp.log(jnp.where(u > 0, u, 1.0)))
+    # where L >= 1 a lambda <= 0 (a lower bound) tells nothing: -inf, never a violation
+    c = jnp.where(u > 0, c, jnp.where(lam > 0, jnp.inf, -jnp.inf))
+    seen = ~jnp.isnan(x) & ~jnp.isnan(c)
+    return (
+        jnp.where(seen, jnp.maximum(s.step_sharpness_max, x), s.step_sharpness_max),
+        jnp.where(seen, jnp.maximum(s.step_condition_max, c), s.step_condition_max),
+        s.sharpness_steps + seen.astype(s.sharpness_steps.dtype),
+    )
+
+
 def _make_epoch(
     schedule: str, batch_size: int | None, n: int, optimizer=None, gradient: str = "loss",
-    loss_ub: float | None = None,
+    loss_ub: float | None = None, sharpness: bool = False,
 ):  # fmt: skip
-    """One epoch: (objective, state, optimiser) -> state, with accept / roll-back.
+    """One epoch: ``epoch(objective, state, due)`` -> state, with accept / roll-back.
     ``optimizer``: a user's optax transformation (``schedule == "optax"``), fed the
     gradient of the sum loss (``gradient="loss"``) or of its log (``"log_loss"``).
     ``loss_ub``: loss-based SGD rolls the epoch back as soon as a mini-batch's mean loss
     exceeds ``loss_ub`` times the frame's (the data's mean loss at the epoch's start), as
-    the official code does (its ``loss_ub``, 600 on MNIST)."""
+    the official code does (its ``loss_ub``, 600 on MNIST). ``sharpness``: full-batch GD
+    keeps the sharpness maxima over its steps; ``due`` (None: never) says whether to
+    estimate the sharpness at the new parameters."""
     log_ub = math.inf if loss_ub is None else math.log(loss_ub)
     loss_based = schedule == "loss-based"
     custom = optimizer is not None
@@ -133,7 +303,7 @@ def _make_epoch(
         # on the flow); for plain GD it is the learning rate
         return 0.5 * jnp.log(sq_norm(updates)) - log_grad_norm
 
-    def full_batch(obj: Objective, s: GDState):
+    def full_batch(obj: Objective, s: GDState, due):
         ell, g = s.log_loss, s.grad
         if custom:
             direction = g if gradient == "log_loss" else jax.tree.map(lambda v: jnp.exp(ell) * v, g)
@@ -146,11 +316,20 @@ def _make_epoch(
             direction, log_eta = jax.tree.map(lambda v: jnp.exp(ell) * v, g), jnp.log(s.alpha)
         if not custom:
             params, opt_state, _ = apply_update(s.params, s.opt_state, direction, s.alpha)
-        ell_new, g_new = obj.value_and_grad(params)
+        if due is None:
+            ell_new, g_new = obj.value_and_grad(params)
+            sharp = (jnp.full((), jnp.nan, ell.dtype), s.sharp_vec)
+        else:
+            ell_new, g_new, lam, vec = _step_and_sharpness(obj, params, s.sharp_vec)
+            sharp = (jnp.where(due, lam.astype(ell.dtype), jnp.nan),
+                     jnp.where(due, vec, s.sharp_vec))  # fmt: skip
         finite = jnp.isfinite(ell_new) & _finite_tree(g_new)
         sq = sq_norm(g)
         dissipated = s.dissipation + jnp.exp(log_eta + ell) * sq  # d tau = eta * Loss
+        maxima = _step_condition(s, log_eta) if sharpness else None
         return (
+            sharp,
+            maxima,
             params,
             opt_state,
             ell_new,
@@ -162,7 +341,7 @@ def _make_epoch(
             dissipated,
         )
 
-    def mini_batch(obj: Objective, s: GDState):
+    def mini_batch(obj: Objective, s: GDState, due):
         b = batch_size
         nb = n // b
         key, sub = jax.random.split(s.key)
@@ -195,12 +374,18 @@ def _make_epoch(
         ell_new = obj.log_loss(params)
         # a batch past loss_ub fails the epoch as a non-finite one does (official code)
         finite = jnp.isfinite(ell_new) & _finite_tree(params) & ~(loss_based & over)
-        return params, opt_state, ell_new, s.grad, finite, log_etas[-1], nb, log_t, s.dissipation
+        sharp = (s.sharpness, s.sharp_vec)
+        return (sharp, None, params, opt_state, ell_new, s.grad, finite, log_etas[-1], nb, log_t,
+                s.dissipation)  # fmt: skip
 
     body = full_batch if batch_size is None else mini_batch
 
-    def epoch(obj: Objective, s: GDState) -> GDState:
-        params, opt_state, ell_new, g_new, finite, log_eta, steps, log_t, dissipated = body(obj, s)
+    def epoch(obj: Objective, s: GDState, due=None) -> GDState:
+        got = body(obj, s, due)
+        (lam, vec), maxima, params, opt_state, ell_new, g_new, finite = got[:7]
+        log_eta, steps, log_t, dissipated = got[7:]
+        if maxima is None:
+            maxima = (s.step_sharpness_max, s.step_condition_max, s.sharpness_steps)
         if loss_based:
             # the official code's LossBasedLRv1 accepts an epoch whose loss ratio is <= 1
             accept = finite & (ell_new <= s.log_loss)
@@ -224,6 +409,9 @@ def _make_epoch(
             s.rejected,
             stop,
             dissipated,
+            lam,
+            vec,
+            *maxima,
         )
         stayed = s._replace(
             alpha=alpha, grad_evals=s.grad_evals + 1, rejected=s.rejected + 1, stop=stop
@@ -235,9 +423,21 @@ def _make_epoch(
     return opt, epoch
 
 
-def _initial_state(objective: Objective, opt, params, seed, batch_size, alpha) -> GDState:
+def _initial_state(
+    objective: Objective, opt, params, seed, batch_size, alpha, sharpness: bool
+) -> GDState:
+    """The loop's first state; ``sharpness``: estimate it at ``params`` (from a fixed
+    random start, ``SHARPNESS_START_ROUNDS`` restarts), else none is kept."""
     dtype = objective.dtype
     ell, g = objective.value_and_grad(params)
+    flat = ravel_pytree(params)[0]
+    if sharpness:
+        v0 = jax.random.normal(jax.random.key(0), flat.shape, flat.dtype)
+        lam, vec = _sharpness_at(objective, params, g, v0, SHARPNESS_START_ROUNDS)
+        lam = lam.astype(ell.dtype)
+    else:
+        # (one entry, not none: orbax's checkpoints refuse empty arrays)
+        lam, vec = jnp.full((), jnp.nan, ell.dtype), jnp.zeros((1,), flat.dtype)
     return GDState(
         params=params,
         opt_state=opt.init(params),
@@ -252,6 +452,11 @@ def _initial_state(objective: Objective, opt, params, seed, batch_size, alpha) -
         rejected=jnp.asarray(0),
         stop=jnp.asarray(RUNNING),
         dissipation=jnp.zeros((), dtype),
+        sharpness=lam,
+        sharp_vec=vec,
+        step_sharpness_max=jnp.full((), -jnp.inf, ell.dtype),
+        step_condition_max=jnp.full((), -jnp.inf, ell.dtype),
+        sharpness_steps=jnp.asarray(0),
     )
 
 
@@ -343,6 +548,7 @@ def run_gd(
     progress: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
     resume: bool = False,
+    sharpness_every: int = 1,
 ) -> Trajectory:
     """Train by GD / SGD; returns the ``Trajectory`` on the matched clock ``t = sum eta``.
 
@@ -373,6 +579,17 @@ def run_gd(
       there at every save point (also the last good state of a run stopped by a
       non-finite loss). With ``resume=True`` the run continues from the latest one,
       reproducing the uninterrupted run exactly.
+    - ``sharpness_every``: full-batch GD estimates ``lambda_max(Hess Loss)`` at the
+      parameters of every ``sharpness_every``-th step and at every save point (and every
+      ``chunk`` steps), ``SHARPNESS_VECTORS`` Hessian-vector products each, warm-started
+      from the last estimate (0: never, and no sharpness columns). Its columns: ``sharpness``
+      (``lambda_max(Hess Loss) / Loss``, of ``Hess log Loss + g g^T``, a Rayleigh quotient
+      hence a lower bound), ``step_sharpness`` (``eta lambda_max(Hess Loss)`` for the
+      step from the save point: ``lr``, or ``alpha / Loss``; an optax optimizer's last
+      step), over the steps since the previous save point whose parameters were
+      estimated ``step_sharpness_max`` (``max eta_t lambda_t``) and ``step_condition_max``
+      (``max eta_t lambda_t log(1/L_t)``, ``+inf`` at a ``L_t >= 1``), and
+      ``sharpness_steps``, how many steps entered those maxima. SGD: NaN columns.
     """
     (tr,) = _drive(
         objective, [params0], [seed], single=True, optimizer=optimizer, gradient=gradient,
@@ -380,7 +597,7 @@ def run_gd(
         log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
         log_t_min=log_t_min, save_params=save_params, chunk=chunk,
         checkpoint_log_losses=checkpoint_log_losses, config=config, progress=progress,
-        checkpoint=checkpoint, resume=resume,
+        checkpoint=checkpoint, resume=resume, sharpness_every=sharpness_every,
     )  # fmt: skip
     return tr
 
@@ -427,6 +644,7 @@ def run_gd_seeds(
     progress: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
     resume: bool = False,
+    sharpness_every: int = 1,
 ) -> list[Trajectory]:
     """K runs of ``run_gd`` in one jitted, vmapped loop: one initialisation and one seed
     (SGD's shuffling) per run; returns their K trajectories.
@@ -435,7 +653,9 @@ def run_gd_seeds(
     takes: ``run_gd`` is this driver with K = 1. Every run stops at its own save points
     and loss marks, and ``lax.while_loop`` under ``vmap`` holds a finished run while the
     others go on. ``checkpoint`` / ``resume``: as in ``run_gd``, the whole batch's state
-    whenever a run reaches a save point.
+    whenever a run reaches a save point. ``sharpness_every``: as in ``run_gd``; with a
+    stride, the runs share the steps that skip it only when none of them is due (its
+    estimate is then computed for all, and kept by the runs due).
     """
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
@@ -446,7 +666,7 @@ def run_gd_seeds(
         log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
         log_t_min=log_t_min, save_params=save_params, chunk=chunk,
         checkpoint_log_losses=checkpoint_log_losses, config=config, progress=progress,
-        checkpoint=checkpoint, resume=resume,
+        checkpoint=checkpoint, resume=resume, sharpness_every=sharpness_every,
     )  # fmt: skip
 
 
@@ -454,6 +674,7 @@ def _drive(
     objective: Objective, params0: list, seeds: list, *, single: bool, optimizer, gradient,
     schedule, lr, alpha0, loss_ub, batch_size, log_t_max, max_steps, log_loss_min, saves,
     log_t_min, save_params, chunk, checkpoint_log_losses, config, progress, checkpoint, resume,
+    sharpness_every,
 ) -> list[Trajectory]:  # fmt: skip
     """The one GD driver: K runs (K = 1 for ``run_gd``) in one jitted, vmapped loop, each
     stopping at its own save points, loss marks and limits (``lax.while_loop`` under
@@ -473,28 +694,62 @@ def _drive(
         raise ValueError(f"log_t_max must exceed log_t_min = {log_t_min}, got {log_t_max}")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    every = sharpness_every
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
+        raise ValueError(f"sharpness_every must be an integer >= 0 (0: off), got {every!r}")
+    every = int(every) if batch_size is None else 0  # SGD: outside S5 anyway
     k = len(seeds)
-    opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient, loss_ub)
+    opt, epoch = _make_epoch(schedule, batch_size, n, optimizer, gradient, loss_ub, every > 0)
     dtype = objective.dtype
     alpha_init = {"loss-based": alpha0, "optax": 1.0}.get(schedule, lr)
 
     def init(obj, p, seed):  # the objective as an argument: a multi-host one cannot be a constant
-        return _initial_state(obj, opt, p, seed, batch_size, alpha_init)
+        return _initial_state(obj, opt, p, seed, batch_size, alpha_init, every > 0)
+
+    # where the sharpness is estimated: at the new parameters, in the step's gradient pass,
+    # unless epochs roll back (loss-based: about 2 in 3 do once alpha has settled), where it
+    # is estimated before the step instead, once per parameters however many epochs retry
+    before = schedule == "loss-based"
+
+    def refreshed(obj, states: GDState, which) -> GDState:
+        """The sharpness at the parameters of the runs ``which``."""
+        return jax.vmap(lambda s, w: _refreshed(obj, s, w))(states, which)
 
     @jax.jit
     def advance(obj, states: GDState, target, limits, floors):
-        def one(s, limit, floor):
-            def cond(s):
-                return (
-                    (s.log_t < target)
-                    & (s.step < limit)
-                    & (s.stop == RUNNING)
-                    & (s.log_loss > floor)
-                )
+        # vmap's own lowering of a while loop, written out so that a sharpness stride can
+        # skip its products when no run is due (a cond under vmap would compute both)
+        def going(s):
+            running = (s.stop == RUNNING) & (s.log_loss > floors)
+            return (s.log_t < target) & (s.step < limits) & running
 
-            return jax.lax.while_loop(cond, lambda s: epoch(obj, s), s)
+        def plain(s):
+            return jax.vmap(lambda s: epoch(obj, s))(s)
 
-        return jax.vmap(one)(states, limits, floors)
+        def estimating(s, due):
+            return jax.vmap(lambda s, d: epoch(obj, s, d))(s, due)
+
+        def body(s):
+            act = going(s)
+            if every == 0:
+                new = plain(s)
+            elif before:  # the runs at a k-th step's parameters, not estimated there yet
+                need = act & (s.step % every == 0) & jnp.isnan(s.sharpness)
+                s_need = jax.lax.cond(jnp.any(need), refreshed, lambda _, s, n: s, obj, s, need)
+                new = plain(s_need)
+            elif every == 1:
+                new = estimating(s, act)
+            else:
+                due = act & ((s.step + 1) % every == 0)
+                new = jax.lax.cond(jnp.any(due), estimating, lambda s, _: plain(s), s, due)
+            return _runs_select(act, new, s)
+
+        states = jax.lax.while_loop(lambda s: jnp.any(going(s)), body, states)
+        if every == 0:
+            return states
+        # a save point's sharpness is at its parameters: estimated here if not yet
+        stale = jnp.isnan(states.sharpness)
+        return jax.lax.cond(jnp.any(stale), refreshed, lambda _, s, n: s, obj, states, stale)
 
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *params0)
     state = jax.jit(jax.vmap(init, in_axes=(None, 0, 0)))(objective, stacked, jnp.asarray(seeds))
@@ -508,28 +763,58 @@ def _drive(
             log_t_max=log_t_max, max_steps=max_steps, log_loss_min=log_loss_min, saves=saves,
             log_t_min=log_t_min, seed=int(s),
             **({} if single else {"seeds": [int(v) for v in seeds]}),
+            sharpness_every=every, sharpness_vectors=SHARPNESS_VECTORS if every else 0,
         )  # fmt: skip
         recs.append(TrajectoryRecorder(
             "gd", cfg, save_params, progress if single else None,
             _reasons(objective, params0[0], batch_size),
         ))  # fmt: skip
 
-    def record(state, which):
+    def record(state, which) -> GDState:
+        """Record the runs ``which`` (``advance`` left their sharpness at their parameters);
+        returns the state with their sharpness maxima started afresh."""
         q = quantities_many(objective, state.params)
         host = jax.device_get((q, state.step, state.log_t, state.log_eta, state.alpha,
-                               state.grad_evals, state.rejected, state.dissipation))  # fmt: skip
-        q, step, log_t, log_eta, alpha, evals, rejected, dissipated = host
-        params = jax.device_get(state.params) if save_params else None
+                               state.grad_evals, state.rejected, state.dissipation,
+                               state.log_loss, state.sharpness, state.step_sharpness_max,
+                               state.step_condition_max, state.sharpness_steps))  # fmt: skip
+        q, step, log_t, log_eta, alpha, evals, rejected, dissipated = host[:8]
+        ell, lam, sharp_max, cond_max, sharp_steps = host[8:]
+        params = jax.device_get(state.params)  # the direction's step at every save point
         for i in which:
+            if every:
+                # the step from here: lr, alpha / Loss, or an optax optimizer's last one
+                nxt = {"constant": math.log(alpha[i]), "loss-based": math.log(alpha[i]) - ell[i]}
+                sharp = dict(
+                    sharpness=float(lam[i]),
+                    step_sharpness=_eta_lambda(nxt.get(schedule, log_eta[i]), ell[i], lam[i]),
+                    step_sharpness_max=_or_nan(sharp_max[i]),
+                    step_condition_max=_or_nan(cond_max[i]),
+                    sharpness_steps=float(sharp_steps[i]),
+                )  # fmt: skip
+            elif batch_size is not None:
+                sharp = dict.fromkeys(SHARPNESS_COLUMNS, math.nan)
+            else:
+                sharp = {}
             row = recs[i].add(
                 int(step[i]), float(log_t[i]), jax.tree.map(lambda a, i=i: a[i], q),
-                None if params is None else jax.tree.map(lambda a, i=i: a[i], params),
+                jax.tree.map(lambda a, i=i: a[i], params),
                 dissipation=None if batch_size is not None else float(dissipated[i]),
                 log_lr=float(log_eta[i]), alpha=float(alpha[i]), grad_evals=float(evals[i]),
-                rejected=float(rejected[i]),
+                rejected=float(rejected[i]), **sharp,
             )  # fmt: skip
             if progress is not None and not single:
                 progress({**row, "seed": int(seeds[i])})
+        if every:
+            mask = np.zeros(k, bool)
+            mask[list(which)] = True
+            fresh = jnp.asarray(mask)
+            lowest = jnp.full((), -jnp.inf, state.step_sharpness_max.dtype)
+            state = state._replace(
+                step_sharpness_max=jnp.where(fresh, lowest, state.step_sharpness_max),
+                step_condition_max=jnp.where(fresh, lowest, state.step_condition_max),
+            )
+        return state
 
     marks = sorted((float(v) for v in checkpoint_log_losses), reverse=True)
     pending = [list(marks) for _ in range(k)]
@@ -546,7 +831,7 @@ def _drive(
     first = True
     got = checkpoint.restore() if (checkpoint is not None and resume) else None
     if got is None:
-        record(state, range(k))
+        state = record(state, range(k))
     else:
         arrays, meta = got
         restore_recorders(recs, arrays, meta["recorders"])
@@ -624,7 +909,7 @@ def _drive(
                 finished[i] = bool(done)
             first = False
             if hits:
-                record(state, hits)
+                state = record(state, hits)
                 save_checkpoint()
     except KeyboardInterrupt:
         for i in range(k):

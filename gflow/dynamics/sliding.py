@@ -616,7 +616,7 @@ def run_flow_kinks(
         q = jax.device_get(quantities_many(objective, jax.tree.map(lambda a: a[None], y[0])))
         q = jax.tree.map(lambda a: a[0], q)
         return rec.add(
-            count["accepted"], log_t, q, jax.device_get(y[0]) if save_params else None,
+            count["accepted"], log_t, q, jax.device_get(y[0]),
             dissipation=float(y[2]), solver_steps=float(count["steps"]),
             rejected=float(count["rejected"]), sliding=float(len(sliding)),
             sliding_span=span, sliding_offset=offset,
