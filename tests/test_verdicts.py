@@ -177,7 +177,14 @@ def test_run_and_check_agree_on_the_exit_code(tmp_path, capsys):
     assert main(["check", str(out), "--no-kkt"]) == 0
     tr = Trajectory.load(out)
     sm = tr["smoothed_margin"].copy()
-    sm[-5] = sm[-6] * (1 - 1e-6)  # a planted drop of 1e-6 of the smoothed margin
+    # a planted drop of 1e-6: within what the run's accuracy (rtol 3e-5) can produce,
+    # so no evidence either way (INCONCLUSIVE, exit 0)
+    sm[-5] = sm[-6] * (1 - 1e-6)
+    tr.columns["smoothed_margin"] = sm
+    tr.save(out, objective=False)
+    assert main(["check", str(out), "--no-kkt"]) == 0
+    assert "[INCONCLUSIVE] margin monotone" in capsys.readouterr().out
+    sm[-5] = sm[-6] * (1 - 1e-3)  # beyond it (at most 2 L rtol (1 + 1/cos) ~ 3e-4): FAIL
     tr.columns["smoothed_margin"] = sm
     tr.save(out, objective=False)
     assert main(["check", str(out), "--no-kkt"]) == 1
@@ -199,3 +206,22 @@ def test_diverged_gd_is_checked_without_a_traceback(tmp_path):
     assert (out / "checks.json").is_file()
     assert main(["check", str(out), "--no-kkt"]) == 1  # the run failed: the same code
 
+
+
+def test_monotone_drops_within_the_runs_accuracy_are_inconclusive():
+    """A flow's drop no larger than 2 L accuracy (1 + 1/cos) (what its accuracy can
+    produce between two save points) is no evidence: INCONCLUSIVE; beyond it: FAIL; with
+    no accuracy given (GD: exact to rounding), any drop beyond 1e-9 FAILs."""
+    from gflow.theory import monotonicity
+
+    lt = np.geomspace(2, 200, 30)
+    tr = _flow(lt, gap=np.full(lt.size, 0.0))
+    sm = 0.1 - 0.05 / lt  # rising to its limit
+    sm[10] = sm[9] * (1 - 1e-5)  # allowance at cos = 1, L = 2, accuracy 3e-5: 2.4e-4
+    tr.columns["smoothed_margin"] = sm
+    v = monotonicity(tr, 0.0, accuracy=3e-5)[0]
+    assert v.outcome == INCONCLUSIVE and v.details["within_accuracy"] == 1, v
+    assert monotonicity(tr, 0.0)[0].outcome == FAIL
+    sm[10] = sm[9] * (1 - 3e-4)
+    v = monotonicity(tr, 0.0, accuracy=3e-5)[0]
+    assert v.outcome == FAIL and v.details["largest_relative_drop"] == pytest.approx(3e-4)
