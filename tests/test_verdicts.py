@@ -15,16 +15,17 @@ from gflow.trajectory import Trajectory
 from gflow.verdict import FAIL, INCONCLUSIVE, NA, OUTSIDE, PASS, Verdict, failed, outside
 
 
-def _flow(log_t, *, L=2, c_rho=2.0, c_loss=0.5, shift_rho=0.0, shift_loss=0.0, gap=None,
-          step=None, **config):  # fmt: skip
+def _flow(log_t, *, L=2, c_loss=0.5, shift_rho=0.0, shift_loss=0.0, gap=None, step=None,
+          **config):  # fmt: skip
     """A flow trajectory on the rates of Theorem 4.3 (exponential loss) with the exponents
     of rho^L and 1/(Loss T) shifted by ``shift_rho`` / ``shift_loss``, a settling margin,
     and optional ``alignment_gap`` / ``direction_step`` columns."""
     lt = np.asarray(log_t, float)
     x = np.log(lt)
     log_loss = math.log(c_loss) - lt - (2 - 2 / L + shift_loss) * x
-    rho = (c_rho * lt ** (1 + shift_rho)) ** (1 / L)
-    sm = np.asarray(get_loss("exp").inverse(log_loss)) / rho**L
+    sm = 0.1 * (1 - 0.5 / lt)  # a smoothed margin settling to its limit (Theorem 4.1)
+    # rho^L = l^{-1}(Loss) / gamma_tilde, times (log T)^shift_rho
+    rho = (np.asarray(get_loss("exp").inverse(log_loss)) / sm * lt**shift_rho) ** (1 / L)
     n = lt.size
     cols = dict(step=np.arange(n, dtype=float), t=np.exp(np.minimum(lt, 700.0)), log_t=lt,
                 log_loss=log_loss, rho=rho, q_min=np.ones(n), normalized_margin=sm,
@@ -225,3 +226,16 @@ def test_monotone_drops_within_the_runs_accuracy_are_inconclusive():
     sm[10] = sm[9] * (1 - 3e-4)
     v = monotonicity(tr, 0.0, accuracy=3e-5)[0]
     assert v.outcome == FAIL and v.details["largest_relative_drop"] == pytest.approx(3e-4)
+
+
+def test_rates_do_not_pass_a_slow_rho_hidden_in_a_growing_margin():
+    """rho^L off by (log T)^-0.25 with the smoothed margin kept consistent (u / rho^L,
+    then growing as (log T)^0.25 without bound): l^{-1}(Loss) is untouched, so only the
+    margin's failure to settle, or its term in the loss's rate, shows it; the verdict
+    must not PASS."""
+    lt = np.geomspace(10, 1000, 40)
+    tr = _flow(lt, shift_rho=-0.25, gap=0.3 / lt)
+    u = np.asarray(get_loss("exp").inverse(tr["log_loss"]))
+    tr.columns["smoothed_margin"] = u / tr["rho"] ** 2
+    v = rates(tr, 2, 0.0)[0]
+    assert v.outcome != PASS, v
