@@ -341,9 +341,9 @@ def rates(
     they carry, times 1 and 2/L: gamma_tilde approaches its limit at no known rate).
     The verdict decides only where it can, with an indifference zone of the theory's
     exponent +- ``resolution / 2``: PASS when both intervals lie inside it, FAIL when
-    one lies wholly outside it (an exponent off by ``resolution`` is told apart once
-    the half-width is under ``resolution / 2``), both only with half-widths of at most
-    ``resolution`` over ``min_decades`` of log T or more; INCONCLUSIVE otherwise (an
+    one lies wholly outside it, both only with half-widths of at most ``resolution / 2``
+    (so that an exponent off by ``resolution`` is told apart) over ``min_decades`` of
+    log T or more, and a PASS only with a settling smoothed margin; INCONCLUSIVE otherwise (an
     interval too wide, a window too short for an asymptotic claim, or across the zone's
     edge), naming the horizon that would resolve it (``rates_horizon``). The ratios'
     factor-band widths are in the details."""
@@ -429,7 +429,8 @@ def rates(
     s = f"over log T in [{lt[0]:.4g}, {lt[-1]:.4g}] ({lt.size} points): " + "; ".join(parts)
     wide = max(f["half_width"] for f, _, _ in fits.values())
     det["resolution"] = resolution
-    resolved = wide <= resolution and decades >= min_decades
+    # decided only where a deviation of `resolution` is told apart: half-widths <= r/2
+    resolved = wide <= band and decades >= min_decades
     if resolved and any(apart):
         return [Verdict(RATES, False, f"{s}: off the theory's by more than {band:g}", det)]
     # rho^L's rate is read off l^{-1}(Loss) only with a bounded smoothed margin: a PASS
@@ -446,9 +447,9 @@ def rates(
     if decades < min_decades:
         why = f"only {decades:.2g} decades of log T: Theta(.) is asymptotic"
         target = resolution
-    elif wide > resolution:
+    elif wide > band:
         why = f"an interval of +-{wide:.2g} cannot tell an exponent off by {resolution:g} apart"
-        target = resolution
+        target = band
     elif all(inside):
         why = ("the smoothed margin's rise does not yet decay fast enough to bound it, and "
                "rho^L's rate is read with a bounded margin")  # fmt: skip
@@ -858,9 +859,10 @@ def _trend(name: str, x_lt, values, *, level: float, bound: float, fail_above: f
     "the exponent is below ``bound``". PASS when the interval lies below ``bound``. FAIL
     only when the evidence excludes the claim by the deviation the verdict is built to
     tell apart: the interval lies wholly above ``fail_above`` (>= ``bound``), its
-    half-width is at most ``FOLLOW_UP_RESOLUTION`` and the window spans a decade of log
-    t or more. INCONCLUSIVE otherwise, with the horizon that would narrow the interval
-    enough (``rates_horizon``). An asymptotic claim is never refuted in logic by a finite
+    half-width is at most ``FOLLOW_UP_RESOLUTION / 2`` (so that a trend off by the
+    resolution is told apart) and the window spans a decade of log t or more.
+    INCONCLUSIVE otherwise, with the horizon that would narrow the interval enough
+    (``rates_horizon``). An asymptotic claim is never refuted in logic by a finite
     window: a FAIL says the run shows the opposite trend, resolved, over a decade."""
     x, y = np.log(x_lt), np.log(values)
     slope, half = _line(x, y, level)
@@ -873,10 +875,12 @@ def _trend(name: str, x_lt, values, *, level: float, bound: float, fail_above: f
         return Verdict(name, True, s, details)
     res = FOLLOW_UP_RESOLUTION
     details["fail_above"] = fail_above
-    if slope - half > fail_above and half <= res and decades >= 1:
+    if slope - half > fail_above and half <= res / 2 and decades >= 1:
         return Verdict(name, False, f"{s}: above {fail_above:g}", details)
     if decades < 1:
-        why, target = f"only {decades:.2g} decades of log t", res
+        why, target = f"only {decades:.2g} decades of log t", res / 2
+    elif half > res / 2 and slope - half > fail_above:
+        why, target = f"an interval of +-{half:.2g} is wider than {res / 2:g}", res / 2
     elif half > res:
         why, target = f"an interval of +-{half:.2g} is wider than {res:g}", res
     else:  # narrow enough, between the bound and the failing zone: a longer window
