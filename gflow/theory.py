@@ -939,7 +939,9 @@ def direction(traj: Trajectory, log_threshold: float, *, level: float = 0.99) ->
                            det)  # fmt: skip
     v = _trend(DIRECTION, mid, rate, level=level, bound=-1.0, fail_above=-DIRECTION_BAND,
                what="|d(theta/|theta|)| per unit log t", details=det)  # fmt: skip
-    v.summary += f"; last increment {rate[-1]:.3g} per unit log t"
+    v.details["last_increment"] = float(rate[-1])
+    if not v.decide:  # an INCONCLUSIVE summary ends with its reason
+        v.summary += f"; last increment {rate[-1]:.3g} per unit log t"
     return v
 
 
@@ -974,7 +976,8 @@ def alignment(traj: Trajectory, objective, log_threshold: float, *,
         return Verdict(ALIGNMENT, None, "fewer than 6 nonzero gaps past t0", det)
     v = _trend(ALIGNMENT, ts[pos], gaps[pos], level=level, bound=0.0, fail_above=DIRECTION_BAND,
                what="1 - cos(theta, -grad Loss)", details=det)  # fmt: skip
-    v.summary += f"; {gaps[0]:.3g} at log t = {ts[0]:.4g} -> {gaps[-1]:.3g} at {ts[-1]:.4g}"
+    if not v.decide:  # an INCONCLUSIVE summary ends with its reason
+        v.summary += f"; {gaps[0]:.3g} at log t = {ts[0]:.4g} -> {gaps[-1]:.3g} at {ts[-1]:.4g}"
     return v
 
 
