@@ -162,6 +162,11 @@ ROWS = [
         100,
     ),
     ("mnist-linear-ce3", dict(model="linear", loss="ce", classes=(0, 1, 2)), 100),
+    # rows ending in "-snap" save their parameters at every save point, for the verdicts
+    # that need them (KKT eps falling, local optimality)
+    ("digits-w10-snap", dict(data="digits", width=10, n=100), 100),
+    ("digits-linear-snap", dict(data="digits", model="linear", loss="exp", n=100), 300),
+    ("mnist-w10-exp-snap", dict(width=10, loss="exp", n=100), 100),
 ]
 MUST = ("default", "linear-digits-1000")  # the rows whose rates issue 28 wants decided
 
@@ -186,7 +191,8 @@ def integrate(name: str, fields: dict, log_t_max: float, folder: Path):
     _, _, obj, p0 = pb.build()
     t = time.perf_counter()
     cfg = {**problem_config(pb), "calibration_row": name}
-    tr = run_flow(obj, p0, log_t_max=log_t_max, config=cfg, **FLOW)
+    tr = run_flow(obj, p0, log_t_max=log_t_max, config=cfg, save_params=name.endswith("-snap"),
+                  **FLOW)  # fmt: skip
     wall = time.perf_counter() - t
     tr.config["wall_seconds"] = wall
     tr.save(folder, objective=False)

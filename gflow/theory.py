@@ -72,6 +72,7 @@ __all__ = [
     "fidelity",
     "fidelity_tolerance",
     "kkt_along",
+    "kkt_falling",
     "check_run",
     "checks_json",
 ]
@@ -1144,6 +1145,38 @@ def linear_max_margin(traj: Trajectory, objective) -> Verdict | None:
     return outside(v, "; ".join(why)) if why else v
 
 
+def kkt_falling(points: list[dict], traj: Trajectory, log_threshold: float, *,
+                level: float = 0.99) -> Verdict:  # fmt: skip
+    """Theorem 4.4's (eps, delta)-KKT residual tends to 0 along the flow: the relative
+    ``eps`` at the saved parameters (``kkt_along``'s ``points``) past t0 with log t > 1,
+    fitted as a power of log t (``_trend``): PASS when it surely falls (exponent below
+    0), FAIL only when it surely rises (exponent above 0.125, half-width at most 0.125,
+    over a decade of log t), INCONCLUSIVE otherwise, and with 2 to 5 such points (the
+    first and the last are reported); n/a with one (the final parameters only)."""
+    i0 = threshold_index(traj, log_threshold)
+    t0 = math.inf if i0 is None else float(traj["log_t"][i0])
+    past = [p for p in points if p["log_t"] >= t0 and p["log_t"] > 1 and p["eps_rel"] > 0]
+    det = dict(points=points)
+    first, last = (past[0], past[-1]) if past else (points[0], points[-1])
+    shown = (f"relative eps {first['eps_rel']:.3g} at log t = {first['log_t']:.4g} -> "
+             f"{last['eps_rel']:.3g} at log t = {last['log_t']:.4g}")  # fmt: skip
+    if len(points) < 2:
+        return Verdict(KKT_FALLING, None, f"relative eps {points[0]['eps_rel']:.3g}, delta "
+                       f"{points[0]['delta']:.3g} at the end (save parameters, --save-params, "
+                       "to see it fall)", det)  # fmt: skip
+    if len(past) < 6:
+        return inconclusive(KKT_FALLING, f"{shown}; {len(past)} snapshots past t0 with log "
+                            "t > 1: too few to fit a trend", "more save points (--saves) "
+                            "with --save-params, past the loss threshold", det)  # fmt: skip
+    ts = np.array([p["log_t"] for p in past])
+    eps = np.array([p["eps_rel"] for p in past])
+    v = _trend(KKT_FALLING, ts, eps, level=level, bound=0.0, fail_above=DIRECTION_BAND,
+               what="relative eps", details=det)  # fmt: skip
+    if not v.decide:
+        v.summary += f"; {shown}"
+    return v
+
+
 def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Verdict]:
     """``check_trajectory`` plus, for a homogeneous ``objective``, the KKT residual along
     the run's saved parameters: it must fall from the first to the last (Theorem 4.4).
@@ -1172,27 +1205,8 @@ def check_run(traj: Trajectory, objective=None, *, kkt: bool = True) -> list[Ver
     if traj.snapshots:
         verdicts.append(local_optimality(traj, objective, dv))
     ks = kkt_along(traj, objective)
-    if len(ks) >= 2:
-        early, late = ks[0]["eps_rel"], ks[-1]["eps_rel"]
-        verdicts.append(
-            Verdict(
-                KKT_FALLING,
-                late < early,
-                f"relative eps {early:.3g} at log t = {ks[0]['log_t']:.4g} -> {late:.3g} "
-                f"at log t = {ks[-1]['log_t']:.4g} ({len(ks)} snapshots)",
-                dict(points=ks),
-            )
-        )
-    elif ks:
-        verdicts.append(
-            Verdict(
-                KKT_FALLING,
-                None,
-                f"relative eps {ks[0]['eps_rel']:.3g}, delta {ks[0]['delta']:.3g} at the end "
-                "(save parameters, --save-params, to see it fall)",
-                dict(points=ks),
-            )
-        )
+    if ks:
+        verdicts.append(kkt_falling(ks, traj, objective.loss.log_threshold))
     if why:  # GD outside its theorem: these claims are the flow's, observed here
         flows = (KKT_FALLING, LOCAL_OPTIMUM, LYU21)
         verdicts = [

@@ -239,3 +239,23 @@ def test_rates_do_not_pass_a_slow_rho_hidden_in_a_growing_margin():
     tr.columns["smoothed_margin"] = u / tr["rho"] ** 2
     v = rates(tr, 2, 0.0)[0]
     assert v.outcome != PASS, v
+
+
+def test_kkt_falling_outcomes():
+    """The relative KKT eps at the saved parameters: falling as a power of log t PASSes,
+    rising resolved over a decade FAILs, a flat one is INCONCLUSIVE, two or three points
+    are INCONCLUSIVE (no trend), one point is n/a."""
+    from gflow.theory import kkt_falling
+
+    lt = np.geomspace(2, 400, 30)
+    tr = _flow(lt)
+
+    def pts(eps):
+        return [dict(log_t=float(t), eps_rel=float(e), delta=0.1) for t, e in zip(lt, eps,
+                                                                                   strict=True)]
+
+    assert kkt_falling(pts(0.5 * lt**-0.5), tr, 0.0).outcome == PASS
+    assert kkt_falling(pts(0.01 * lt**0.5), tr, 0.0).outcome == FAIL
+    assert kkt_falling(pts(np.full(lt.size, 0.2)), tr, 0.0).outcome == INCONCLUSIVE
+    assert kkt_falling(pts(0.5 * lt**-0.5)[:3], tr, 0.0).outcome == INCONCLUSIVE
+    assert kkt_falling(pts(0.5 * lt**-0.5)[-1:], tr, 0.0).outcome == NA
