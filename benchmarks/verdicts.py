@@ -167,6 +167,9 @@ ROWS = [
     ("digits-w10-snap", dict(data="digits", width=10, n=100), 100),
     ("digits-linear-snap", dict(data="digits", model="linear", loss="exp", n=100), 300),
     ("mnist-w10-exp-snap", dict(width=10, loss="exp", n=100), 100),
+    # symmetric data for Lyu et al. (2021)'s two-layer leaky-ReLU theorem
+    ("synth-sym-leaky-w10-exp", dict(data="synthetic-sym", width=10, activation="leaky_relu",
+                                     loss="exp", n=100), 300),  # fmt: skip
 ]
 MUST = ("default", "linear-digits-1000")  # the rows whose rates issue 28 wants decided
 

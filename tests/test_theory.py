@@ -402,22 +402,25 @@ def test_direction_converges_on_a_settling_path_and_fails_on_a_rotation():
 def test_alignment_passes_along_a_flow_and_fails_when_pushed_off_it():
     """``alignment``: along a flow of a ReLU net, 1 - cos(theta, -grad Loss) falls (the
     paper's Lemma C.8); snapshots pushed ever further off the flow's direction (the
-    last one's by a growing random tilt) make it rise, and the check fails."""
+    last one's by a growing random tilt) stop it falling, and the check does not pass."""
     from gflow.dynamics import run_flow
     from gflow.theory import alignment
 
     ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=0), "unit")
     obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=6), ds, "logistic")
-    tr = run_flow(obj, p0, log_t_max=30, saves=6, save_params=True)
+    tr = run_flow(obj, p0, log_t_max=30, saves=12, save_params=True)
     th = obj.loss.log_threshold
     assert alignment(tr, obj, th).passed is True
     end = tr.snapshots[-1]
     rng = np.random.default_rng(0)
     tilt = jax.tree.map(lambda a: rng.standard_normal(np.shape(a)) * np.linalg.norm(a), end)
-    pushed = [jax.tree.map(lambda a, b, s=s: a + s * b, end, tilt) for s in np.linspace(0, 0.3, 7)]
+    pushed = [jax.tree.map(lambda a, b, s=s: a + s * b, end, tilt)
+              for s in np.linspace(0, 0.3, len(tr))]  # fmt: skip
     bad = _with_snapshots(tr["log_t"], pushed)
     bad.columns["log_loss"] = np.asarray(tr["log_loss"])  # past t0 as the run is
-    assert alignment(bad, obj, th).passed is False
+    # the gap no longer falls: never PASS (it rises as (log t)^0.05 here, below the
+    # 0.125 a FAIL needs, so INCONCLUSIVE; a resolved rise FAILs, tests/test_verdicts.py)
+    assert alignment(bad, obj, th).outcome in ("FAIL", "INCONCLUSIVE")
 
 
 class _Diagonal(nnx.Module):
