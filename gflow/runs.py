@@ -437,7 +437,15 @@ def claim(out, *, unique: bool, resume: bool):
     while True:
         # an flock on the lock file: the kernel releases it when the process ends, however
         # it ends, so no stale lock is ever taken over by guesswork about pids
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        # O_NOFOLLOW: a lock planted as a symbolic link would have us truncate and write
+        # whatever it points to (issue 29); it is refused instead
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if lock.is_symlink():
+                raise ValueError(f"{lock} is a symbolic link, not a lock file: refused (remove "
+                                 "it to use this folder)") from None  # fmt: skip
+            raise ValueError(f"cannot open the lock file {lock}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -484,7 +492,7 @@ def _in_use(lock) -> bool:
     import os
 
     try:
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:

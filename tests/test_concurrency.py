@@ -51,3 +51,23 @@ def test_two_runs_naming_one_folder_one_refused(tmp_path):
     seed = int(winner.args[winner.args.index("--seed") + 1])
     assert json.loads((out / "run.json").read_text())["seed"] == seed
     assert Trajectory.load(out).config["seed"] == seed
+
+
+def test_a_lock_planted_as_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    """A run folder whose lock file is a symbolic link (to a file of the user's): the
+    run is refused with one line naming it, and the file it points to is not written
+    (it was truncated and given the process id before, issue 29 item 2)."""
+    import pytest
+
+    from gflow.runs import claim, release
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".gflow-lock").symlink_to(victim)
+    with pytest.raises(ValueError, match="symbolic link"):
+        claim(out, unique=False, resume=True)
+    release()
+    assert victim.read_text() == "keep me\n"
+    assert (out / ".gflow-lock").is_symlink()
