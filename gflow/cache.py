@@ -98,7 +98,17 @@ def configure(where: str | os.PathLike | None = None) -> Path | None:
     if str(where).strip().lower() in _OFF:
         _set(enable=False)
         return None
-    path = Path(where).expanduser()
+    try:
+        path = Path(where).expanduser()
+    except RuntimeError as e:  # "~nosuchuser/...": no home to expand (issue 29 item 4)
+        warnings.warn(
+            f"the compilation cache folder {where} is not usable ({e}); compiling without a "
+            f"cache (set {ENV} to another folder, or to 'off')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _set(enable=False)
+        return None
     if path == _ours and cache_dir() == path:
         return path  # already so (gflow's command line and run() may both ask)
     why = _writable(path)

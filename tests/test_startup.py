@@ -242,3 +242,16 @@ def test_a_kept_program_that_fails_is_dropped_and_traced_anew(own_cache, monkeyp
         m.setattr(jax.export, "deserialize", lambda data: Broken())
         _same_columns(_flow(), first)
     assert not any(p.exists() for p in kept)  # dropped
+
+
+def test_a_cache_folder_under_an_unknown_user_warns_and_runs_uncached(tmp_path):
+    """``GFLOW_COMPILATION_CACHE='~nosuchuser/x'``: ``~user`` that does not resolve was a
+    traceback on every command and on ``import gflow`` (issue 29 item 4); it is a warning
+    and an uncached run."""
+    env = {**os.environ, "GFLOW_COMPILATION_CACHE": "~gflow-no-such-user-x/cache"}
+    p = subprocess.run([sys.executable, "-c", "import gflow, gflow.cache as c; "
+                        "print(c.cache_dir())"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "is not usable" in p.stderr
+    assert p.stdout.strip() == "None"
