@@ -338,16 +338,16 @@ def rates(
     against ``log log T`` must have slopes ``1`` and ``2 - 2/L``
     (``rho = Theta((log T)^(1/L))``, ``Loss = Theta(1 / (T (log T)^(2 - 2/L)))``), each
     within ``exponent_interval`` at ``level`` (fitted with the finite-T corrections the
-    rates carry; both widened by the smoothed margin's own slope over the window, which
-    they carry, times 1 and 2/L: gamma_tilde approaches its limit at no known rate).
+    rates carry, with the bounded terms the run measures taken out, and widened by how
+    far the slope moves over the window's later half: the comments below).
     The verdict decides only where it can, with an indifference zone of the theory's
     exponent +- ``resolution / 2``: PASS when both intervals lie inside it, FAIL when
     one lies wholly outside it, both only with half-widths of at most ``resolution / 2``
     (so that an exponent off by ``resolution`` is told apart) over ``min_decades`` of
-    log T or more, and a PASS only with a settling smoothed margin; INCONCLUSIVE otherwise (an
-    interval too wide, a window too short for an asymptotic claim, or across the zone's
-    edge), naming the horizon that would resolve it (``rates_horizon``). The ratios'
-    factor-band widths are in the details."""
+    log T or more, and a PASS only with a settling smoothed margin; INCONCLUSIVE
+    otherwise (an interval too wide, a window too short for an asymptotic claim, or
+    across the zone's edge), naming the horizon that would resolve it
+    (``rates_horizon``). The ratios' factor-band widths are in the details."""
     L = int(order)
     i0 = threshold_index(traj, log_threshold)
     if i0 is None:
@@ -580,8 +580,8 @@ def fidelity(traj: Trajectory) -> Verdict:
             "and does not fall with the step"
         )
     if bad:
-        worst = max(bad, key=lambda c: -math.inf if math.isnan(det[c]["max"]) else det[c]["max"])
-        worst = next((c for c in bad if math.isnan(det[c]["max"])), worst)
+        # a monitor that broke down (NaN) first, else the largest
+        worst = max(bad, key=lambda c: (math.isnan(det[c]["max"]), np.nan_to_num(det[c]["max"])))
         value = det[worst]["max"]
         what = ("is not finite" if math.isnan(value) else
                 f"{value:.2g} exceeds the run's tolerance {tol:.2g} (rtol)")  # fmt: skip
@@ -632,12 +632,10 @@ def gd_scope(traj: Trajectory, step_ratio: float | None = None) -> list[str]:
     if cfg.get("loss") != "exp":
         why.append(f"the {cfg.get('loss')} loss: the GD theorem is proved for the exponential (A3)")
     every = cfg.get("sharpness_every") or 0
-    log_threshold = cfg.get("log_threshold")
-    if log_threshold is None and cfg.get("loss") is not None:
-        try:
-            log_threshold = get_loss(cfg["loss"]).log_threshold
-        except ValueError:  # a loss of one's own with no threshold recorded
-            log_threshold = None
+    try:
+        log_threshold = _log_threshold(cfg, None)
+    except ValueError:  # a loss of one's own with no threshold recorded
+        log_threshold = None
     i0 = None if log_threshold is None else threshold_index(traj, float(log_threshold))
     u0 = None if i0 is None else -float(traj["log_loss"][i0])  # log(1/Loss(t0))
     if every and "step_condition_max" in traj.columns and u0 is not None and u0 > 0:
