@@ -14,10 +14,15 @@ can share it). It does nothing when JAX's cache was set up by the user
 (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``). ``gflow``'s commands take
 ``--compilation-cache DIR|off``.
 
-A folder that cannot be created or written turns the cache off with a warning; an entry
-that cannot be read (a damaged file) is compiled anew, with JAX's warning. Neither stops
-a run. Entries are written whole or not at all (``_atomic_entries``), so a full disk or
-a killed run leaves no truncated one behind. ``data_dir()`` is a sibling folder for
+**Private.** Its entries are programs JAX runs, so the cache is this user's alone: the
+folders gflow creates are 0700 and the entries it writes 0600, whatever the umask; an
+existing folder owned by another user, or writable by group or others, is refused (a
+one-line warning, and the run compiles without a cache). A folder that cannot be created
+or written turns the cache off the same way; a blank folder name given on the command
+line is an error, in the environment a warning. An entry that cannot be read (a damaged
+file) is compiled anew, with JAX's warning. None of these stops a run. Entries are
+written whole or not at all (``_atomic_entries``), so a full disk or a killed run leaves
+no truncated one behind. ``data_dir()`` is a sibling folder for
 parsed copies of built-in data.
 
 **Traced programs.** JAX keeps compiled programs, but every process still traces its
@@ -40,16 +45,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from gflow.errors import warn
 
 __all__ = ["configure", "cache_dir", "data_dir", "traced_dir", "Traced", "ENV", "MAX_BYTES"]
 
 ENV = "GFLOW_COMPILATION_CACHE"
 MAX_BYTES = 2 << 30
 _OFF = {"off", "0", "false", "none", "no"}
+_ON = {"on", "1", "true", "yes"}
 _ours: Path | None = None
 
 
@@ -60,9 +68,10 @@ def _default() -> Path:
 
 def data_dir() -> Path | None:
     """``$XDG_CACHE_HOME/gflow/data``: parsed copies of built-in data sets that are slow
-    to parse (``gflow.data.mnist5k``), or ``None`` when it cannot be written."""
+    to parse (``gflow.data.mnist5k``), or ``None`` when it cannot be written or is not
+    private (``_private``)."""
     path = _default().parent / "data"
-    return None if _writable(path) else path
+    return None if _private(path) else path
 
 
 def cache_dir() -> Path | None:
@@ -73,15 +82,43 @@ def cache_dir() -> Path | None:
     return Path(d) if d and jax.config.jax_enable_compilation_cache else None
 
 
-def _writable(path: Path) -> str | None:
-    """``None`` when ``path`` is (made) a folder this process can write, else why not."""
+def _private(path: Path) -> str | None:
+    """``None`` when ``path`` is (made) a folder this process can write and no one else
+    can: the folders it creates are 0700 whatever the umask, and an existing one must be
+    this user's and not writable by group or others (another user could plant programs
+    in it). Else why not."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        missing = []
+        here = path
+        while not here.exists() and here != here.parent:
+            missing.append(here)
+            here = here.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:  # made meanwhile by a concurrent run: checked below
+                continue
+            os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return "not a folder"
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            return f"owned by another user (uid {st.st_uid})"
+        if st.st_mode & 0o022:
+            return (f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}; "
+                    f"chmod go-w {path} makes it private)")  # fmt: skip
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
             pass
     except OSError as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _unusable(where, why: str) -> None:
+    warn(f"the compilation cache folder {where} is not usable ({why}); compiling without a "
+         f"cache (set {ENV} or --compilation-cache to another folder, or to 'off')",
+         stacklevel=3)  # fmt: skip
+    _set(enable=False)
 
 
 def configure(where: str | os.PathLike | None = None) -> Path | None:
@@ -95,31 +132,25 @@ def configure(where: str | os.PathLike | None = None) -> Path | None:
         if jax.config.jax_compilation_cache_dir and _ours is None:
             return cache_dir()  # the user's own set-up
         where = os.environ.get(ENV) or _default()
+        if not str(where).strip():  # "   ": a folder named by blanks is no one's intent
+            _unusable(repr(where), f"{ENV} is blank")
+            return None
+    elif not str(where).strip():
+        raise ValueError(f"the compilation cache folder is blank ({str(where)!r}); give a "
+                         "folder, or 'off'")  # fmt: skip
     if str(where).strip().lower() in _OFF:
         _set(enable=False)
         return None
     try:
         path = Path(where).expanduser()
     except RuntimeError as e:  # "~nosuchuser/...": no home to expand (issue 29 item 4)
-        warnings.warn(
-            f"the compilation cache folder {where} is not usable ({e}); compiling without a "
-            f"cache (set {ENV} to another folder, or to 'off')",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        _set(enable=False)
+        _unusable(where, str(e))
         return None
     if path == _ours and cache_dir() == path:
         return path  # already so (gflow's command line and run() may both ask)
-    why = _writable(path)
+    why = _private(path)
     if why is not None:
-        warnings.warn(
-            f"the compilation cache folder {path} is not usable ({why}); compiling without "
-            f"a cache (set {ENV} to another folder, or to 'off')",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        _set(enable=False)
+        _unusable(path, why)
         return None
     try:
         import filelock  # noqa: F401  (the LRU eviction's lock)
@@ -170,20 +201,31 @@ def _atomic_entries() -> None:
             self._evict_if_needed(additional_size=len(value))
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
-                tmp.write_bytes(value)
+                _write_private(tmp, value)
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
             if self.eviction_enabled:
                 import time
 
-                (self.path / f"{key}{atime}").write_bytes(time.time_ns().to_bytes(8, "little"))
+                stamp = self.path / f"{key}{atime}"
+                stamp.unlink(missing_ok=True)
+                _write_private(stamp, time.time_ns().to_bytes(8, "little"))
         finally:
             if self.eviction_enabled:
                 self.lock.release()
 
     put._atomic = True
     cls.put = put
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """``data`` into a new file ``path`` that only this user can read or write (0600),
+    never through a link planted at ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)  # fmt: skip
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _set(enable: bool, **options) -> None:
@@ -202,10 +244,24 @@ def traced_dir() -> Path | None:
     """The folder of traced programs (``Traced``): ``traced`` in gflow's compilation cache
     folder, or ``None`` when that cache is off, is one the user set up in JAX, or
     ``GFLOW_TRACED=off``."""
-    if os.environ.get(TRACED_ENV, "").strip().lower() in _OFF:
+    if not traced_on():
         return None
     here = cache_dir()
     return None if (_ours is None or here != _ours) else here / "traced"
+
+
+def traced_on() -> bool:
+    """``GFLOW_TRACED``: unset, empty, on, 1, true or yes keep traced programs; off, 0,
+    false, no or none do not; anything else is refused with a one-line warning (and
+    none are kept)."""
+    value = os.environ.get(TRACED_ENV, "").strip().lower()
+    if value in _OFF:
+        return False
+    if value and value not in _ON:
+        warn(f"{TRACED_ENV}={os.environ[TRACED_ENV]!r} is not one of on, off, 1, 0, true, "
+             "false; traced programs are not kept")  # fmt: skip
+        return False
+    return True
 
 
 _LIBRARIES = ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax", "flax", "numpy")
@@ -324,8 +380,9 @@ def _write(folder: Path, path: Path, data: bytes) -> None:
     from gflow.trajectory import atomic_write
 
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, data)
+        if _private(folder) is not None:
+            return
+        atomic_write(path, data, mode=0o600)
         entries = sorted(folder.glob("*.jaxexport"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-TRACED_KEEP]:
             old.unlink(missing_ok=True)

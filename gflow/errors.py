@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
-__all__ = ["one_line", "summarize"]
+import warnings
+
+__all__ = ["GflowWarning", "UntrustedCode", "one_line", "summarize", "warn"]
+
+
+class UntrustedCode(ValueError):
+    """A run folder's file holds code (a pickle) that gflow loads only when trusted."""
+
+
+class GflowWarning(UserWarning):
+    """A warning of gflow's own: printed as one line, ``gflow: warning: ...``."""
+
+
+def warn(message: str, stacklevel: int = 2) -> None:
+    """Warn with one line ``gflow: warning: message`` (a ``GflowWarning``: the usual
+    ``warnings`` filters apply, e.g. ``-W error::gflow.errors.GflowWarning``)."""
+    warnings.warn(one_line(message, 1000), GflowWarning, stacklevel=stacklevel + 1)
+
+
+_plain_format = warnings.formatwarning
+
+
+def _format(message, category, filename, lineno, line=None):
+    if isinstance(category, type) and issubclass(category, GflowWarning):
+        return f"gflow: warning: {message}\n"
+    return _plain_format(message, category, filename, lineno, line)
+
+
+if not getattr(warnings.formatwarning, "_gflow", False):
+    _format._gflow = True
+    warnings.formatwarning = _format
 
 
 def one_line(message: str, limit: int = 400) -> str:

@@ -255,3 +255,88 @@ def test_a_cache_folder_under_an_unknown_user_warns_and_runs_uncached(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and "is not usable" in p.stderr
     assert p.stdout.strip() == "None"
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
+        ln for ln in p.stderr.splitlines() if ln.startswith("gflow: warning: ")
+    ]  # one line each, no Python warning header pointing into gflow
+
+
+def _umask_probe(tmp_path, env: dict, mask: int = 0o000) -> subprocess.CompletedProcess:
+    """``PROBE`` in a process whose umask is ``mask`` (000: every new file world-writable
+    unless gflow says otherwise)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    full.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-c", PROBE], env=full, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(mask))  # fmt: skip
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_the_cache_is_private_whatever_the_umask(tmp_path):
+    """Issue 29 item 3: under umask 000 the cache's folders were 777 and its entries 666,
+    so another user could plant programs that JAX loads. Folders gflow creates are 0700
+    and the entries 0600."""
+    res = _umask_probe(tmp_path, {"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert res.returncode == 0, res.stderr
+    jaxdir = tmp_path / "xdg" / "gflow" / "jax"
+    assert f"dir {jaxdir}" in res.stdout
+    for folder in (tmp_path / "xdg", tmp_path / "xdg" / "gflow", jaxdir):
+        assert _mode(folder) == 0o700, folder
+    entries = [p for p in jaxdir.iterdir() if p.name.endswith(("-cache", "-atime"))]
+    assert entries and all(_mode(p) == 0o600 for p in entries), [
+        (p.name, oct(_mode(p))) for p in entries
+    ]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_cache_others_can_write_is_refused(tmp_path, mode):
+    """An existing cache folder writable by group or others is not used: a one-line
+    warning naming it and an uncached run (the value still right)."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, mode)
+    res = _umask_probe(tmp_path, {"GFLOW_COMPILATION_CACHE": str(folder)})
+    assert res.returncode == 0, res.stderr
+    assert "dir None" in res.stdout
+    value = float(res.stdout.split("value ")[1].split()[0])
+    assert abs(value - 3 * np.sin(0.5)) <= 4 * np.finfo(float).eps  # a few ulps of sin
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert line.startswith("gflow: warning: ") and str(folder) in line and "writable by" in line
+    assert not list(folder.iterdir())  # nothing written into it
+
+
+def test_a_cache_of_another_user_is_refused(tmp_path, monkeypatch):
+    """A cache folder owned by another user is refused (here: this process pretends to be
+    another user, as root could not otherwise be one)."""
+    from gflow import cache
+
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "getuid", lambda: folder.stat().st_uid + 1)
+    assert "owned by another user" in cache._private(folder)
+
+
+def test_blank_cache_folders_and_bad_switches(tmp_path, capsys):
+    """``--compilation-cache ''`` wrote programs into the current folder, a blank
+    ``GFLOW_COMPILATION_CACHE`` made a folder named by blanks, ``GFLOW_TRACED=maybe`` was
+    taken as on: now an error, a warning and an uncached run, a warning and nothing kept."""
+    from gflow.cli import main
+
+    for blank in ("", "   "):
+        assert main(["run", "--compilation-cache", blank, "--no-plot", "--no-progress",
+                     "--out", str(tmp_path / "r")]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.startswith("gflow: error: the compilation cache folder is blank"), err
+    assert not (tmp_path / "r").exists()
+    res = _umask_probe(tmp_path, {"GFLOW_COMPILATION_CACHE": "   "}, mask=0o022)
+    assert res.returncode == 0 and "dir None" in res.stdout, res.stderr
+    assert "is blank" in res.stderr and sorted(os.listdir(tmp_path)) == []
+    probe = "import gflow.cache as c; print(c.traced_on())"
+    for value, on in (("maybe", False), ("TRUE", True), ("0", False), ("", True)):
+        env = {**os.environ, "GFLOW_TRACED": value, "GFLOW_COMPILATION_CACHE": "off"}
+        p = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert p.stdout.strip() == str(on), (value, p.stderr)
+        assert ("is not one of on, off" in p.stderr) == (value == "maybe"), p.stderr
