@@ -498,6 +498,15 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     add_cache_option(o)
 
 
+def add_trust_option(p) -> None:
+    """``--trust-code``: load a run folder's model when it is kept as code."""
+    p.add_argument("--trust-code", action="store_true",
+                   help="load the folder's objective.pkl when its model is kept only as code "
+                   "(a pickle: it runs whatever it holds, with your rights; only for folders "
+                   "you made). Without it a run folder is read as data only, and what needs "
+                   "such a model is n/a")  # fmt: skip
+
+
 def add_cache_option(p) -> None:
     """``--compilation-cache`` (gflow.cache)."""
     p.add_argument("--compilation-cache", metavar="DIR|off", default=None,
@@ -590,14 +599,27 @@ def cmd_run(args) -> int:
     return run(RunOptions.from_namespace(args))
 
 
-def _objective_of(folder, cfg: dict):
+def _objective_of(folder, cfg: dict, trust_code: bool, needed: bool = False):
     """The objective of a saved run: rebuilt from its options (``gflow run``), else read
-    from its ``objective.pkl`` (a library run); None when neither is there."""
+    as data from its ``objective.json`` (a library run), else (``trust_code`` only) from
+    its ``objective.pkl``. None when there is none, or when it cannot be had (kept as
+    code and not trusted, a spec that does not resolve): then one ``gflow: warning:``
+    line says so (``needed``: the ``ValueError`` instead)."""
+    from gflow.errors import one_line
     from gflow.objective import load_objective
     from gflow.problem import Problem
 
     problem = Problem.from_config(cfg)
-    return problem.build()[2] if problem is not None else load_objective(folder)
+    if problem is not None:
+        return problem.build()[2]
+    try:
+        return load_objective(folder, trust_code=trust_code)
+    except ValueError as e:  # kept as code, or a spec that does not resolve or build
+        if needed:
+            raise
+        print(f"gflow: warning: {one_line(str(e))}; what needs the model is n/a",
+              file=sys.stderr)  # fmt: skip
+        return None
 
 
 def _run_folders(path) -> list:
@@ -622,7 +644,7 @@ def cmd_check(args) -> int:
     runs, checks = [], []
     for folder in _run_folders(args.run_dir):
         tr = Trajectory.load(folder)
-        obj = None if args.no_kkt else _objective_of(folder, tr.config)
+        obj = None if args.no_kkt else _objective_of(folder, tr.config, args.trust_code)
         verdicts = check_run(tr, obj, kkt=not args.no_kkt)
         print(f"{folder} ({tr.kind}, {tr.status}, log t up to {tr['log_t'][-1]:.4g}):")
         for v in verdicts:
@@ -684,11 +706,11 @@ def cmd_attack(args) -> int:
 
     for folder in _run_folders(args.run_dir):
         tr = Trajectory.load(folder)
-        obj = _objective_of(folder, tr.config)
+        obj = _objective_of(folder, tr.config, args.trust_code, needed=True)
         if obj is None:
             raise ValueError(
                 f"{folder}: its problem cannot be rebuilt (neither gflow run's options nor a "
-                "saved objective.pkl)"
+                "saved objective)"
             )
         graphdef = obj.graphdef
         points = {f"log t {tr['log_t'][i]:.4g}": s for i, s in enumerate(tr.snapshots)}
@@ -788,6 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("run_dir", metavar="RUN_DIR")
     check.add_argument("--no-kkt", action="store_true", help="skip the KKT residual")
+    add_trust_option(check)
     add_cache_option(check)
     check.set_defaults(func=cmd_check)
     comp = sub.add_parser(
@@ -818,6 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--n", type=_positive_int, default=100, help="images attacked")
     attack.add_argument("--steps", type=_positive_int, default=50)
     attack.add_argument("--restarts", type=_positive_int, default=1)
+    add_trust_option(attack)
     add_cache_option(attack)
     attack.set_defaults(func=cmd_attack)
     demo = sub.add_parser(
@@ -891,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         args.given = [tok.split("=", 1)[0] for tok in argv[1:] if tok.startswith("--")]
         if getattr(args, "config", None):
             _apply_config_file(parser, args, argv)
-        if getattr(args, "compilation_cache", None):
+        if getattr(args, "compilation_cache", None) is not None:
             from gflow.cache import configure
 
             configure(args.compilation_cache)

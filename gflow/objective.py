@@ -10,6 +10,7 @@ their jitted forms taking ``(objective, params)``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from jaxtyping import Array
 from gflow import quantities as Q
 from gflow.data import DataError, Dataset
 from gflow.invariants import balance_structure, group_balances, layer_groups, unit_balances
-from gflow.losses import Loss, get_loss, multiclass_margins
+from gflow.losses import LOSSES, Loss, get_loss, multiclass_margins
 from gflow.models import Sequential, apply, layer_norms, split_params
 
 __all__ = [
@@ -66,6 +67,9 @@ class Objective(eqx.Module):
     # Vardi, Shamir & Srebro 2022), "leaky2" (two layers, leaky ReLU, one output: Lyu et
     # al. 2021), else None
     family: str | None = eqx.field(static=True, default=None)
+    # the model as data (``gflow.specs``: {"factory": "module:Name", "kwargs": {...}}) as
+    # JSON text, so that a run folder rebuilds it without code; None when it has none
+    spec: str | None = eqx.field(static=True, default=None)
 
     @property
     def num_samples(self) -> int:
@@ -87,24 +91,41 @@ class Objective(eqx.Module):
             smooth=self.smooth,
         )
 
-    def save(self, folder) -> None:
-        """Write ``objective.pkl`` (the model structure and the loss, by cloudpickle, so a
-        model class defined in a script is kept by value) and ``objective.npz`` (the data)
-        into ``folder``; ``load_objective`` reads them back."""
-        import cloudpickle
+    @property
+    def as_data(self) -> bool:
+        """Whether ``save`` keeps this objective as data alone (a model spec and one of
+        gflow's losses), with no ``objective.pkl``."""
+        return self.spec is not None and type(self.loss) is LOSSES.get(self.loss.name)
 
+    def save(self, folder) -> None:
+        """Write the objective into ``folder``: ``objective.json`` (the model's spec, the
+        loss's name, the order and the flags), ``objective.npz`` (the data) and, only
+        when the model or the loss cannot be kept as data (``as_data``), ``objective.pkl``
+        (the model structure and the loss by cloudpickle, so that a model class defined in
+        a script is kept by value). ``load_objective`` reads them back; the pickle only
+        when trusted."""
         from gflow.distributed import to_host
         from gflow.trajectory import _npz_bytes, atomic_write
 
         folder = Path(folder)
-        static = dict(
-            graphdef=self.graphdef, loss=self.loss, order=self.order,
-            homogeneous=self.homogeneous, smooth=self.smooth, layer_groups=self.layer_groups,
+        flags = dict(
+            order=self.order, homogeneous=self.homogeneous, smooth=self.smooth,
+            layer_groups=None if self.layer_groups is None else list(self.layer_groups),
             family=self.family,
         )  # fmt: skip
-        atomic_write(folder / "objective.pkl", cloudpickle.dumps(static))
+        model = json.loads(self.spec) if self.as_data else None
+        meta = dict(format=1, loss=self.loss.name, model=model, **flags)
+        atomic_write(folder / "objective.json", (json.dumps(meta, indent=2) + "\n").encode())
         data = {"x": to_host(self.x), "y": to_host(self.y)}
         atomic_write(folder / "objective.npz", _npz_bytes(data))
+        if self.as_data:
+            (folder / "objective.pkl").unlink(missing_ok=True)  # an older save's
+        else:
+            import cloudpickle
+
+            static = dict(graphdef=self.graphdef, loss=self.loss, **flags)
+            static["layer_groups"] = self.layer_groups
+            atomic_write(folder / "objective.pkl", cloudpickle.dumps(static))
 
     def outputs(self, params) -> Array:
         return apply(self.graphdef, params, self.x)
@@ -180,25 +201,79 @@ class Objective(eqx.Module):
         return {"balance_drift": why, "layer_balance_drift": why}
 
 
-def load_objective(folder) -> Objective | None:
+def load_objective(folder, *, trust_code: bool = False) -> Objective | None:
     """The ``Objective`` saved in a run folder by ``Objective.save`` (``Trajectory.save``
-    of a library run), or None when there is none. Unpickling runs code: load only run
-    folders you trust (as with any pickle)."""
-    import pickle
+    of a library run), or None when there is none.
+
+    Read as data (``objective.json``, ``objective.npz``; the model rebuilt from its spec
+    by installed code, ``gflow.specs``). A folder whose model is kept only as code
+    (``objective.pkl``) raises ``UntrustedCode``, a ``ValueError``, unless
+    ``trust_code=True``: then the pickle is loaded, after a one-line warning naming it.
+    Unpickling runs whatever code the file holds, so trust only folders you made."""
+    from gflow.errors import UntrustedCode, summarize, warn
 
     folder = Path(folder)
-    pkl, npz = folder / "objective.pkl", folder / "objective.npz"
-    if not (pkl.is_file() and npz.is_file()):
+    meta_path, pkl, npz = (folder / f"objective.{ext}" for ext in ("json", "pkl", "npz"))
+    if not npz.is_file() or not (meta_path.is_file() or pkl.is_file()):
         return None
     try:
-        static = pickle.loads(pkl.read_bytes())
-        with np.load(npz) as z:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        with np.load(npz, allow_pickle=False) as z:
             x, y = z["x"], z["y"]
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which
-        from gflow.errors import summarize
-
         raise ValueError(f"cannot read the objective saved in {folder} ({summarize(e)})") from None
-    return Objective(x=jnp.asarray(x), y=jnp.asarray(y), **static)
+    if meta is not None and meta.get("model") is not None:
+        return _objective_from_data(folder, meta, x, y)
+    if not pkl.is_file():
+        return None
+    if not trust_code:
+        raise UntrustedCode(f"{pkl} holds the model as code (a pickle), which gflow does "
+                            "not load without --trust-code (trust_code=True in the library)")
+    warn(f"loading code from {pkl} (--trust-code): it runs with your rights")
+    import pickle
+
+    try:
+        static = pickle.loads(pkl.read_bytes())
+        if not isinstance(static, dict):
+            raise TypeError(f"it holds a {type(static).__name__}, not an objective's fields")
+        return Objective(x=jnp.asarray(x), y=jnp.asarray(y), **static)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read the objective saved in {folder} ({summarize(e)})") from None
+
+
+def _objective_from_data(folder: Path, meta: dict, x, y) -> Objective:
+    """An objective from ``objective.json``'s fields: each checked, the model rebuilt
+    from its spec (``gflow.specs.build``)."""
+    from gflow import specs
+
+    where = folder / "objective.json"
+
+    def field(name, kind, optional=False):
+        value = meta.get(name)
+        if (value is None and optional) or (isinstance(value, kind) and not
+                                            (kind is int and isinstance(value, bool))):
+            return value
+        raise ValueError(f"{where}: field {name!r} is {value!r}, expected {kind.__name__}")
+
+    loss = get_loss(field("loss", str))
+    groups = field("layer_groups", list, optional=True)
+    if groups is not None and not all(isinstance(g, int) for g in groups):
+        raise ValueError(f"{where}: field 'layer_groups' must hold integers")
+    try:
+        spec = specs.as_spec(meta["model"])
+        model = specs.build(spec, folder)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    graphdef, _ = split_params(model)
+    return Objective(
+        x=jnp.asarray(x), y=jnp.asarray(y), graphdef=graphdef, loss=loss,
+        order=field("order", int), homogeneous=field("homogeneous", bool),
+        smooth=field("smooth", bool, optional=True),
+        layer_groups=None if groups is None else tuple(groups),
+        family=field("family", str, optional=True), spec=json.dumps(spec, sort_keys=True),
+    )  # fmt: skip
 
 
 def _wide(out: Array) -> Array:
@@ -214,6 +289,7 @@ def make_objective(
     order: int | None = None,
     params=None,
     devices=None,
+    spec=None,
 ) -> tuple[Objective, dict]:
     """Pair a model with data and a loss; returns ``(objective, initial params)``.
 
@@ -227,7 +303,13 @@ def make_objective(
     (``Phi(c theta) = c^L Phi(theta)``; a wrong one raises ``ValueError``). gflow's own
     models declare it; any other model must be given it.
     ``devices``: shard the data over these devices (or this many; see ``shard``).
+    ``spec``: for a model of one's own, ``("package.module:ModelClass", kwargs)`` naming
+    an installed ``nnx.Module`` class that rebuilds it as ``ModelClass(**kwargs,
+    rngs=...)`` (checked here), so that a saved run keeps the model as data
+    (``gflow.specs``); gflow's own models give theirs themselves. Without one, a saved
+    run keeps the model as code, which ``gflow check`` loads only with ``--trust-code``.
     """
+    from gflow import specs
     from gflow.models import check_homogeneity, params_dtype
 
     loss = get_loss(loss) if isinstance(loss, str) else loss
@@ -291,6 +373,7 @@ def make_objective(
         smooth=_smooth(model),
         layer_groups=groups,
         family=family(model, num_outputs) if ours else None,
+        spec=specs.spec_text(model, spec) if isinstance(model, nnx.Module) else None,
     )
     return (obj if devices is None else shard(obj, devices)), params
 

@@ -119,7 +119,9 @@ def test_loss_based_is_offered_as_an_optimizer_object(problem):
 
 def test_own_model_momentum_gd_and_dopri5_flow_through_everything(problem, tmp_path, capsys):
     model, (x, y) = problem
-    obj, p0 = make_objective(model, (x, y), losses.Logistic(), order=3)
+    # the spec names this class, so that a saved run keeps the model as data (issue 29)
+    spec = (f"{__name__}:ThreeLayers", {"d": 3, "h": 6})
+    obj, p0 = make_objective(model, (x, y), losses.Logistic(), order=3, spec=spec)
     gd = run_gd(obj, p0, optimizer=optax.sgd(1e-2, momentum=0.9), log_t_max=6.0, saves=12,
                 save_params=True)  # fmt: skip
     flow = run_flow(obj, p0, solver=diffrax.Dopri5(),
@@ -156,7 +158,8 @@ def test_own_model_momentum_gd_and_dopri5_flow_through_everything(problem, tmp_p
 
     # the saved folders: gflow check (with KKT) and gflow attack rebuild the problem
     a, b = gd.save(tmp_path / "gd"), flow.save(tmp_path / "flow")
-    assert (a / "objective.pkl").is_file() and (a / "objective.npz").is_file()
+    assert (a / "objective.json").is_file() and (a / "objective.npz").is_file()
+    assert not (a / "objective.pkl").exists()  # data only: nothing to trust
     back = load_objective(a)
     np.testing.assert_array_equal(
         np.asarray(margins(back, flow.final_params)), np.asarray(margins(obj, flow.final_params))
