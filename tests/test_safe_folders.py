@@ -16,6 +16,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -26,7 +27,7 @@ from gflow import data as D
 from gflow import specs
 from gflow.cli import main
 from gflow.dynamics import run_gd
-from gflow.errors import GflowWarning, UntrustedCode, _format
+from gflow.errors import GflowWarning, UntrustedCode
 from gflow.models import build_model, split_params
 from gflow.objective import load_objective, make_objective, margins
 from gflow.trajectory import Trajectory
@@ -138,7 +139,7 @@ def test_trust_code_loads_the_pickle_after_one_warning(code_run, tmp_path, capsy
         assert main(["check", "--trust-code", str(folder)]) in (0, 1)
     assert (tmp_path / "marker").exists()
     # printed by itself, the warning is one line
-    assert _format("x", GflowWarning, "f.py", 1) == "gflow: warning: x\n"
+    assert warnings.formatwarning("x", GflowWarning, "f.py", 1) == "gflow: warning: x\n"
     # an honest pickle, trusted, checks with the KKT fit as before
     with pytest.warns(GflowWarning, match="loading code from"):
         assert main(["check", "--trust-code", str(code_run)]) in (0, 1)
