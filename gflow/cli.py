@@ -252,7 +252,15 @@ def _solver_name(text: str) -> str:
 def add_run_options(p: argparse.ArgumentParser) -> None:
     from gflow.dynamics import CLOCKS, SCHEDULES, SOLVERS
 
-    g = p.add_argument_group("dynamics")
+    g = p.add_argument_group(
+        "dynamics",
+        "GD's options (--schedule, --lr, --alpha0, --loss-ub, --batch-size, "
+        "--sharpness-every) and the flow's (--clock, --solver, --rtol, --atol, --dt, --cfl, "
+        "--kinks, --kink-fallback, --input-span) are an error where the part they set does "
+        "not run (--dynamics gd / flow), as is --lr under the loss-based schedule, --alpha0 "
+        "under the constant one, --loss-ub without mini-batches and --sharpness-every with "
+        "them",
+    )
     g.add_argument(
         "--dynamics",
         choices=("gd", "flow", "both"),
@@ -373,10 +381,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--kink-fallback",
         type=_ratio_or_inf,
         metavar="RATIO",
-        help="under --kinks: hand over to the default stepping where events cost more than "
-        "RATIO times its gradient evaluations per unit of the loss clock (checked every 256 "
-        "events; measured at most 34 on the default problem, 480-650 on a wide one; "
-        "default: %(default)s; inf: never)",
+        help="under --kinks (an error without it): hand over to the default stepping where "
+        "events cost more than RATIO times its gradient evaluations per unit of the loss "
+        "clock (checked every 256 events; measured at most 34 on the default problem, "
+        "480-650 on a wide one; default: %(default)s; inf: never)",
     )
     g.add_argument(
         "--input-span",
@@ -386,7 +394,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "flow in fewer coordinates, exact to rounding at fixed steps (gflow's MLPs; auto: "
         "when there are at most half as many samples as inputs, as on the default "
         "problem's 300 images of 784 pixels; on: whenever the data's rank is below the "
-        "input size; default: %(default)s)",
+        "input size, and an error before any folder is made where it cannot apply (data of "
+        "full rank, a model that is not an MLP, samples over several devices); under "
+        "--kinks only auto; default: %(default)s)",
     )
     g.add_argument(
         "--log-t-max",
@@ -473,7 +483,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="write a checkpoint at the first save point this many seconds after the last "
         "one (a killed run loses at most that much; 0: at every save point; default "
-        "%(default)s)",
+        "%(default)s; a warning where none are written: --no-checkpoint, several hosts, "
+        "a --dynamics flow --kinks run)",
     )
     o.add_argument(
         "--resume",
@@ -493,7 +504,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "(log t, log Loss, steps, time left; for logs)")  # fmt: skip
     o.add_argument("--status-every", type=_nonneg_float, metavar="SECONDS",
                    help="with --no-progress, seconds between status lines (0: none; "
-                   "default %(default)s)")  # fmt: skip
+                   "default %(default)s; a warning without --no-progress)")  # fmt: skip
     o.add_argument("--no-plot", action="store_true", help="skip plots.png")
     add_cache_option(o)
 
@@ -932,8 +943,11 @@ def main(argv: list[str] | None = None) -> int:
             where += f"; go on with: gflow run --resume {folder}"
         print(f"gflow: error: {one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gflow: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # (gflow.runs.run says it itself once run.json is written)
+        folder, go_on = held_folder(), ""
+        if folder is not None and (folder / "run.json").is_file():
+            go_on = f"; go on with: gflow run --resume {folder}"
+        print(f"gflow: interrupted{go_on}", file=sys.stderr)
         return 130
     finally:
         release()

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 from gflow.problem import Problem
 
@@ -91,6 +92,9 @@ class RunOptions:
     status_every: float = 5.0
     compilation_cache: str | None = None
     no_plot: bool = False
+    # the fields named on the command line (``from_namespace``), even at their default
+    # values (None: not from a command line); not a field, so not in run.json
+    given: ClassVar[frozenset[str] | None] = None
 
     def __post_init__(self):
         if isinstance(self.classes, list):
@@ -104,7 +108,13 @@ class RunOptions:
     def from_namespace(cls, ns) -> RunOptions:
         """The options of a parsed command line (``argparse.Namespace``)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)})
+        opts = cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)})
+        flags = getattr(ns, "given", None)  # gflow.cli.main: the flags on the line
+        if flags is not None:
+            fields = {f.lstrip("-").replace("-", "_") for f in flags}
+            fields = {"declared_order" if f == "order" else f for f in fields}  # --order
+            opts.given = frozenset(fields & set(names))
+        return opts
 
     @property
     def problem(self):
@@ -224,6 +234,139 @@ def _validate(args: RunOptions) -> None:
 
 _SPAN = {"auto": None, "on": True, "off": False}  # --input-span: run_flow's input_span
 
+# options that only one part of ``--dynamics both`` reads (the rest apply to both)
+_GD_ONLY = ("schedule", "lr", "alpha0", "loss_ub", "batch_size", "sharpness_every")
+_FLOW_ONLY = ("clock", "solver", "rtol", "atol", "dt", "cfl", "kinks", "kink_fallback",
+              "input_span")  # fmt: skip
+
+
+class _Given(NamedTuple):
+    """Which options were given: ``typed`` (on the command line, or away from its default
+    in a library call) and ``filed`` (from a ``--config`` file only)."""
+
+    typed: frozenset
+    filed: frozenset
+
+    @property
+    def all(self) -> frozenset:
+        return self.typed | self.filed
+
+
+def _given(args: RunOptions) -> _Given:
+    """The options given (``_Given``). A command line's are its flags (``RunOptions.given``,
+    even at default values), and a value away from its default that no flag set came from
+    the ``--config`` file; a library call's are its values away from the defaults. Read
+    before ``_validate`` fills in defaults."""
+    moved = {k for k, v in RunOptions.defaults().items() if getattr(args, k) != v}
+    if args.given is None:
+        return _Given(frozenset(moved), frozenset())
+    return _Given(frozenset(args.given), frozenset(moved - args.given))
+
+
+def _flags(names) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)
+
+
+def _refuse_dropped(args: RunOptions, given: _Given) -> None:
+    """A given option that the chosen run would not read, by the options that decide it
+    (``--dynamics``, ``--kinks``, ``--schedule``, ``--batch-size``), is refused, naming it
+    and why (issue 29: ``--kinks`` with ``--dynamics gd`` used to run GD and record
+    ``kinks: true``). Where the option or what rules it out comes from a ``--config``
+    file (a set of defaults, often shared by GD and flow runs) it is one warning line
+    instead, and the option is put back to its default, so that ``run.json`` does not
+    record it as used. New runs only: a resumed run goes on with its own options."""
+    defaults = RunOptions.defaults()
+
+    def refuse(names, why, causes):
+        names = [n for n in names if n in given.all]
+        if not names:
+            return
+        msg = f"{_flags(names)} {'applies' if len(names) == 1 else 'apply'} {why}"
+        if not given.filed & {*names, *causes}:
+            raise ValueError(msg)
+        print(f"gflow: warning: {msg} (with --config {args.config}: left out, at its "
+              "default in run.json)", file=sys.stderr)  # fmt: skip
+        for n in names:
+            setattr(args, n, defaults[n])
+
+    if args.dynamics == "gd":
+        refuse(_FLOW_ONLY, "to the flow; --dynamics gd runs no flow", ["dynamics"])
+    if args.dynamics == "flow":
+        refuse(_GD_ONLY, "to GD; --dynamics flow runs no GD", ["dynamics"])
+    if args.dynamics != "gd":
+        if not args.kinks:
+            refuse(["kink_fallback"], "under --kinks only; give --kinks or leave it out",
+                   ["kinks"])  # fmt: skip
+        elif args.input_span != "auto":
+            refuse(["input_span"], "to the flow's default stepping; --kinks integrates "
+                   "every parameter (its fallback decides by the data, as auto)",
+                   ["kinks"])  # fmt: skip
+    if args.dynamics != "flow":
+        if args.schedule == "loss-based":
+            refuse(["lr"], "to --schedule constant; the loss-based schedule steps by "
+                   "--alpha0 / Loss", ["schedule"])  # fmt: skip
+        else:
+            refuse(["alpha0", "loss_ub"], "to --schedule loss-based; the constant schedule "
+                   "steps by --lr", ["schedule"])  # fmt: skip
+        sgd = args.batch_size is not None and args.batch_size != args.n
+        if args.schedule == "loss-based" and not sgd:
+            refuse(["loss_ub"], "to mini-batches (--batch-size below --n); full-batch GD "
+                   "rolls an epoch back on a rise of its loss only",
+                   ["batch_size", "n"])  # fmt: skip
+        if sgd:
+            refuse(["sharpness_every"], f"to full-batch GD; --batch-size {args.batch_size} "
+                   "runs SGD, which estimates no sharpness", ["batch_size", "n"])  # fmt: skip
+
+
+def _warn_unused_output(args: RunOptions, given: _Given, hosts: int) -> None:
+    """Output options that change nothing here: one warning line each (harmless: what is
+    computed and kept is the same either way)."""
+    why = None
+    if "checkpoint_every" in given.all:
+        if args.no_checkpoint:
+            why = "--no-checkpoint writes no checkpoints"
+        elif hosts > 1:
+            why = "a multi-host run writes no checkpoints"
+        elif args.dynamics == "flow" and args.kinks:
+            why = "the --kinks flow is not checkpointed yet"
+    if why is not None:
+        print(f"gflow: warning: --checkpoint-every does nothing: {why}", file=sys.stderr)
+    if "status_every" in given.all and not args.no_progress:
+        print("gflow: warning: --status-every does nothing without --no-progress (it spaces "
+              "the status lines that replace the progress bar)", file=sys.stderr)  # fmt: skip
+
+
+def _refuse_unreduced_span(args: RunOptions, given: _Given, model, obj, params0) -> None:
+    """``--input-span on`` where the flow cannot be taken into the inputs' span (a model
+    that is not one of gflow's MLPs, samples over several devices, or inputs of full
+    rank): refused before the run folder is made, rather than run in every coordinate
+    under a run.json that says ``on``; from a ``--config`` file, a warning, and run.json
+    records ``off``, what runs. The rank is decided by the flow's own rule
+    (``gflow.dynamics.span.input_span``), so the two cannot disagree."""
+    import numpy as np
+
+    from gflow.dynamics.span import input_span
+    from gflow.models import Sequential
+
+    if args.dynamics == "gd" or args.kinks or args.input_span != "on":
+        return
+    devices = len(obj.x.sharding.device_set)
+    if not isinstance(model, Sequential) or any(op[0] != "F" for op in model.ops):
+        why = f"--model {args.model} is not one of gflow's MLPs (every layer dense)"
+    elif devices > 1:
+        why = f"the samples are split over {devices} devices (it is taken on one only)"
+    elif input_span(obj, [params0], True) is None:
+        n, d = obj.x.shape[0], int(np.prod(obj.x.shape[1:]))
+        why = (f"the {n} inputs span all d = {d} input dimensions (rank not below d): there "
+               "is nothing to leave out")  # fmt: skip
+    else:
+        return
+    if "input_span" not in given.filed:
+        raise ValueError(f"--input-span on cannot apply: {why}; use --input-span auto or off")
+    print(f"gflow: warning: input-span = \"on\" (--config {args.config}) cannot apply: {why}; "
+          "the flow runs in every coordinate (run.json: off)", file=sys.stderr)  # fmt: skip
+    args.input_span = "off"
+
 
 def _kinks(args: RunOptions):
     """``--kinks``: the flow's step-size controller (else None: the solver's own)."""
@@ -238,7 +381,6 @@ def _kinks(args: RunOptions):
 def run(args: RunOptions) -> int:
     """Do what ``gflow run`` does with ``args`` (module docstring); the exit code."""
     import json
-    import shutil
     import tempfile
     from datetime import datetime
     from pathlib import Path
@@ -246,11 +388,7 @@ def run(args: RunOptions) -> int:
     import jax
 
     from gflow import timing
-    from gflow.checkpoint import Checkpointer
     from gflow.distributed import is_writer
-    from gflow.dynamics import run_flow, run_gd
-    from gflow.plots import plot_trajectories
-    from gflow.theory import check_run, checks_json
     from gflow.trajectory import atomic_write
 
     if args.compilation_cache is not None:
@@ -263,6 +401,7 @@ def run(args: RunOptions) -> int:
         raise ValueError("--resume of a multi-host run is not supported; rerun it")
     if args.seeds > 1 and hosts > 1:
         raise ValueError(f"--seeds {args.seeds} runs on one host")
+    given = _given(args)  # before _validate fills in defaults
     scratch = None
     if not is_writer():  # process 0 writes the run folder; the others compute only
         scratch = tempfile.TemporaryDirectory(prefix="gflow-worker-")
@@ -285,13 +424,41 @@ def run(args: RunOptions) -> int:
             raise _busy(out)
         if args.out and out.is_dir() and any(out.iterdir()):
             raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
+    if not resume:
+        _refuse_dropped(args, given)
     _validate(args)
+    _warn_unused_output(args, given, hosts)
     with timing.phase("problem"):
         ds, model, obj, params0 = args.problem.build()
+    if not resume:
+        _refuse_unreduced_span(args, given, model, obj, params0)
     config = args.to_json()
     out, created = claim(out, unique=not (args.out or resume), resume=resume)
     if not resume:
         atomic_write(out / "run.json", (json.dumps(config, indent=2) + "\n").encode())
+    try:
+        return _run_in(args, out, created, ds, model, obj, params0, config)
+    except KeyboardInterrupt:  # Ctrl-C outside the loops' own stops (they end in the same
+        return _stop_interrupted(out)  # message): between GD and the flow, in the checks
+
+
+def _run_in(args: RunOptions, out: Path, created: bool, ds, model, obj, params0,
+            config: dict) -> int:  # fmt: skip
+    """``run`` in its claimed folder ``out`` (holding ``run.json``): GD and / or the flow,
+    the checks, the table, ``summary.json``, the plots; the exit code."""
+    import json
+    import shutil
+
+    import jax
+
+    from gflow import timing
+    from gflow.checkpoint import Checkpointer
+    from gflow.dynamics import run_flow, run_gd
+    from gflow.plots import plot_trajectories
+    from gflow.theory import check_run, checks_json
+    from gflow.trajectory import atomic_write
+
+    resume, hosts = args.resume is not None, jax.process_count()
     config.update(
         order=obj.order,
         homogeneous=obj.homogeneous,
@@ -440,7 +607,7 @@ def claim(out, *, unique: bool, resume: bool):
         # O_NOFOLLOW: a lock planted as a symbolic link would have us truncate and write
         # whatever it points to (issue 29); it is refused instead
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o666)
         except OSError as e:
             if lock.is_symlink():
                 raise ValueError(f"{lock} is a symbolic link, not a lock file: refused (remove "
