@@ -368,6 +368,23 @@ def _refuse_unreduced_span(args: RunOptions, given: _Given, model, obj, params0)
     args.input_span = "off"
 
 
+def driver_args(args: RunOptions, kind: str) -> dict:
+    """The one translation of ``args`` (validated) into the arguments of ``run_gd`` /
+    ``run_gd_seeds`` (``kind`` "gd") or ``run_flow`` / ``run_flow_seeds`` ("flow"), for
+    single and ``--seeds`` runs alike; what differs between them (a run's seed, its
+    progress, its checkpoint) the caller adds."""
+    common = dict(log_t_max=args.log_t_max, log_loss_min=args.log_loss_min, saves=args.saves,
+                  log_t_min=args.log_t_min, save_params=args.save_params)  # fmt: skip
+    if kind == "gd":
+        return dict(common, schedule=args.schedule, lr=args.lr, alpha0=args.alpha0,
+                    loss_ub=args.loss_ub, batch_size=args.batch_size,
+                    max_steps=args.steps or 100_000,
+                    sharpness_every=args.sharpness_every)  # fmt: skip
+    return dict(common, clock=args.clock, solver=args.solver, stepsize_controller=_kinks(args),
+                rtol=args.rtol, atol=args.atol, dt=args.dt, cfl=args.cfl,
+                input_span=_SPAN[args.input_span], max_steps=args.steps or 1_000_000)  # fmt: skip
+
+
 def _kinks(args: RunOptions):
     """``--kinks``: the flow's step-size controller (else None: the solver's own)."""
     from gflow.dynamics import KinkStepping
@@ -494,46 +511,11 @@ def _run_in(args: RunOptions, out: Path, created: bool, ds, model, obj, params0,
         t0 = time.perf_counter()
         try:
             with timing.phase(kind):
-                common = dict(
-                    log_t_max=args.log_t_max,
-                    log_loss_min=args.log_loss_min,
-                    saves=args.saves,
-                    log_t_min=args.log_t_min,
-                    save_params=args.save_params,
-                    config=config,
-                    progress=bar,
-                    checkpoint=ck,
-                    resume=resume,
-                )
+                each = dict(config=config, progress=bar, checkpoint=ck, resume=resume)
                 if kind == "gd":
-                    tr = run_gd(
-                        obj,
-                        params0,
-                        schedule=args.schedule,
-                        lr=args.lr,
-                        alpha0=args.alpha0,
-                        loss_ub=args.loss_ub,
-                        batch_size=args.batch_size,
-                        max_steps=args.steps or 100_000,
-                        seed=args.seed,
-                        sharpness_every=args.sharpness_every,
-                        **common,
-                    )
+                    tr = run_gd(obj, params0, seed=args.seed, **each, **driver_args(args, kind))
                 else:
-                    tr = run_flow(
-                        obj,
-                        params0,
-                        clock=args.clock,
-                        solver=args.solver,
-                        stepsize_controller=_kinks(args),
-                        rtol=args.rtol,
-                        atol=args.atol,
-                        dt=args.dt,
-                        cfl=args.cfl,
-                        input_span=_SPAN[args.input_span],
-                        max_steps=args.steps or 1_000_000,
-                        **common,
-                    )
+                    tr = run_flow(obj, params0, **each, **driver_args(args, kind))
         except ValueError:
             if created and not trajs and not (ck is not None and ck.exists()):
                 shutil.rmtree(out, ignore_errors=True)  # bad input: leave no folder
@@ -788,27 +770,11 @@ def _run_seeds(args, out, ds, obj, config, which) -> int:
             t0 = time.perf_counter()
             bar = _Progress(f"{kind} x{len(seeds)}", args.log_t_max, not args.no_progress,
                             args.status_every)  # fmt: skip
-            common = dict(
-                seeds=seeds, log_t_max=args.log_t_max, saves=args.saves,
-                log_t_min=args.log_t_min, config=config, progress=_Slowest(len(seeds), bar),
-                checkpoint=ck, resume=resume,
-            )  # fmt: skip
+            each = dict(seeds=seeds, config=config, progress=_Slowest(len(seeds), bar),
+                        checkpoint=ck, resume=resume)  # fmt: skip
             try:
-                if kind == "gd":
-                    runs = run_gd_seeds(
-                        obj, inits, schedule=args.schedule, lr=args.lr, alpha0=args.alpha0,
-                        loss_ub=args.loss_ub, batch_size=args.batch_size,
-                        max_steps=args.steps or 100_000,
-                        sharpness_every=args.sharpness_every, **common,
-                    )  # fmt: skip
-                else:
-                    runs = run_flow_seeds(
-                        obj, inits, clock=args.clock, solver=args.solver, rtol=args.rtol,
-                        atol=args.atol, dt=args.dt, cfl=args.cfl,
-                        stepsize_controller=_kinks(args), input_span=_SPAN[args.input_span],
-                        log_loss_min=args.log_loss_min, max_steps=args.steps or 1_000_000,
-                        **common,
-                    )  # fmt: skip
+                many = run_gd_seeds if kind == "gd" else run_flow_seeds
+                runs = many(obj, inits, **each, **driver_args(args, kind))
             finally:
                 bar.close()
             wall = time.perf_counter() - t0
