@@ -243,56 +243,31 @@ def cmd_compare(args) -> int:
 def cmd_attack(args) -> int:
     import json
 
-    import jax.numpy as jnp
-
-    from gflow.robustness import Attack, minimal_eps, robust_accuracy
+    from gflow.robustness import Attack, attack_run
     from gflow.trajectory import Trajectory, atomic_write
 
+    def report(label, min_eps, accuracy):
+        finite = min_eps[np.isfinite(min_eps)]
+        med = float(np.median(finite)) if finite.size else float("inf")
+        print(f"  {label:<22} median minimal eps {med:.4g}, robust accuracy at eps_max/4 "
+              f"{accuracy[5]:.3f}")  # fmt: skip
+
+    attack = Attack(norm=args.norm, steps=args.steps, restarts=args.restarts)
     for folder in _run_folders(args.run_dir):
         tr = Trajectory.load(folder)
         obj = _objective_of(folder, tr.config, args.trust_code, needed=True)
         if obj is None:
-            raise ValueError(
-                f"{folder}: its problem cannot be rebuilt (neither gflow run's options nor a "
-                "saved objective)"
-            )
-        graphdef = obj.graphdef
-        points = {f"log t {tr['log_t'][i]:.4g}": s for i, s in enumerate(tr.snapshots)}
-        points.update({f"loss mark {k}": v["params"] for k, v in tr.checkpoints.items()})
-        if tr.final_params is not None:
-            points["end"] = tr.final_params
-        if not points:
-            raise ValueError(f"{folder} saved no parameters")
-        n = min(args.n, obj.num_samples)
-        x, y = jnp.asarray(obj.x[:n]), jnp.asarray(obj.y[:n])
-        att = Attack(norm=args.norm, steps=args.steps, restarts=args.restarts)
-        grid = np.linspace(0.0, args.eps_max, 21)
-        out = {"norm": args.norm, "n": n, "eps_max": args.eps_max, "grid": grid.tolist()}
-        print(
-            f"{folder}: {args.norm} PGD ({args.steps} steps, {args.restarts} restart(s)) "
-            f"on {n} training images"
-        )
-        for label, params in points.items():
-            p = jax_tree_asarray(params)
-            me = minimal_eps(graphdef, p, x, y, att, eps_max=args.eps_max, binary=obj.loss.binary)
-            acc = robust_accuracy(me, grid)
-            out[label] = dict(min_eps=me.tolist(), robust_accuracy=acc.tolist())
-            finite = me[np.isfinite(me)]
-            med = float(np.median(finite)) if finite.size else float("inf")
-            print(
-                f"  {label:<22} median minimal eps {med:.4g}, robust accuracy at "
-                f"eps_max/4 {acc[5]:.3f}"
-            )
+            raise ValueError(f"{folder}: its problem cannot be rebuilt (neither gflow run's "
+                             "options nor a saved objective)")  # fmt: skip
+        print(f"{folder}: {args.norm} PGD ({args.steps} steps, {args.restarts} restart(s)) "
+              f"on {min(args.n, obj.num_samples)} training images")  # fmt: skip
+        try:
+            out = attack_run(tr, obj, attack, n=args.n, eps_max=args.eps_max, report=report)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
         atomic_write(folder / "robustness.json", (json.dumps(out) + "\n").encode())
         print(f"  -> {folder / 'robustness.json'}")
     return 0
-
-
-def jax_tree_asarray(tree):
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(jnp.asarray, tree)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,6 +20,7 @@ Everything is batched and jitted; points are processed in chunks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -196,3 +197,38 @@ def robust_accuracy(min_eps: np.ndarray, grid) -> np.ndarray:
     (misclassified points have ``min_eps = 0`` and never count)."""
     min_eps = np.asarray(min_eps)
     return np.array([float(np.mean(min_eps > e)) for e in np.asarray(grid, float)])
+
+
+def saved_points(trajectory) -> dict:
+    """The parameters a run kept, by label: every snapshot (``log t ...``), every
+    loss-mark checkpoint (``loss mark ...``) and the final parameters (``end``)."""
+    tr = trajectory
+    points = {f"log t {tr['log_t'][i]:.4g}": s for i, s in enumerate(tr.snapshots)}
+    points.update({f"loss mark {k}": v["params"] for k, v in tr.checkpoints.items()})
+    if tr.final_params is not None:
+        points["end"] = tr.final_params
+    return points
+
+
+def attack_run(trajectory, objective, attack: Attack, *, n: int, eps_max: float,
+               report: Callable[[str, np.ndarray, np.ndarray], None] | None = None) -> dict:
+    """``gflow attack`` on one run: for each of its ``saved_points``, the minimal eps of
+    the first ``n`` training samples (``minimal_eps``) and the robust accuracy on a grid
+    of 21 eps in ``[0, eps_max]``; ``report(label, min_eps, accuracy)`` after each. The
+    result is what ``robustness.json`` holds. ``ValueError`` when it kept no parameters."""
+    points = saved_points(trajectory)
+    if not points:
+        raise ValueError("the run saved no parameters")
+    n = min(n, objective.num_samples)
+    x, y = jnp.asarray(objective.x[:n]), jnp.asarray(objective.y[:n])
+    grid = np.linspace(0.0, eps_max, 21)
+    out = {"norm": attack.norm, "n": n, "eps_max": eps_max, "grid": grid.tolist()}
+    for label, params in points.items():
+        p = jax.tree.map(jnp.asarray, params)
+        me = minimal_eps(objective.graphdef, p, x, y, attack, eps_max=eps_max,
+                         binary=objective.loss.binary)  # fmt: skip
+        acc = robust_accuracy(me, grid)
+        out[label] = dict(min_eps=me.tolist(), robust_accuracy=acc.tolist())
+        if report is not None:
+            report(label, me, acc)
+    return out
