@@ -231,11 +231,7 @@ class Trajectory:
         missing = [k for k in meta["columns"] if k not in columns]
         if missing:
             raise ValueError(f"{folder / 'trajectory.npz'} lacks the columns {missing}")
-        columns = {k: columns[k] for k in meta["columns"]}
-        if any(v.ndim != 1 for v in columns.values()):
-            raise ValueError(f"{folder / 'trajectory.npz'}: columns must be 1-D")
-        if not columns["log_t"].size:  # every run records its starting point
-            raise ValueError(f"{folder / 'trajectory.npz'} holds no save point")
+        columns = _validate_loaded(folder, meta, {k: columns[k] for k in meta["columns"]})
         snaps = []
         for i in range(meta.get("num_snapshots", 0)):
             prefix = f"snap/{i}/"
@@ -273,6 +269,63 @@ class Trajectory:
 
 
 _META = {"kind": str, "status": str, "message": str, "config": dict, "columns": list}
+_KINDS = ("gd", "flow")  # what TrajectoryRecorder is made with (gflow.dynamics)
+# numpy dtype kinds no column may hold, in words (a saved column is float64)
+_NOT_NUMBERS = {
+    "U": "strings",
+    "S": "bytes",
+    "O": "objects",
+    "b": "booleans",
+    "c": "complex numbers",
+    "M": "dates",
+    "m": "time deltas",
+    "V": "records",
+}
+
+
+def _validate_loaded(folder: Path, meta: dict, columns: dict) -> dict[str, np.ndarray]:
+    """What a run folder holds beyond its types, which no run writes otherwise (the folder
+    may be hand-edited): a known ``kind``; ``config.order`` (and ``declared_order``) an
+    integer >= 1 or null, as ``make_objective`` allows; no column named twice; 1-D numeric
+    columns and at least one row; a ``log_t`` with no NaN that never decreases. ``log_t``
+    may repeat (a run that fails or stops records its last state again) and starts at
+    -inf (t = 0) in every run. Returns the columns as float64."""
+    cfg, npz = folder / "config.json", folder / "trajectory.npz"
+    if meta["kind"] not in _KINDS:
+        raise ValueError(f"{cfg}: 'kind' must be one of {_KINDS}, got {meta['kind']!r}")
+    for key in ("order", "declared_order"):
+        v = meta["config"].get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{cfg}: config {key!r} must be an integer >= 1 or null, got {v!r}")
+    seen = set()
+    for name in meta["columns"]:
+        if name in seen:
+            raise ValueError(f"{cfg}: 'columns' names {name!r} twice")
+        seen.add(name)
+    for name, v in columns.items():
+        if v.dtype.kind in _NOT_NUMBERS:
+            what = _NOT_NUMBERS[v.dtype.kind]
+            raise ValueError(
+                f"{npz}: column {name!r} holds {what} (dtype {v.dtype}), expected numbers"
+            )
+        if v.ndim != 1:
+            raise ValueError(f"{npz}: columns must be 1-D, column {name!r} has shape {v.shape}")
+    columns = {k: np.asarray(v, np.float64) for k, v in columns.items()}  # no copy if float64
+    lt = columns["log_t"]
+    if not lt.size:  # every run records its starting point
+        raise ValueError(f"{npz} holds no save point")
+    if np.isnan(lt).any():
+        i = int(np.flatnonzero(np.isnan(lt))[0])
+        raise ValueError(f"{npz}: column 'log_t' holds NaN at row {i}")
+    down = np.flatnonzero(lt[1:] < lt[:-1])
+    if down.size:
+        i = int(down[0]) + 1
+        a, b = float(lt[i - 1]), float(lt[i])
+        raise ValueError(
+            f"{npz}: column 'log_t' decreases at row {i} ({a!r} -> {b!r}); "
+            "a run's log t never decreases"
+        )
+    return columns
 
 
 def _check_meta(path: Path, meta) -> None:
@@ -295,11 +348,16 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     damaged (a truncated zip raises ``BadZipFile`` or ``EOFError``, not ``OSError``)."""
     import zipfile
 
+    key = None
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            out = {}
+            for key in z.files:
+                out[key] = z[key]
+            return out
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+        where = "" if key is None else f" (array {key!r})"  # an object array: which one
+        raise ValueError(f"cannot read {path}{where}: {e}") from None
 
 
 def load(folder: str | Path) -> Trajectory:
