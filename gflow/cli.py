@@ -186,8 +186,10 @@ def cmd_check(args) -> int:
     from gflow.trajectory import Trajectory, atomic_write
 
     runs, checks = [], []
-    for folder in _run_folders(args.run_dir):
-        tr = Trajectory.load(folder)
+    # every folder read (and validated) before any is written to: a damaged one among
+    # several leaves all of them as they were
+    loaded = [(folder, Trajectory.load(folder)) for folder in _run_folders(args.run_dir)]
+    for folder, tr in loaded:
         obj = None if args.no_kkt else _objective_of(folder, tr.config, args.trust_code)
         verdicts = check_run(tr, obj, kkt=not args.no_kkt)
         print(f"{folder} ({tr.kind}, {tr.status}, log t up to {tr['log_t'][-1]:.4g}):")
