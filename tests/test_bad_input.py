@@ -150,6 +150,38 @@ def _checks_lost(tmp):
     return ["run", "--resume", str(folder), "--no-plot", "--no-progress"]
 
 
+def _planted_lock(tmp):
+    """A run folder whose lock file is a symbolic link to a file of the user's."""
+    folder = _small_run(tmp / "linked")
+    (tmp / "victim").write_text("keep me\n")
+    (folder / ".gflow-lock").unlink(missing_ok=True)
+    (folder / ".gflow-lock").symlink_to(tmp / "victim")
+    return ["run", "--resume", str(folder), "--no-plot", "--no-progress"]
+
+
+class _Plant:
+    """Unpickled, it creates ``path`` (code of the pickle's choosing ran)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _planted_pickle(tmp):
+    """A library run folder whose objective.pkl would create ``tmp/marker`` if loaded."""
+    import pickle
+
+    x, y = _two_class()
+    ds = D.Dataset(x, y, 2, "ok")
+    w = {"w": jnp.asarray(np.ones(x.shape[1]) / 4)}
+    obj, p0 = make_objective(lambda p, v: v @ p["w"], ds, "exp", order=1, params=w)
+    folder = run_gd(obj, p0, schedule="loss-based", log_t_max=2.0, saves=3).save(tmp / "sent")
+    (folder / "objective.pkl").write_bytes(pickle.dumps(_Plant(tmp / "marker")))
+    return folder
+
+
 def _cases(tmp):
     x, y = _two_class()
     nan_x = x.copy()
@@ -232,10 +264,28 @@ def _cases(tmp):
         ("batch-beyond-n", ["--schedule", "constant", "--batch-size", "100000"], "got 100000"),
         ("kinks-with-cfl", ["--dynamics", "flow", "--kinks", "--cfl", "0.1"], "leave --dt, --cfl"),
         ("kinks-fixed-step", ["--dynamics", "flow", "--kinks", "--solver", "rk4"], "adaptive"),
+        # issue 29: options that would be dropped, blank cache folders
+        ("kinks-with-gd", ["--kinks"], "--kinks applies to the flow; --dynamics gd runs no flow"),
+        ("kink-fallback-without-kinks", ["--dynamics", "flow", "--kink-fallback", "5"],
+         "--kink-fallback applies under --kinks only"),
+        ("input-span-on-full-rank", ["--dynamics", "flow", "--data", "synthetic", "--n", "40",
+                                     "--input-span", "on"], "--input-span on cannot apply"),
+        ("lr-under-loss-based", ["--lr", "0.1"], "--lr applies to --schedule constant"),
+        ("compilation-cache-empty", ["--compilation-cache", ""], "cache folder is blank"),
+        ("compilation-cache-blank", ["--compilation-cache", "   "], "is blank"),
     ]
     return [Case(*row) for row in rows] + [
         # faults: a folder in use, damaged or half-written runs, wrong verdicts, a full disk
         Case("out-in-use", _busy, "in use by another gflow run", after="unchanged"),
+        Case("lock-planted-as-a-link", _planted_lock, "symbolic link", after="link untouched"),
+        Case("check-planted-pickle", lambda t: ["check", str(_planted_pickle(t))],
+             "holds the model as code", rc=0, after="no code ran"),
+        Case("attack-planted-pickle", lambda t: ["attack", str(_planted_pickle(t))],
+             "--trust-code", after="no code ran"),
+        Case("diverged-gd", ["--data", "digits", "--n", "60", "--width", "8", "--schedule",
+                             "constant", "--lr", "50", "--loss", "exp", "--steps", "100000",
+                             "--log-t-max", "8"], "never fell below the loss threshold", rc=1,
+             after="checked"),
         Case("resume-damaged-checkpoint", _damaged_checkpoint, "is damaged", after="unchanged"),
         Case("check-nan-margins", _nan_margins, None, rc=1, after="fails with the reason"),
         Case("compare-out-json", _compare, None, rc=0, after="both files"),
@@ -268,7 +318,7 @@ def _cases(tmp):
     ]
 
 
-N_CASES = 58
+N_CASES = 68
 
 
 def test_the_table_has_sixty_cases_with_the_library_and_folder_ones(tmp_path):
@@ -291,7 +341,7 @@ def test_hostile_case(case, tmp_path, capsys):
         argv = argv(tmp_path)
         capsys.readouterr()
     out = tmp_path / "run"
-    if argv[0] not in ("run", "check", "compare"):
+    if argv[0] not in ("run", "check", "compare", "attack"):
         argv = [*RUN, *argv]
     if argv[0] == "run" and "--out" not in argv and "--resume" not in argv:
         argv = [*argv, "--out", str(out)]
@@ -339,6 +389,15 @@ def test_hostile_case(case, tmp_path, capsys):
         assert "already completed" in stdout
         assert (tmp_path / where / "checks.json").is_file()
         assert (tmp_path / where / "trajectory.csv").is_file()
+    elif after == "link untouched":
+        assert (tmp_path / "victim").read_text() == "keep me\n"
+        assert (tmp_path / "linked" / ".gflow-lock").is_symlink()
+    elif after == "no code ran":
+        assert not (tmp_path / "marker").exists()
+        assert (tmp_path / "sent" / "checks.json").is_file() == (argv[0] == "check")
+    elif after == "checked":  # failed cleanly at its first non-finite step, and checked
+        assert json.loads((out / "run.json").read_text())["lr"] == 50
+        assert "non-finite loss" in stdout and (out / "checks.json").is_file()
     elif after == "says so":
         assert "NEVER" in stdout
         summary = json.loads((out / "summary.json").read_text())
@@ -447,7 +506,28 @@ FOLDER_CASES = {
     "a column missing from the npz": (
         lambda f: _edit_config(f / "config.json", lambda m: m["columns"].append("extra")),
         "'extra'"),
+    # issue 29 item 6: hand-edited folders that used to get through
+    "a column of strings": (lambda f: _edit_column(f, "rho", lambda v: v.astype(str)),
+                            "column 'rho' holds strings"),
+    "a decreasing log_t": (lambda f: _edit_column(f, "log_t", lambda v: v[::-1].copy()),
+                           "column 'log_t' decreases"),
+    "kind banana": (lambda f: _edit_config(f / "config.json", lambda m: m.update(kind="banana")),
+                    "'kind' must be one of"),
+    "order two": (lambda f: _edit_config(f / "config.json",
+                                         lambda m: m["config"].update(order="two")),
+                  "config 'order' must be an integer"),
+    "a column listed twice": (
+        lambda f: _edit_config(f / "config.json", lambda m: m["columns"].append("rho")),
+        "names 'rho' twice"),
 }  # fmt: skip
+
+
+def _edit_column(folder, name, fn):
+    """Rewrite one column of ``trajectory.npz`` by hand."""
+    with np.load(folder / "trajectory.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays[f"col/{name}"] = fn(arrays[f"col/{name}"])
+    np.savez(folder / "trajectory.npz", **arrays)
 
 
 @pytest.mark.parametrize("case", list(FOLDER_CASES))
