@@ -53,3 +53,29 @@ def smooth():
     ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
     model = build_model("mlp", ds.input_shape, 1, width=8, activation="linear")
     return make_objective(model, ds, "logistic")
+
+
+def svm(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The hard-margin SVM without intercept by SLSQP on the primal, written here
+    independently of gflow.known (the code under test uses that one)."""
+    import scipy.optimize
+
+    res = scipy.optimize.minimize(
+        lambda v: 0.5 * v @ v, np.zeros(X.shape[1]), jac=lambda v: v, method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda v: y * (X @ v) - 1,
+                      "jac": lambda v: y[:, None] * X}], options=dict(ftol=1e-14, maxiter=500),
+    )  # fmt: skip
+    assert res.success, res.message
+    return res.x
+
+
+@pytest.fixture(scope="session")
+def linear_problem():
+    """40 unit-norm digits 0/1 (subset seed 1), a linear model, the exponential loss."""
+    from gflow import data as D
+    from gflow.models import build_model
+    from gflow.objective import make_objective
+
+    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=1), "unit")
+    model = build_model("linear", ds.input_shape, 1, seed=0)
+    return ds, make_objective(model, ds, "exp")

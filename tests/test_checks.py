@@ -1,20 +1,18 @@
 """gflow check / gflow compare, GD against the flow, and the checks failing on purpose."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 
 from gflow import data as D
 from gflow.cli import main
-from gflow.compare import compare, fit_order, gd_flow_gap, sharpness_along
+from gflow.compare import gd_flow_gap, sharpness_along
 from gflow.dynamics import run_flow, run_gd
 from gflow.kkt import kkt_residual
 from gflow.models import build_model
 from gflow.objective import make_objective
 from gflow.theory import check_run, check_trajectory
-from gflow.trajectory import Trajectory
 
 SMALL = [
     "--data", "digits", "--classes", "0,1", "--n", "60", "--scale", "unit", "--width", "8",
@@ -85,30 +83,6 @@ def test_gflow_compare_prints_and_plots(small_run, tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "s.json.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "s.json.json").read_text())["points"] == summ["points"]
-
-
-def test_compare_recovers_a_known_difference():
-    lt = np.linspace(0, 10, 41)
-
-    def tr(shift):
-        cols = dict(
-            step=np.arange(41.0), t=np.exp(lt), log_t=lt, log_loss=-lt + shift,
-            rho=1 + lt, q_min=lt, normalized_margin=0.1 + 0 * lt, smoothed_margin=np.sin(lt) / 10,
-        )  # fmt: skip
-        return Trajectory("flow", cols)
-
-    a, b = tr(0.25), tr(0.0)
-    a.columns = {k: v[::4] for k, v in a.columns.items()}  # coarser save points
-    c = compare(a, b)
-    np.testing.assert_allclose(c.diffs["log_loss"], 0.25, atol=1e-12)
-    assert np.max(np.abs(c.diffs["smoothed_margin"])) < 1e-12  # same curve, at a's points
-    assert np.max(np.abs(c.diffs["rho"])) < 1e-12
-
-
-def test_fit_order():
-    h = np.array([0.1, 0.05, 0.025])
-    assert fit_order(h, 3 * h**2) == pytest.approx(2.0)
-    assert math.isnan(fit_order(h, [1.0, 0.0, 1.0]))
 
 
 def test_gd_against_the_flow_is_first_order():
@@ -221,36 +195,3 @@ def test_same_config_and_seed_give_a_byte_identical_trajectory_csv(tmp_path):
         a = (tmp_path / "a" / kind / "trajectory.csv").read_bytes()
         b = (tmp_path / "b" / kind / "trajectory.csv").read_bytes()
         assert a == b, kind
-
-
-def _linear_run(lt, theta0, slope, kind="flow"):
-    """A run whose parameters move linearly in log t (monotone cubic interpolation
-    reproduces them exactly) and whose columns are smooth in log t."""
-    cols = dict(
-        step=np.arange(lt.size, dtype=float), t=np.exp(lt), log_t=lt, log_loss=-lt,
-        rho=1 + lt, q_min=lt, normalized_margin=0.1 + 0 * lt, smoothed_margin=0.1 - 0.01 * lt,
-    )  # fmt: skip
-    snaps = [{"w": theta0 + slope * v} for v in lt]
-    return Trajectory(kind, cols, snapshots=snaps)
-
-
-def test_compare_keeps_the_last_point_and_the_common_end_and_interpolates_parameters():
-    """GD's save points overshoot the flow's (log t 10.13 for a target of 10) and never
-    coincide with them; the final point is off by float jitter. The comparison still
-    reaches the last time both ran, and gets parameter distances at every point."""
-    theta0, slope = np.array([1.0, -2.0, 0.5]), np.array([0.3, 0.1, -0.2])
-    flow = _linear_run(np.linspace(1, 10, 10), theta0, slope)
-    gd_lt = np.linspace(1, 10, 10) + 0.13
-    gd_lt[-1] = 10.0 + 1e-12  # jitter at the end
-    gd_lt[-2] = 9.0 + 0.13
-    gd = _linear_run(gd_lt, theta0 + 1e-3, slope, kind="gd")  # a known offset
-    c = compare(gd, flow, names=("gd", "flow"))
-    assert c.log_t[-1] == pytest.approx(10.0, abs=1e-9)  # the last time both reached
-    assert c.log_t.size == 10  # 0.13 past 1 .. 9.13 (9 points) and the end
-    # the offset, exactly: |1e-3 (1, 1, 1)| / |theta_flow(log t)|
-    want = np.sqrt(3) * 1e-3 / np.linalg.norm(theta0 + np.outer(c.log_t, slope), axis=1)
-    np.testing.assert_allclose(c.param_distance, want, rtol=1e-9)
-    overshoot = _linear_run(np.append(np.linspace(1, 9, 9) + 0.13, 10.2), theta0, slope, "gd")
-    c2 = compare(overshoot, flow)
-    assert c2.log_t[-1] == pytest.approx(10.0)  # compared at the flow's end, not at 9.13
-    assert any("outside" in n for n in c2.notes)
