@@ -50,6 +50,7 @@ __all__ = [
     "layer_norms",
     "HomogeneityReport",
     "check_homogeneity",
+    "check_finite_params",
     "max_pool",
 ]
 
@@ -452,6 +453,25 @@ def params_dtype(params):
     raise ValueError("the parameters hold no floating-point array")
 
 
+def check_finite_params(params, name: str = "params0") -> None:
+    """Raise a ``ValueError`` naming the first leaf of ``params`` that holds NaN or inf
+    (``"params0 holds NaN in leaf ['layers'][0]['kernel']"``). Read on the host (no
+    compilation); a leaf no process holds whole (multi-host) is reduced where it lives."""
+    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+            continue
+        if getattr(a, "is_fully_addressable", True):
+            host = np.asarray(a)
+            if np.isfinite(host).all():
+                continue
+            kind = "NaN" if np.isnan(host).any() else "inf"
+        else:
+            if bool(jnp.isfinite(a).all()):
+                continue
+            kind = "NaN" if bool(jnp.isnan(a).any()) else "inf"
+        raise ValueError(f"{name} holds {kind} in leaf {jax.tree_util.keystr(path)}")
+
+
 class HomogeneityReport(NamedTuple):
     """Result of ``check_homogeneity``.
 
@@ -497,10 +517,14 @@ def check_homogeneity(
             )
         order = model.order or model.depth
     L = order
+    # NaN parameters would read as a wrong order ("scaling as c^nan"): say what they are
+    check_finite_params(params, "params")
     x = jnp.asarray(x)
     fwd = jax.jit(apply, static_argnums=0)
     base = np.asarray(fwd(graphdef, params, x), dtype=np.float64)
     ref_norm = np.linalg.norm(base)
+    if not np.isfinite(ref_norm):
+        raise ValueError("model output on x is not finite (NaN or inf in x, or overflow)")
     if ref_norm == 0:
         raise ValueError("model output is identically zero on x; pick other inputs")
     errs, est = [], float("nan")

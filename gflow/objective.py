@@ -310,12 +310,13 @@ def make_objective(
     run keeps the model as code, which ``gflow check`` loads only with ``--trust-code``.
     """
     from gflow import specs
-    from gflow.models import check_homogeneity, params_dtype
+    from gflow.models import check_finite_params, check_homogeneity, params_dtype
 
     loss = get_loss(loss) if isinstance(loss, str) else loss
     if not isinstance(loss, Loss):
         raise TypeError(f"loss must be a gflow Loss or its name, got {type(loss).__name__}")
-    dataset = as_dataset(dataset)
+    arrays = not isinstance(dataset, Dataset)
+    dataset = _labelled(dataset, loss)
     if isinstance(model, nnx.Module):
         graphdef, params = split_params(model)
     elif callable(model) and params is not None:
@@ -326,12 +327,14 @@ def make_objective(
             f"params=; got {type(model).__name__}"
         )
     ours = isinstance(model, Sequential)
+    check_finite_params(params, "params")
     dtype = params_dtype(params)
     if ours and int(np.prod(dataset.input_shape)) != int(np.prod(model.in_shape)):
         raise ValueError(
             f"model expects inputs of shape {model.in_shape}, data have {dataset.input_shape}"
         )
     x = jnp.asarray(dataset.x, dtype)
+    _check_inputs(graphdef, params, x)
     num_outputs = _num_outputs(graphdef, params, x)
     if order is not None:
         _check_declared_order(model, graphdef, params, x, order)
@@ -352,6 +355,8 @@ def make_objective(
             raise ValueError(f"loss {loss.name!r} needs a model with 1 output, got {num_outputs}")
         y = jnp.asarray(dataset.y_signed, dtype)
     else:
+        if arrays:
+            dataset = _per_output(dataset, num_outputs, loss)
         if num_outputs != dataset.num_classes:
             raise ValueError(
                 f"loss 'ce' needs {dataset.num_classes} outputs (one per class), "
@@ -376,6 +381,87 @@ def make_objective(
         spec=specs.spec_text(model, spec) if isinstance(model, nnx.Module) else None,
     )
     return (obj if devices is None else shard(obj, devices)), params
+
+
+def _g(v) -> str:
+    return f"{float(v):g}"
+
+
+def _labelled(data, loss: Loss) -> Dataset:
+    """``as_dataset`` with array labels checked by value first (``_class_indices``); a
+    ``Dataset`` as it is (its labels are class indices already)."""
+    if isinstance(data, Dataset):
+        return data
+    try:
+        x, y = data
+    except (TypeError, ValueError):
+        return as_dataset(data)  # its TypeError, naming what was given
+    return as_dataset((x, _class_indices(y, loss)))
+
+
+def _class_indices(y, loss: Loss) -> np.ndarray:
+    """Array labels as class indices, by value, in any real dtype (a ``ValueError``
+    naming the first offending label): two classes as ``{0, 1}`` or ``{-1, +1}`` (-1 is
+    class 0, as ``as_dataset`` reads them; a binary loss takes only these), else whole
+    numbers ``0..C-1`` (cross-entropy; ``_per_output`` checks them against the model's
+    C outputs). Booleans read as 0 and 1."""
+    y = np.asarray(y)
+    if y.dtype == np.bool_:
+        return y.astype(np.int64)
+    if y.dtype.kind not in "iuf":
+        raise ValueError(f"labels must be real numbers, got dtype {y.dtype}")
+    if y.size == 0:
+        return y.astype(np.int64)  # Dataset says "empty"
+    flat = y.reshape(-1)
+    kind = "two classes, {0, 1} or {-1, +1}" if loss.binary else "class indices 0..C-1"
+    bad = ~np.isfinite(flat) | (flat != np.round(flat)) | (np.abs(flat) >= 2**31)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"label {_g(flat[i])} (sample {i}) is not a class: loss {loss.name!r} takes {kind}"
+        )
+    values = np.unique(flat)
+    signed = bool((values == -1).any()) and set(values.tolist()) <= {-1, 1}
+    allowed = {-1, 1} if (values == -1).any() else {0, 1}
+    off = [v for v in values.tolist() if v not in allowed]
+    if loss.binary and off:
+        shown = [int(v) for v in values[:5]]
+        raise ValueError(
+            f"label {_g(off[0])} is not a class of binary loss {loss.name!r}: it takes {kind}; "
+            f"labels present: {shown}{' ...' if len(values) > 5 else ''}"
+        )
+    if not signed and values[0] < 0:
+        raise ValueError(f"label {_g(values[0])} is not a class: loss {loss.name!r} takes {kind}")
+    return (y > 0).astype(np.int64) if signed else y.astype(np.int64)
+
+
+def _per_output(dataset: Dataset, num_outputs: int, loss: Loss) -> Dataset:
+    """Array labels for cross-entropy, as classes of the model's ``num_outputs``: each
+    in ``0..C-1`` (a class may be absent from the data)."""
+    top = int(dataset.y.max())
+    if top >= num_outputs:
+        raise ValueError(
+            f"label {top} is out of range for loss {loss.name!r}: class indices 0.."
+            f"{num_outputs - 1}, one per output of the model"
+        )
+    if dataset.num_classes == num_outputs or num_outputs < 2:
+        return dataset
+    return Dataset(dataset.x, dataset.y, num_outputs, dataset.name)
+
+
+def _check_inputs(graphdef, params, x) -> None:
+    """The model takes the data's samples: one ``jax.eval_shape`` on ``x[:1]`` (traced,
+    not compiled), its shape error (a ``TypeError`` from deep inside JAX) turned into one
+    ``ValueError`` naming the data's sample shape and the model's error."""
+    try:
+        jax.eval_shape(lambda p, v: apply(graphdef, p, v), params, x[:1])
+    except (TypeError, ValueError, IndexError) as err:
+        lines = str(err).strip().splitlines()
+        why = lines[0] if lines else type(err).__name__
+        raise ValueError(
+            f"the model does not take the data's inputs of shape {tuple(x.shape[1:])} "
+            f"(a batch {tuple(x[:1].shape)}): {why}"
+        ) from err
 
 
 def as_dataset(data) -> Dataset:

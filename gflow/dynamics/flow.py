@@ -49,19 +49,23 @@ from gflow.dynamics.gd import (
     one_blas_thread,
     quantities_many,
 )
-from gflow.dynamics.sliding import KinkStepping, run_flow_kinks
+from gflow.dynamics.sliding import KinkStepping, check_kink_stepping, run_flow_kinks
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     RK4,
     SOLVERS,
+    check_controller,
+    check_tolerances,
     default_cfl,
     evals_per_step,
     is_fixed_step,
     make_solver,
+    real_scalar,
     solver_name,
     stability_edge,
 )
 from gflow.dynamics.span import input_span as input_span_of
 from gflow.dynamics.span import span_from_arrays
+from gflow.models import check_finite_params
 from gflow.objective import Objective
 from gflow.quantities import sq_norm
 from gflow.spectrum import lanczos_top_many
@@ -278,6 +282,49 @@ _LANCZOS = dict(iters=12, tol=1e-3)  # the cfl step's eigenvalue: 3 digits are e
 _LOSS_SPAN = 1e6  # the loss clock integrates this far in tau; the save event stops it first
 
 
+def _check_stability(cfl, refresh, drift, owner: str | None = None) -> None:
+    """Stability stepping's settings (``run_flow``'s or a ``StabilityStepping``'s): a
+    ``ValueError`` naming ``owner`` and the value. ``cfl`` None: the solver's default."""
+    where = f"{owner}: " if owner else ""
+    if cfl is not None and not 0 < (real_scalar(cfl) or 0.0) <= 1:
+        raise ValueError(f"{where}cfl must be in (0, 1], got cfl={cfl}")
+    if isinstance(refresh, bool) or not isinstance(refresh, int | np.integer) or refresh < 1:
+        raise ValueError(f"{where}refresh must be an integer >= 1, got refresh={refresh!r}")
+    if not 0 < (real_scalar(drift) or 0.0) < math.inf:
+        raise ValueError(f"{where}drift must be finite and positive, got drift={drift}")
+
+
+def _check_steps(stepsize_controller, rtol, atol, dt, cfl, refresh, drift) -> None:
+    """``run_flow``'s step control, checked before any work (a ``ValueError`` naming the
+    controller and the value): the flat ``rtol`` / ``atol`` / ``dt`` / ``cfl``, and a
+    ``stepsize_controller``: gflow's ``StabilityStepping`` / ``KinkStepping`` (plain
+    tuples, so checked here rather than when made), or diffrax's (``check_controller``:
+    a ``PIDController(rtol=-1)`` would otherwise accept every step, a NaN one reject
+    every step until ``max_steps``)."""
+    sc = stepsize_controller
+    if isinstance(sc, StabilityStepping):
+        if cfl is not None:
+            raise ValueError(
+                f"give the stability fraction once: StabilityStepping(cfl={sc.cfl}) or "
+                f"cfl={cfl}, not both"
+            )
+        _check_stability(sc.cfl, sc.refresh, sc.drift, "stepsize_controller StabilityStepping")
+    elif isinstance(sc, KinkStepping):
+        check_kink_stepping(sc)
+    elif sc is not None:
+        if not isinstance(sc, diffrax.AbstractStepSizeController):
+            raise TypeError(
+                "stepsize_controller must be a diffrax.AbstractStepSizeController, a "
+                f"StabilityStepping or a KinkStepping, got {type(sc).__name__}"
+            )
+        check_controller(sc)
+    check_tolerances(rtol, atol)
+    if dt is not None and not 0 < (real_scalar(dt) or 0.0) < math.inf:
+        raise ValueError(f"dt must be finite and positive, got dt={dt}")
+    if cfl is not None:
+        _check_stability(cfl, refresh, drift)
+
+
 class _Plan(NamedTuple):
     """A flow run's validated settings and what follows from them."""
 
@@ -298,10 +345,6 @@ def _plan(
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     name = solver_name(solver)  # validates a name
     solver = make_solver(solver)
-    if not (0 < rtol < 1 and atol > 0):
-        raise ValueError(f"rtol must be in (0, 1) and atol positive, got rtol={rtol}, atol={atol}")
-    if dt is not None and not dt > 0:
-        raise ValueError(f"dt must be positive, got {dt}")
     if not (math.isfinite(log_t_min) and math.isfinite(log_t_max)):
         raise ValueError(f"log_t_min and log_t_max must be finite, got {log_t_min} and {log_t_max}")
     if log_loss_min is not None and math.isnan(log_loss_min):
@@ -320,12 +363,6 @@ def _plan(
         raise ValueError(f"solver {name!r} has no error estimate: give a fixed step dt or a cfl")
     edge = None
     if cfl is not None:
-        if not 0 < cfl <= 1:
-            raise ValueError(f"cfl must be in (0, 1], got {cfl}")
-        if refresh < 1:
-            raise ValueError(f"refresh must be >= 1, got {refresh}")
-        if not drift > 0:
-            raise ValueError(f"drift must be positive, got {drift}")
         if warmup is not None and is_fixed_step(warmup):
             raise ValueError(f"warmup solver {solver_name(warmup)!r} has no error estimate")
         edge = stability_edge(solver)
@@ -693,6 +730,10 @@ def _drive(
     one continues from ``log_t0`` (a kink run's fallback, ``gflow.dynamics.sliding``): its
     invariant monitors and dissipation integral go on from that run's start, and the
     start itself, not a save point, is not recorded."""
+    _check_steps(stepsize_controller, rtol, atol, dt, cfl, refresh, drift)
+    if handed is None:  # a handed-over run's start is the state a checked run reached
+        for k, p in enumerate(params0):
+            check_finite_params(p, "params0" if single else f"params0[{k}]")
     if isinstance(stepsize_controller, KinkStepping):
         if clock != "loss" or dt is not None or cfl is not None or log_t0 is not None:
             raise ValueError(

@@ -55,6 +55,7 @@ from gflow.checkpoint import (
     restore_recorders,
     unpack,
 )
+from gflow.models import check_finite_params
 from gflow.objective import Objective
 from gflow.quantities import sq_norm
 from gflow.trajectory import Trajectory, TrajectoryRecorder
@@ -498,8 +499,8 @@ def _check_schedule(schedule: str, lr: float, alpha0: float, batch_size, n: int)
         lr = 1.0  # the optimizer holds its own
     if not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr}")
-    if not alpha0 > 0:
-        raise ValueError(f"alpha0 must be positive, got {alpha0}")
+    if not 0 < alpha0 < math.inf:
+        raise ValueError(f"alpha0 must be finite and positive, got {alpha0}")
     if batch_size is not None and not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
     return None if batch_size == n else batch_size
@@ -679,6 +680,8 @@ def _drive(
     """The one GD driver: K runs (K = 1 for ``run_gd``) in one jitted, vmapped loop, each
     stopping at its own save points, loss marks and limits (``lax.while_loop`` under
     ``vmap`` holds a finished run while the others go on)."""
+    for k, p in enumerate(params0):
+        check_finite_params(p, "params0" if single else f"params0[{k}]")
     n = objective.num_samples
     if isinstance(optimizer, LossBased) and optimizer.loss_ub is not None:
         loss_ub = optimizer.loss_ub

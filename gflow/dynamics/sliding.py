@@ -66,14 +66,17 @@ from jax.flatten_util import ravel_pytree
 from gflow.dynamics.gd import log1p_of_log_t, log_t_grid, log_t_of_log1p, quantities_many
 from gflow.dynamics.solvers import (
     DEFAULT_TOL,
+    check_tolerances,
     default_cfl,
     evals_per_step,
     is_fixed_step,
     make_solver,
+    real_scalar,
     solver_name,
     stability_edge,
 )
 from gflow.kinks import _model, _off_slope
+from gflow.models import check_finite_params
 from gflow.objective import Objective
 from gflow.quantities import sq_norm
 from gflow.spectrum import lanczos_top
@@ -521,6 +524,26 @@ def _pad(values, size: int) -> jax.Array:
     return jnp.asarray(out)
 
 
+def check_kink_stepping(stepping) -> None:
+    """A ``KinkStepping``'s settings, checked before any work: a ``ValueError`` naming
+    the setting and its value (tolerances as ``solvers.check_tolerances``)."""
+    if not isinstance(stepping, KinkStepping):
+        raise TypeError(f"stepping must be a KinkStepping, got {type(stepping).__name__}")
+    check_tolerances(stepping.rtol, stepping.atol, "KinkStepping")
+    margin, dt = real_scalar(stepping.margin), stepping.dt
+    if margin is None or not 0 < margin < 1e-3:
+        raise ValueError(f"KinkStepping: margin must be in (0, 1e-3), got {stepping.margin}")
+    if dt is not None and not 0 < (real_scalar(dt) or 0.0) < math.inf:
+        raise ValueError(f"KinkStepping: dt must be finite and positive, got dt={dt}")
+    fallback = stepping.fallback
+    if fallback is not None and not (real_scalar(fallback) or 0.0) > 0:
+        raise ValueError(f"KinkStepping: fallback must be positive or None, got {fallback}")
+    for key in ("window", "max_sliding"):
+        v = getattr(stepping, key)
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            raise ValueError(f"KinkStepping: {key} must be a positive int, got {v!r}")
+
+
 def run_flow_kinks(
     objective: Objective,
     params0,
@@ -538,18 +561,10 @@ def run_flow_kinks(
 ) -> Trajectory:
     """The gradient flow from ``params0`` to ``log t = log_t_max`` on the loss clock,
     event by event through the kinks (module docstring); save points as ``run_flow``'s."""
-    model = _model(objective, params0)
     stepping = KinkStepping() if stepping is None else stepping
-    if not isinstance(stepping, KinkStepping):
-        raise TypeError(f"stepping must be a KinkStepping, got {type(stepping).__name__}")
-    if not (0 < stepping.rtol < 1 and stepping.atol > 0):
-        raise ValueError(f"rtol must be in (0, 1) and atol positive, got {stepping[:2]}")
-    if not 0 < stepping.margin < 1e-3:
-        raise ValueError(f"margin must be in (0, 1e-3), got {stepping.margin}")
-    if stepping.fallback is not None and not stepping.fallback > 0:
-        raise ValueError(f"fallback must be positive or None, got {stepping.fallback}")
-    if not (isinstance(stepping.window, int) and stepping.window >= 1):
-        raise ValueError(f"window must be a positive int, got {stepping.window!r}")
+    check_kink_stepping(stepping)
+    check_finite_params(params0)
+    model = _model(objective, params0)
     name = solver_name(solver)
     the_solver = make_solver(solver)
     if is_fixed_step(the_solver) or not hasattr(the_solver, "interpolation_cls"):
@@ -559,8 +574,6 @@ def run_flow_kinks(
     dtype = objective.dtype
     zs = model.preactivations(objective.x)
     net = _Net(tuple(int(z.shape[1]) for z in zs), objective.num_samples, _off_slope(model))
-    if stepping.dt is not None and not stepping.dt > 0:
-        raise ValueError(f"dt must be positive, got {stepping.dt}")
     controller = (
         diffrax.ConstantStepSize()
         if stepping.dt is not None

@@ -15,6 +15,7 @@ tableau so that diffrax's ``diffeqsolve``, ``SaveAt`` and events work unchanged.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from typing import ClassVar
@@ -35,6 +36,8 @@ __all__ = [
     "evals_per_step",
     "default_cfl",
     "DEFAULT_TOL",
+    "check_tolerances",
+    "check_controller",
 ]
 
 
@@ -250,6 +253,53 @@ def stability_edge(solver) -> float:
 # gflow run's flow tolerances (rtol, atol): its adaptive solver's, and the warm-up's of
 # stability stepping before the loss threshold
 DEFAULT_TOL = (3e-5, 3e-8)
+
+
+def real_scalar(v) -> float | None:
+    """A real scalar's value; None for anything else (a bool, several entries, text)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        a = np.asarray(v)
+    except Exception:  # not array-like: not a number
+        return None
+    if a.shape != () or a.dtype.kind not in "iuf":
+        return None
+    return float(a)
+
+
+def check_tolerances(rtol, atol, owner: str | None = None) -> None:
+    """Step control's tolerances, a ``ValueError`` naming ``owner`` and the value unless
+    ``rtol`` is a finite number in (0, 1) and ``atol`` a finite number >= 0. ``atol = 0``
+    is pure relative control, which diffrax allows and which is well defined here (the
+    parameters are never all zero); ``rtol`` must be positive because gflow reads it as
+    the accuracy the run asked for (``theory``'s invariant tolerance ``rtol + 2 eps N``),
+    and below 1 to ask for any accuracy at all."""
+    where = f"{owner}: " if owner else ""
+    r = real_scalar(rtol)
+    if r is None or not 0 < r < 1:
+        raise ValueError(f"{where}rtol must be a finite number in (0, 1), got rtol={rtol}")
+    a = real_scalar(atol)
+    if a is None or not 0 <= a < math.inf:
+        raise ValueError(f"{where}atol must be a finite number >= 0, got atol={atol}")
+
+
+def check_controller(controller) -> None:
+    """A diffrax step-size controller's settings, checked before any work (a
+    ``ValueError`` naming the controller and the value): a ``PIDController``'s
+    tolerances (``check_tolerances``) and ``dtmin`` / ``dtmax`` (positive, or None); a
+    ``ClipStepSizeController``'s inner controller's. Other controllers pass as they are."""
+    if isinstance(controller, diffrax.ClipStepSizeController):
+        check_controller(controller.controller)
+        return
+    if not isinstance(controller, diffrax.PIDController):
+        return
+    owner = f"stepsize_controller {type(controller).__name__}"
+    check_tolerances(controller.rtol, controller.atol, owner)
+    for key in ("dtmin", "dtmax"):
+        value = getattr(controller, key)
+        if value is not None and not (real_scalar(value) or 0.0) > 0:
+            raise ValueError(f"{owner}: {key} must be positive or None, got {key}={value}")
 
 
 def default_cfl(solver) -> float | None:
