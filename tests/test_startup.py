@@ -265,9 +265,11 @@ def _umask_probe(tmp_path, env: dict, mask: int = 0o000) -> subprocess.Completed
     unless gflow says otherwise)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     full.update(PYTHONPATH=str(ROOT), **env)
-    return subprocess.run([sys.executable, "-c", PROBE], env=full, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda: os.umask(mask))  # fmt: skip
+    # the umask set by a shell that then becomes Python (no preexec_fn: it forks a
+    # multithreaded process)
+    return subprocess.run(["sh", "-c", f'umask {mask:03o} && exec "$0" -c "$1"',
+                           sys.executable, PROBE], env=full, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def _mode(path) -> int:
