@@ -334,7 +334,6 @@ def make_objective(
             f"model expects inputs of shape {model.in_shape}, data have {dataset.input_shape}"
         )
     x = jnp.asarray(dataset.x, dtype)
-    _check_inputs(graphdef, params, x)
     num_outputs = _num_outputs(graphdef, params, x)
     if order is not None:
         _check_declared_order(model, graphdef, params, x, order)
@@ -449,21 +448,6 @@ def _per_output(dataset: Dataset, num_outputs: int, loss: Loss) -> Dataset:
     return Dataset(dataset.x, dataset.y, num_outputs, dataset.name)
 
 
-def _check_inputs(graphdef, params, x) -> None:
-    """The model takes the data's samples: one ``jax.eval_shape`` on ``x[:1]`` (traced,
-    not compiled), its shape error (a ``TypeError`` from deep inside JAX) turned into one
-    ``ValueError`` naming the data's sample shape and the model's error."""
-    try:
-        jax.eval_shape(lambda p, v: apply(graphdef, p, v), params, x[:1])
-    except (TypeError, ValueError, IndexError) as err:
-        lines = str(err).strip().splitlines()
-        why = lines[0] if lines else type(err).__name__
-        raise ValueError(
-            f"the model does not take the data's inputs of shape {tuple(x.shape[1:])} "
-            f"(a batch {tuple(x[:1].shape)}): {why}"
-        ) from err
-
-
 def as_dataset(data) -> Dataset:
     """A ``Dataset`` as it is, or one made from arrays ``(x, y)``: labels in ``0..C-1``,
     or ``{-1, +1}`` for two classes (read as 0 and 1)."""
@@ -487,9 +471,18 @@ def as_dataset(data) -> Dataset:
 
 
 def _num_outputs(graphdef, params, x) -> int:
-    """Outputs per sample of the model, checked to be (n,), (n, 1) or (n, C)."""
+    """Outputs per sample of the model, checked to be (n,), (n, 1) or (n, C); a model
+    that does not take the data's samples is one ``ValueError`` naming their shape."""
     probe = x[: min(2, x.shape[0])]
-    out = jax.eval_shape(lambda p, v: apply(graphdef, p, v), params, probe)
+    try:  # traced, not compiled
+        out = jax.eval_shape(lambda p, v: apply(graphdef, p, v), params, probe)
+    except (TypeError, ValueError, IndexError) as err:  # a shape error from deep in JAX
+        lines = str(err).strip().splitlines()
+        why = lines[0] if lines else type(err).__name__
+        raise ValueError(
+            f"the model does not take the data's inputs of shape {tuple(x.shape[1:])} "
+            f"(a batch {tuple(probe.shape)}): {why}"
+        ) from err
     if out.ndim not in (1, 2) or out.shape[0] != probe.shape[0]:
         raise ValueError(
             f"the model maps a batch of {probe.shape[0]} to shape {out.shape}; expected "

@@ -57,8 +57,10 @@ from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     check_tolerances,
     default_cfl,
     evals_per_step,
+    finite_positive,
     is_fixed_step,
     make_solver,
+    positive_int,
     real_scalar,
     solver_name,
     stability_edge,
@@ -288,9 +290,9 @@ def _check_stability(cfl, refresh, drift, owner: str | None = None) -> None:
     where = f"{owner}: " if owner else ""
     if cfl is not None and not 0 < (real_scalar(cfl) or 0.0) <= 1:
         raise ValueError(f"{where}cfl must be in (0, 1], got cfl={cfl}")
-    if isinstance(refresh, bool) or not isinstance(refresh, int | np.integer) or refresh < 1:
+    if not positive_int(refresh):
         raise ValueError(f"{where}refresh must be an integer >= 1, got refresh={refresh!r}")
-    if not 0 < (real_scalar(drift) or 0.0) < math.inf:
+    if not finite_positive(drift):
         raise ValueError(f"{where}drift must be finite and positive, got drift={drift}")
 
 
@@ -319,7 +321,7 @@ def _check_steps(stepsize_controller, rtol, atol, dt, cfl, refresh, drift) -> No
             )
         check_controller(sc)
     check_tolerances(rtol, atol)
-    if dt is not None and not 0 < (real_scalar(dt) or 0.0) < math.inf:
+    if dt is not None and not finite_positive(dt):
         raise ValueError(f"dt must be finite and positive, got dt={dt}")
     if cfl is not None:
         _check_stability(cfl, refresh, drift)

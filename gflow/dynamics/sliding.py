@@ -69,8 +69,10 @@ from gflow.dynamics.solvers import (
     check_tolerances,
     default_cfl,
     evals_per_step,
+    finite_positive,
     is_fixed_step,
     make_solver,
+    positive_int,
     real_scalar,
     solver_name,
     stability_edge,
@@ -533,14 +535,14 @@ def check_kink_stepping(stepping) -> None:
     margin, dt = real_scalar(stepping.margin), stepping.dt
     if margin is None or not 0 < margin < 1e-3:
         raise ValueError(f"KinkStepping: margin must be in (0, 1e-3), got {stepping.margin}")
-    if dt is not None and not 0 < (real_scalar(dt) or 0.0) < math.inf:
+    if dt is not None and not finite_positive(dt):
         raise ValueError(f"KinkStepping: dt must be finite and positive, got dt={dt}")
     fallback = stepping.fallback
     if fallback is not None and not (real_scalar(fallback) or 0.0) > 0:
         raise ValueError(f"KinkStepping: fallback must be positive or None, got {fallback}")
     for key in ("window", "max_sliding"):
         v = getattr(stepping, key)
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        if not positive_int(v):
             raise ValueError(f"KinkStepping: {key} must be a positive int, got {v!r}")
 
 

@@ -268,6 +268,17 @@ def real_scalar(v) -> float | None:
     return float(a)
 
 
+def finite_positive(v) -> bool:
+    """Whether ``v`` is a real scalar in (0, inf)."""
+    r = real_scalar(v)
+    return r is not None and 0 < r < math.inf
+
+
+def positive_int(v) -> bool:
+    """Whether ``v`` is an integer >= 1 (a bool is not)."""
+    return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= 1
+
+
 def check_tolerances(rtol, atol, owner: str | None = None) -> None:
     """Step control's tolerances, a ``ValueError`` naming ``owner`` and the value unless
     ``rtol`` is a finite number in (0, 1) and ``atol`` a finite number >= 0. ``atol = 0``
