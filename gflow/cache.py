@@ -380,7 +380,8 @@ def _write(folder: Path, path: Path, data: bytes) -> None:
     from gflow.trajectory import atomic_write
 
     try:
-        if _private(folder) is not None:
+        # made private once (its parent, the cache, was checked private by configure)
+        if not folder.is_dir() and _private(folder) is not None:
             return
         atomic_write(path, data, mode=0o600)
         entries = sorted(folder.glob("*.jaxexport"), key=lambda p: p.stat().st_mtime)
