@@ -174,7 +174,7 @@ def gd_flow_gap(
     log loss, smoothed margin) and their fitted orders in the step.
     """
     from gflow.dynamics import KinkStepping, run_flow, run_gd
-    from gflow.kinks import _model
+    from gflow.kinks import kink_model
 
     lrs = np.sort(np.asarray(lrs, float))
     if lrs.size < 2 or not lrs[0] > 0:
@@ -185,7 +185,7 @@ def gd_flow_gap(
         raise ValueError(f"reference must be 'auto', 'kinks' or 'rk4', got {reference!r}")
     if reference == "auto":
         try:
-            _model(objective, params0)
+            kink_model(objective, params0)
             reference = "kinks"
         except ValueError:
             reference = "rk4"

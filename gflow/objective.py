@@ -105,7 +105,7 @@ class Objective(eqx.Module):
         a script is kept by value). ``load_objective`` reads them back; the pickle only
         when trusted."""
         from gflow.distributed import to_host
-        from gflow.trajectory import _npz_bytes, atomic_write
+        from gflow.trajectory import atomic_write, npz_bytes
 
         folder = Path(folder)
         flags = dict(
@@ -117,7 +117,7 @@ class Objective(eqx.Module):
         meta = dict(format=1, loss=self.loss.name, model=model, **flags)
         atomic_write(folder / "objective.json", (json.dumps(meta, indent=2) + "\n").encode())
         data = {"x": to_host(self.x), "y": to_host(self.y)}
-        atomic_write(folder / "objective.npz", _npz_bytes(data))
+        atomic_write(folder / "objective.npz", npz_bytes(data))
         if self.as_data:
             (folder / "objective.pkl").unlink(missing_ok=True)  # an older save's
         else:

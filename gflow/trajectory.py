@@ -38,6 +38,7 @@ __all__ = [
     "Trajectory",
     "TrajectoryRecorder",
     "atomic_write",
+    "npz_bytes",
     "flatten_params",
     "unflatten_params",
     "load",
@@ -117,7 +118,8 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of an ``.npz`` file (for ``atomic_write``)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -201,15 +203,15 @@ class Trajectory:
         arrays = {f"col/{k}": np.asarray(v, np.float64) for k, v in self.columns.items()}
         for i, snap in enumerate(self.snapshots):
             arrays.update({f"snap/{i}/{k}": v for k, v in flatten_params(snap).items()})
-        atomic_write(folder / "trajectory.npz", _npz_bytes(arrays))
+        atomic_write(folder / "trajectory.npz", npz_bytes(arrays))
         atomic_write(folder / "trajectory.csv", self.to_csv().encode())
         if self.final_params is not None:
-            atomic_write(folder / "params_final.npz", _npz_bytes(flatten_params(self.final_params)))
+            atomic_write(folder / "params_final.npz", npz_bytes(flatten_params(self.final_params)))
         if self.checkpoints:
             ck = {}
             for i, v in enumerate(self.checkpoints.values()):
                 ck.update({f"{i}/{k}": a for k, a in flatten_params(v["params"]).items()})
-            atomic_write(folder / "checkpoints.npz", _npz_bytes(ck))
+            atomic_write(folder / "checkpoints.npz", npz_bytes(ck))
         atomic_write(folder / "config.json", (json.dumps(meta, indent=2) + "\n").encode())
         return folder
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "gflow"
 
 
@@ -85,19 +83,11 @@ def _graph(imports) -> dict[str, set[str]]:
     return graph
 
 
-# issue 30, not done yet: gflow.dynamics.flow and .sliding import each other, and sliding,
-# compare, data and objective import private names; strict, so that the fix must drop
-# these markers
-_OPEN = pytest.mark.xfail(strict=True, reason="issue 30: the dynamics' layers are not split yet")
-
-
-@_OPEN
 def test_no_module_imports_another_that_imports_it_back():
     cycles = _cycles(_graph(_imports()))
     assert not cycles, cycles
 
 
-@_OPEN
 def test_no_module_imports_a_private_name_of_another():
     bad = [(mod, f"{src}.{name}") for mod, got in _imports().items() for src, name in got
            if name is not None and name.startswith("_") and not name.endswith("__")

@@ -78,7 +78,7 @@ def test_bad_controller_is_refused_before_any_work(lin, controller, needles, mon
     def no_work(*_, **__):
         raise AssertionError("work started before the controller was checked")
 
-    monkeypatch.setattr(flow, "_plan", no_work)
+    monkeypatch.setattr(flow, "drive", no_work)
     monkeypatch.setattr(flow, "run_flow_kinks", no_work)
     obj, p0 = lin
     _raises(lambda: run_flow(obj, p0, stepsize_controller=controller), *needles)

@@ -146,6 +146,37 @@ def test_run_flow_takes_kink_stepping_as_its_controller(two_units):
         run_flow(obj, p, stepsize_controller=KinkStepping(), clock="time", log_t_max=1.0)
 
 
+
+def test_a_handover_continues_the_run_in_the_default_suite(two_units):
+    """The fallback's path, fast: with ``window=1`` and a ratio no event stepping meets,
+    the run hands over at its one crossing and the segment driver (``driver.drive``,
+    from a ``Handover``) takes it to the horizon: every save point there, counters going
+    on from the kink part, the dissipation integral never decreasing, and the crossing
+    kept in the kink counters. (A renamed setting of the handover's driver call fails
+    here, not only in the slow suite.)"""
+    from gflow.dynamics.clock import log_t_grid
+
+    obj, p = two_units
+    rows = []
+    tr = run_flow_kinks(obj, p, stepping=KinkStepping(rtol=1e-9, atol=1e-12, fallback=1e-12,
+                                                      window=1),
+                        log_t_min=0, log_t_max=3, saves=4, progress=rows.append)  # fmt: skip
+    assert tr.status == "completed", tr.message
+    fb = tr.config["handover"]
+    assert "then stability stepping" in tr.message and fb["solver"] == "ralston"
+    assert fb["log_t"] < 3 and len(tr.config["event_cost"]) == 1
+    # the save points after t = 0, the handed-over ones located by the save event
+    # (bisection in tau to about 1e-13 relative; d log t / d tau is O(1) here)
+    np.testing.assert_allclose(tr["log_t"][1:], log_t_grid(0, 3, 4), rtol=0, atol=1e-10)
+    after = tr["log_t"] > fb["log_t"]
+    assert after.sum() >= 1
+    assert np.all(tr["crossings"][after] == 1) and np.all(tr["events"][after] == 1)
+    assert np.all(np.diff(tr["grad_evals"]) > 0) and np.all(np.diff(tr["step"]) >= 0)
+    assert np.all(np.diff(tr["dissipation"]) >= 0), tr["dissipation"]
+    assert len(rows) == len(tr) and rows[-1]["grad_evals"] == tr["grad_evals"][-1]
+    assert len(tr.config["sliding_pattern"]) == len(tr)
+
+
 MARGIN = 1e-12
 
 
@@ -321,7 +352,7 @@ def test_a_fallback_goes_on_by_stability_stepping_and_says_so(digits):
     monitors are still relative to the run's start: the dissipation integral never
     decreases (its rate is |f|^2), and the balance drift is the one computed afresh
     from the start and the end."""
-    from gflow.dynamics.gd import log_t_grid
+    from gflow.dynamics.clock import log_t_grid
     from gflow.invariants import balance_structure, unit_balances
 
     obj, p = digits

@@ -140,10 +140,10 @@ def own_cache(tmp_path, monkeypatch):
 
 def _new_process():
     """Forget the flow's traced programs held in this process (as a new one would)."""
-    from gflow.dynamics import flow
+    from gflow.dynamics import segments, stability
 
-    flow._vmapped.cache_clear()
-    flow._vmapped_stiffness.cache_clear()
+    segments.vmapped.cache_clear()
+    stability.vmapped_stiffness.cache_clear()
 
 
 def _flow(activation="relu"):

@@ -1,0 +1,450 @@
+"""The flow's segment driver (docs/theory.md, "Dynamics"): K runs (K = 1 for
+``run_flow``) integrated in one vmapped program, save point by save point, each segment
+one ``diffeqsolve`` of ``gflow.dynamics.segments``: error-controlled or fixed steps, or
+an error-controlled warm-up and then stability stepping (``gflow.dynamics.stability``).
+
+The runs' state between segments is one ``Runs`` object; the settings one
+``FlowSettings``; the fixed context of a call (what the settings give, the recorders,
+the stiffness programs) one ``_Setup``. A run that goes on from another (a kink run's
+fallback, ``gflow.dynamics.sliding``) is started with a ``Handover``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from gflow import timing
+from gflow.checkpoint import Checkpointer, pack, recorders_state, restore_recorders, unpack
+from gflow.dynamics import segments
+from gflow.dynamics.clock import (
+    CLOCKS,
+    log1p_of_log_t,
+    log_t_grid,
+    log_t_of,
+    one_blas_thread,
+    quantities_many,
+    start,
+    target_clock,
+)
+from gflow.dynamics.solvers import is_fixed_step, make_solver, solver_name, stability_edge
+from gflow.dynamics.span import input_span as input_span_of
+from gflow.dynamics.span import span_from_arrays
+from gflow.dynamics.stability import LANCZOS, layout, stable_step, vmapped_stiffness
+from gflow.objective import Objective
+from gflow.spectrum import lanczos_top_many
+from gflow.trajectory import Trajectory, TrajectoryRecorder
+
+__all__ = ["FlowSettings", "Handover", "Runs", "drive"]
+
+
+class FlowSettings(NamedTuple):
+    """A segment-driven flow run's settings (``run_flow``'s arguments of that name;
+    ``cfl`` set: stability stepping after an error-controlled ``warmup``)."""
+
+    clock: str = "loss"
+    solver: Any = "tsit5"
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None
+    rtol: float = 1e-6
+    atol: float = 1e-9
+    dt: float | None = None
+    cfl: float | None = None
+    warmup: str | None = "tsit5"
+    refresh: int = 48
+    drift: float = 0.05
+    log_t_max: float = 10.0
+    log_loss_min: float | None = None
+    saves: int = 50
+    log_t_min: float = 0.0
+    log_t0: float | None = None
+    max_steps: int = 1_000_000
+    input_span: bool | None = None
+    save_params: bool = False
+
+
+class Handover(NamedTuple):
+    """A run this one continues from ``log_t0``: its invariant monitor and dissipation
+    integral go on from that run's start, and the start itself, not a save point, is not
+    recorded."""
+
+    monitor: Any
+    dissipation: float
+
+
+class _Plan(NamedTuple):
+    """A flow run's validated settings and what follows from them."""
+
+    settings: dict  # the trajectory config's entries
+    first: tuple  # (segment, evals) before stability stepping (all along without cfl)
+    stable: tuple | None  # (segment, evals) of stability stepping
+    edge: float | None  # the solver's stability edge (cfl only)
+    targets: list  # save points in log t
+    z0: float  # log(1 + t) at the start
+
+
+def _check_plan(s: FlowSettings, solver, name: str) -> None:
+    """The settings' consistency: a ``ValueError`` naming the bad one."""
+    if s.clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {s.clock!r}")
+    if not (math.isfinite(s.log_t_min) and math.isfinite(s.log_t_max)):
+        raise ValueError(
+            f"log_t_min and log_t_max must be finite, got {s.log_t_min} and {s.log_t_max}"
+        )
+    if s.log_loss_min is not None and math.isnan(s.log_loss_min):
+        raise ValueError("log_loss_min must be a number or None, got nan")
+    if not s.log_t_max > s.log_t_min:
+        raise ValueError(f"log_t_max must exceed log_t_min = {s.log_t_min}, got {s.log_t_max}")
+    if s.log_t0 is not None and not s.log_t0 < s.log_t_max:
+        raise ValueError(f"log_t0 = {s.log_t0} must be below log_t_max = {s.log_t_max}")
+    if s.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {s.max_steps}")
+    if s.dt is not None and s.cfl is not None:
+        raise ValueError("give a fixed step dt or a stability fraction cfl, not both")
+    if s.stepsize_controller is not None and (s.dt is not None or s.cfl is not None):
+        raise ValueError("give a stepsize_controller, or a fixed step dt, or a cfl: one of them")
+    if s.dt is None and s.cfl is None and s.stepsize_controller is None and is_fixed_step(solver):
+        raise ValueError(f"solver {name!r} has no error estimate: give a fixed step dt or a cfl")
+    if s.cfl is not None and s.warmup is not None and is_fixed_step(s.warmup):
+        raise ValueError(f"warmup solver {solver_name(s.warmup)!r} has no error estimate")
+
+
+def _plan(s: FlowSettings, dtype, share: float = 1.0) -> _Plan:
+    """Check the settings (a ``ValueError`` naming the bad one) and set up."""
+    name = solver_name(s.solver)  # validates a name
+    solver = make_solver(s.solver)
+    _check_plan(s, solver, name)
+    edge = stability_edge(solver) if s.cfl is not None else None
+    all_steps = int(min(s.max_steps, 2**31 - 1))
+    stable = None
+    dtype = np.dtype(dtype).name
+    if s.cfl is None:
+        ctrl = segments.make_controller(
+            s.stepsize_controller, s.dt is not None, s.rtol, s.atol, share
+        )
+        first = segments.kept(s.clock, solver, ctrl, all_steps, dtype)
+    else:
+        first = None
+        if s.warmup is not None:
+            ctrl = segments.make_controller(None, False, s.rtol, s.atol, share)
+            first = segments.kept(s.clock, make_solver(s.warmup), ctrl, all_steps, dtype)
+        stable = segments.kept(s.clock, solver, diffrax.ConstantStepSize(), int(s.refresh), dtype)
+    settings = dict(
+        dynamics="flow", clock=s.clock, solver=name, rtol=s.rtol, atol=s.atol, dt=s.dt,
+        cfl=s.cfl,
+        warmup=solver_name(s.warmup) if (s.cfl is not None and s.warmup is not None) else None,
+        refresh=s.refresh, drift=s.drift, log_t_max=s.log_t_max, log_loss_min=s.log_loss_min,
+        saves=s.saves, log_t_min=s.log_t_min, log_t0=s.log_t0, max_steps=s.max_steps,
+    )  # fmt: skip
+    if s.stepsize_controller is not None:
+        settings["stepsize_controller"] = type(s.stepsize_controller).__name__
+        # the accuracy asked for is the controller's (the fidelity verdict reads rtol)
+        for key in ("rtol", "atol"):
+            value = getattr(s.stepsize_controller, key, None)
+            settings[key] = float(value) if isinstance(value, int | float) else None
+    targets = [float(x) for x in log_t_grid(s.log_t_min, s.log_t_max, s.saves)]
+    if s.log_t0 is not None:
+        targets = [x for x in targets if x > s.log_t0]
+    z0 = 0.0 if s.log_t0 is None else log1p_of_log_t(s.log_t0)
+    return _Plan(settings, first, stable, edge, targets, z0)
+
+
+@dataclass
+class Runs:
+    """The K runs' state between segments (what a checkpoint holds)."""
+
+    y: tuple  # the ODE states, stacked (leading axis: the run)
+    c: np.ndarray  # clock values (float64)
+    dt0: list  # each run's next first step (None: the controller chooses)
+    stabilised: np.ndarray  # past the warm-up: stability stepping
+    alive: np.ndarray
+    status: list
+    message: list
+    totals: list  # per run: steps, accepted, rejected, grad_evals
+    done: int = 0  # save points reached
+    warm: list | None = None  # per run: the Lanczos vector of the last stable step
+
+    def meta(self) -> dict:
+        """The checkpoint's metadata (the arrays go apart: ``y``, ``warm``)."""
+        return dict(
+            c=[float(v) for v in self.c], stabilised=[bool(v) for v in self.stabilised],
+            alive=[bool(v) for v in self.alive],
+            dt0=[None if h is None else float(h) for h in self.dt0],
+            status=self.status, message=self.message, totals=self.totals, done=self.done,
+        )  # fmt: skip
+
+    def restore(self, arrays: dict, meta: dict) -> None:
+        """Back to a checkpoint's state (``meta()``'s, and the arrays)."""
+        self.y = unpack("y/", self.y, arrays)
+        self.c = np.array(meta["c"], np.float64)
+        self.stabilised, self.alive = np.array(meta["stabilised"]), np.array(meta["alive"])
+        self.dt0, self.status, self.message = meta["dt0"], meta["status"], meta["message"]
+        self.totals, self.done = meta["totals"], meta["done"]
+        if self.warm is not None:
+            self.warm = [arrays.get(f"warm{i}") for i in range(len(self.warm))]
+
+
+class _Setup(NamedTuple):
+    """What stays fixed over a call of ``drive``."""
+
+    objective: Objective
+    field: Objective  # what the ODE's field reads (in the span of the inputs, or the same)
+    span: Any  # gflow.dynamics.span's reduction, or None
+    settings: FlowSettings
+    plan: _Plan
+    seeds: list
+    single: bool
+    recs: list
+    progress: Callable | None
+    stiffness: tuple | None  # (jac_many, drift_many, dim, sq_fixed) under stability stepping
+
+    def full(self, params):
+        return params if self.span is None else self.span.lift_many(params)
+
+
+def _lane(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _record(su: _Setup, runs: Runs, which, log_t=None) -> list[dict]:
+    """Record the runs ``which`` at the state reached (at ``log_t`` if given)."""
+    theta = su.full(runs.y[0])
+    q, host_y, host_theta = jax.device_get((quantities_many(su.objective, theta), runs.y, theta))
+    rows = []
+    for i in which:
+        totals = runs.totals[i]
+        at = (
+            log_t_of(su.settings.clock, _lane(host_y, i), float(runs.c[i]))
+            if log_t is None
+            else log_t
+        )
+        row = su.recs[i].add(
+            totals["accepted"], at, _lane(q, i), _lane(host_theta, i),
+            dissipation=float(host_y[-1][i]), grad_evals=float(totals["grad_evals"]),
+            solver_steps=float(totals["steps"]), rejected=float(totals["rejected"]),
+        )  # fmt: skip
+        if su.progress is not None and not su.single:
+            su.progress({**row, "seed": int(su.seeds[i])})
+        rows.append(row)
+    return rows
+
+
+def _set_stable_steps(su: _Setup, runs: Runs, todo: np.ndarray) -> None:
+    """The ``cfl`` step of each run in ``todo`` (``run_flow``'s docstring)."""
+    jac_many, drift_many, dim, sq_fixed = su.stiffness
+    dtype, s = su.objective.dtype, su.settings
+    c_ = jnp.asarray(runs.c, dtype)
+    y = runs.y
+    eigs = lanczos_top_many(
+        lambda v: jac_many(su.field, c_, y, jnp.asarray(v, dtype)), dim, runs.warm,
+        active=todo, **LANCZOS,
+    )  # fmt: skip
+    ratios = np.asarray(drift_many(su.field, c_, y, sq_fixed))
+    for i in np.flatnonzero(todo):
+        runs.warm[i] = eigs[i].vector
+        runs.totals[i]["grad_evals"] += 2 * eigs[i].matvecs + 1
+        runs.dt0[i] = stable_step(eigs[i].value, float(ratios[i]), s.cfl, su.plan.edge, s.drift)
+
+
+def _segments(su: _Setup, runs: Runs, target: float, stable: bool) -> None:
+    """Every live run of this phase (warm-up or error-controlled; or ``stable``) to the
+    save point ``target``, segment by segment; a run that fails is recorded at its last
+    finite state and ends."""
+    s, dtype = su.settings, su.objective.dtype
+    k_runs = len(su.seeds)
+    z_target, c1_all = target_clock(s.clock, target)
+    todo = runs.alive & (runs.stabilised == stable)
+    while todo.any():
+        segment, evals = su.plan.stable if stable else su.plan.first
+        if stable:
+            with timing.phase("flow: stable step"):
+                _set_stable_steps(su, runs, todo)
+        c = runs.c
+        # a run not in `todo` gets a zero-length segment: it stays where it is
+        far = c + segments.LOSS_SPAN if s.clock == "loss" else np.full(k_runs, c1_all)
+        c1 = np.where(todo, far, c)
+        # NaN: the controller chooses the first step (segments._DtFromArgs)
+        h0 = jnp.asarray([math.nan if runs.dt0[i] is None else runs.dt0[i] if todo[i] else 1.0
+                          for i in range(k_runs)], dtype)  # fmt: skip
+        with timing.phase("flow: stepping, stable" if stable else "flow: stepping"):
+            out = segment(
+                su.field, runs.y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
+                jnp.asarray(z_target, dtype),
+            )  # fmt: skip
+            y_new, c_new, result = out[0], out[1], out[2]
+            ok = np.asarray(segments.segment_ok(result, stable))
+            reached = np.asarray(segments.reached(s.clock, result))
+            c_new, n_steps, n_acc, finite = jax.device_get(
+                (c_new, out[3], out[4], segments.all_finite(y_new))
+            )
+        runs.y = segments.select_runs(todo & finite, y_new, runs.y)
+        failed = []
+        for i in np.flatnonzero(todo):
+            totals = runs.totals[i]
+            segments.count_steps(totals, int(n_steps[i]), int(n_acc[i]), evals)
+            if not (ok[i] and finite[i]):
+                runs.status[i] = "failed"
+                runs.message[i] = segments.failure_message(
+                    s.solver, target, _lane(result, i), bool(ok[i]), totals["steps"]
+                )
+                if finite[i]:
+                    c[i] = c_new[i]
+                    failed.append(i)
+                runs.alive[i] = todo[i] = False
+                continue
+            if s.dt is None and not stable and n_acc[i] > 0:
+                runs.dt0[i] = (float(c_new[i]) - c[i]) / int(n_acc[i])
+            c[i] = c_new[i]
+            if reached[i] or totals["steps"] >= s.max_steps:
+                todo[i] = False
+        if failed:
+            _record(su, runs, failed)  # keep what was reached: its last finite state
+
+
+def _stop_reason(row, log_t, steps, max_steps, log_loss_min) -> tuple[str, str] | None:
+    """``(status, message)`` when a run ends at this save point (before its horizon)."""
+    if steps >= max_steps:
+        return "stopped", f"step budget max_steps = {max_steps} spent at log t = {log_t:.6g}"
+    if log_loss_min is not None and row["log_loss"] <= log_loss_min:
+        return "completed", f"log loss {row['log_loss']:.6g} <= target {log_loss_min:g}"
+    return None
+
+
+def _at_save_point(su: _Setup, runs: Runs) -> None:
+    """Record the live runs at the save point reached; switch to stability stepping
+    below the loss threshold; end the runs whose stop condition holds."""
+    s = su.settings
+    live = np.flatnonzero(runs.alive)
+    with timing.phase("flow: save points"):
+        rows = _record(su, runs, live)
+    for i, row in zip(live, rows, strict=True):
+        if s.cfl is not None and row["log_loss"] < su.objective.loss.log_threshold:
+            runs.stabilised[i] = True
+        stop = _stop_reason(row, row["log_t"], runs.totals[i]["steps"], s.max_steps,
+                            s.log_loss_min)  # fmt: skip
+        if stop is not None:
+            runs.status[i], runs.message[i] = stop
+            runs.alive[i] = False
+    runs.done += 1
+
+
+def _save_checkpoint(su: _Setup, runs: Runs, checkpoint: Checkpointer | None) -> None:
+    if checkpoint is None or not checkpoint.due():
+        return
+    arrays, metas = recorders_state(su.recs)
+    arrays.update(pack("y/", runs.y))
+    if su.span is not None:
+        arrays.update(su.span.arrays())
+    if runs.warm is not None:
+        arrays.update({f"warm{i}": np.asarray(w) for i, w in enumerate(runs.warm) if w is not None})
+    checkpoint.save(runs.done + 1, arrays, dict(recorders=metas, **runs.meta()))
+
+
+def _recorders(objective, params0, seeds, single, s: FlowSettings, plan, span, config, progress):
+    recs = []
+    for seed in seeds:
+        cfg = {**objective.describe(), **(config or {}), **plan.settings}
+        cfg["input_span"] = None if span is None else span.rank
+        if not single:
+            cfg.update(seed=int(seed), seeds=[int(v) for v in seeds])
+        recs.append(
+            TrajectoryRecorder(
+                "flow", cfg, s.save_params, progress if single else None,
+                objective.invariant_reasons(params0[0]),
+            )
+        )  # fmt: skip
+    return recs
+
+
+def _start_runs(su: _Setup, starts0: list, handover: Handover | None) -> Runs:
+    s, dtype, k_runs = su.settings, su.objective.dtype, len(su.seeds)
+    first = [start(s.clock, p, su.plan.z0, dtype) for p in starts0]
+    y = jax.tree.map(lambda *a: jnp.stack(a), *[st[0] for st in first])
+    if handover is not None:
+        for rec in su.recs:
+            rec.monitor = handover.monitor
+        y = (*y[:-1], y[-1] + jnp.asarray(handover.dissipation, dtype))
+    return Runs(
+        y=y,
+        c=np.array([st[1] for st in first], np.float64),
+        dt0=[s.dt] * k_runs,
+        stabilised=np.full(k_runs, s.cfl is not None and s.warmup is None),
+        alive=np.ones(k_runs, bool),
+        status=["completed"] * k_runs,
+        message=[f"reached log t = {s.log_t_max:.6g}"] * k_runs,
+        totals=[{"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0} for _ in su.seeds],
+        warm=[None] * k_runs if s.cfl is not None else None,
+    )
+
+
+def drive(
+    objective: Objective, params0: list, seeds: list, settings: FlowSettings, *,
+    single: bool, config: dict | None = None, progress: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None, resume: bool = False,
+    handover: Handover | None = None,
+) -> list[Trajectory]:  # fmt: skip
+    """K runs (K = 1: ``single``, ``run_flow``) in one vmapped integration
+    (``run_flow_seeds``' docstring), one trajectory each. The settings are checked here
+    for consistency; their values (``run_flow``'s checks) and ``params0`` before."""
+    s = settings
+    got = checkpoint.restore() if (checkpoint is not None and resume) else None
+    # the state's parameters: in the span of the inputs (the checkpoint's choice on resume)
+    span = (
+        input_span_of(objective, params0, s.input_span)
+        if got is None
+        else span_from_arrays(objective, params0, got[0])
+    )
+    share = 1.0 if span is None else span.share(s.clock)
+    plan = _plan(s, objective.dtype, share)
+    plan = plan._replace(
+        first=segments.vmapped(plan.first) if plan.first is not None else None,
+        stable=segments.vmapped(plan.stable) if plan.stable is not None else None,
+    )
+    starts0 = params0 if span is None else [span.restrict(p) for p in params0]
+    stiffness = None
+    if s.cfl is not None:
+        jac_many, drift_many = vmapped_stiffness(s.clock, layout(starts0[0]))
+        dim = ravel_pytree(starts0[0])[0].size
+        sq_fixed = np.zeros(len(seeds)) if span is None else span.sq_fixed
+        stiffness = (jac_many, drift_many, dim, jnp.asarray(sq_fixed, objective.dtype))
+    su = _Setup(
+        objective=objective, field=objective if span is None else span.objective, span=span,
+        settings=s, plan=plan, seeds=seeds, single=single,
+        recs=_recorders(objective, params0, seeds, single, s, plan, span, config, progress),
+        progress=progress, stiffness=stiffness,
+    )  # fmt: skip
+    runs = _start_runs(su, starts0, handover)
+    if got is None:
+        if handover is None:
+            _record(su, runs, range(len(seeds)), -math.inf if s.log_t0 is None else s.log_t0)
+    else:
+        arrays, meta = got
+        restore_recorders(su.recs, arrays, meta["recorders"])
+        runs.restore(arrays, meta)
+    blas = one_blas_thread()
+    try:
+        for target in plan.targets[runs.done :]:
+            if not runs.alive.any():
+                break
+            for stable in (False, True):  # warm-up / error-controlled runs, then stabilised
+                _segments(su, runs, target, stable)
+            _at_save_point(su, runs)
+            with timing.phase("flow: checkpoints"):
+                _save_checkpoint(su, runs, checkpoint)
+    except KeyboardInterrupt:
+        for i in np.flatnonzero(runs.alive):
+            runs.status[i], runs.message[i] = "stopped", "interrupted"
+    finally:
+        blas.restore_original_limits()
+    finals = jax.device_get(su.full(runs.y[0]))
+    return [
+        su.recs[i].finish(_lane(finals, i), runs.status[i], runs.message[i], objective)
+        for i in range(len(seeds))
+    ]
