@@ -246,7 +246,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--solver",
         type=_solver_name,
         help=f"flow solver: {', '.join(sorted(SOLVERS))}, or rkcS for any S in 2..200 "
-        "(Runge-Kutta-Chebyshev, S stages) (default: %(default)s)",
+        "(Runge-Kutta-Chebyshev, S stages); the implicit kvaerno5 and implicit-euler run "
+        "under error control only (--rtol, not --dt or --cfl) and form the field's dense "
+        "Jacobian: small models (default: %(default)s)",
     )
     g.add_argument(
         "--rtol",

@@ -194,7 +194,13 @@ def _check_saved_options(path, saved, args) -> None:
 
 
 def _validate(args: RunOptions) -> None:
-    from gflow.dynamics.solvers import DEFAULT_TOL, default_cfl, is_fixed_step, stability_edge
+    from gflow.dynamics.solvers import (
+        DEFAULT_TOL,
+        IMPLICIT,
+        default_cfl,
+        is_fixed_step,
+        stability_edge,
+    )
 
     if args.input_span not in _SPAN:
         raise ValueError(f"--input-span must be one of {sorted(_SPAN)}, got {args.input_span!r}")
@@ -215,11 +221,16 @@ def _validate(args: RunOptions) -> None:
                              "--dt, --cfl and --clock out")  # fmt: skip
         if args.solver == "ralston":  # stability stepping's default: order 3 here instead
             args.solver = "bosh3"
-        if is_fixed_step(args.solver):
-            raise ValueError(f"--kinks needs an adaptive solver, got --solver {args.solver}")
+        if is_fixed_step(args.solver) or args.solver in IMPLICIT:
+            raise ValueError(
+                f"--kinks needs an explicit adaptive solver, got --solver {args.solver}"
+            )
     elif args.dynamics != "gd":
         if args.dt is not None and args.cfl is not None:
             raise ValueError("give --dt or --cfl, not both")
+        if args.solver in IMPLICIT and (args.dt is not None or args.cfl is not None):
+            raise ValueError(f"--solver {args.solver} is implicit: it runs under error "
+                             "control (--rtol / --atol), not with --dt or --cfl")  # fmt: skip
         if args.dt is None and args.cfl is None:
             args.cfl = default_cfl(args.solver)
         if is_fixed_step(args.solver) and args.dt is None and args.cfl is None:

@@ -112,6 +112,18 @@ def _check_plan(s: FlowSettings, solver, name: str) -> None:
         raise ValueError("give a stepsize_controller, or a fixed step dt, or a cfl: one of them")
     if s.dt is None and s.cfl is None and s.stepsize_controller is None and is_fixed_step(solver):
         raise ValueError(f"solver {name!r} has no error estimate: give a fixed step dt or a cfl")
+    ctrl = s.stepsize_controller
+    fixed = s.dt is not None or s.cfl is not None
+    if isinstance(solver, diffrax.AbstractImplicitSolver) and (
+        fixed or (ctrl is not None and not isinstance(ctrl, diffrax.PIDController))
+    ):
+        how = type(ctrl).__name__
+        if fixed:
+            how = "a fixed dt" if s.dt is not None else "a cfl"
+        raise ValueError(
+            f"solver {name!r} is implicit: it runs under error control (rtol / atol, or a "
+            f"diffrax.PIDController), not with {how}"
+        )
     if s.cfl is not None and s.warmup is not None and is_fixed_step(s.warmup):
         raise ValueError(f"warmup solver {solver_name(s.warmup)!r} has no error estimate")
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+from diffrax._root_finder import use_stepsize_tol
 
 from gflow.dynamics.clock import vector_field
 from gflow.dynamics.solvers import evals_per_step
@@ -100,6 +101,25 @@ class _DtFromArgs(diffrax.AbstractStepSizeController):
         return self.inner.adapt_step_size(*args, **kwargs)
 
 
+def _with_controller_tols(solver, controller):
+    """An implicit solver's root finder given the adaptive controller's ``rtol``, ``atol``
+    and norm where it asks for them (diffrax's ``use_stepsize_tol``, its default), as
+    ``diffeqsolve`` would do itself had the controller not been wrapped
+    (``_DtFromArgs``)."""
+    if not isinstance(solver, diffrax.AbstractImplicitSolver):
+        return solver
+    if not isinstance(controller, diffrax.PIDController):
+        return solver  # refused before any work (driver._check_plan)
+    finder = solver.root_finder
+    wanted = [a for a in ("rtol", "atol", "norm") if getattr(finder, a) is use_stepsize_tol]
+    return eqx.tree_at(
+        lambda s: tuple(getattr(s.root_finder, a) for a in wanted),
+        solver,
+        tuple(getattr(controller, a) for a in wanted),
+        is_leaf=lambda x: x is use_stepsize_tol,
+    )
+
+
 def segment_fn(clock: str, solver, controller, steps: int, dtype: str = "float64"):
     """``(segment, evals)``: one jitted ``diffeqsolve`` from ``c0`` towards ``c1`` (or the
     loss clock's save event), cached so that later runs of the same kind compile nothing
@@ -114,6 +134,7 @@ def segment_fn(clock: str, solver, controller, steps: int, dtype: str = "float64
 
 @functools.cache
 def _segment_cached(clock: str, the_solver, controller, steps: int, dtype: str):
+    the_solver = _with_controller_tols(the_solver, controller)
     field = vector_field(clock)
     fixed = isinstance(controller, diffrax.ConstantStepSize)
     # args = (objective, z target of the loss clock's save event, first step) for every

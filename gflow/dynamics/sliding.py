@@ -592,11 +592,13 @@ def _start(objective, params0, stepping, solver, log_t_max, log_loss_min, saves,
     """Check the arguments (a ``ValueError`` naming the bad one) and set up the run."""
     check_kink_stepping(stepping)
     check_finite_params(params0)
-    model = kink_model(objective, params0)
     name = solver_name(solver)
     the_solver = make_solver(solver)
+    if isinstance(the_solver, diffrax.AbstractImplicitSolver):
+        raise ValueError(f"KinkStepping steps with an explicit solver, got the implicit {name!r}")
     if is_fixed_step(the_solver) or not hasattr(the_solver, "interpolation_cls"):
         raise ValueError(f"KinkStepping needs a solver with an error estimate, got {name!r}")
+    model = kink_model(objective, params0)
     if not (math.isfinite(log_t_min) and log_t_max > log_t_min):
         raise ValueError(f"need finite log_t_min < log_t_max, got {log_t_min}, {log_t_max}")
     dtype = objective.dtype

@@ -332,9 +332,11 @@ def default_cfl(solver) -> float | None:
 
 
 def evals_per_step(solver) -> tuple[int, int]:
-    """(gradient evaluations per step, extra evaluations at a segment's start)."""
+    """(gradient evaluations per step, extra evaluations at a segment's start). An
+    implicit solver's count is its stages': the Newton iterations and the Jacobian its
+    root finder forms (one Jacobian-vector product per parameter) are not counted."""
     tab = getattr(solver, "tableau", None)
-    if isinstance(solver, diffrax.Euler):
+    if isinstance(solver, diffrax.Euler | diffrax.ImplicitEuler):
         return 1, 0
     if tab is None:
         return 0, 0  # implicit: not counted
