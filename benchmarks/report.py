@@ -164,6 +164,23 @@ def flow_kinks(rec: dict) -> str:
     return _table(head, rows) + f"\n\n{_stamp(rec)}"
 
 
+def flow_estimate(rec: dict) -> str:
+    rows = []
+    for r in rec["rows"]:
+        m, p = r["margin"], r["params"]
+        rows.append([
+            r["name"], f"{r['grad_evals']:,}", f"{r['shadow_evals']:,}", f"{r['wall_s']:.1f}",
+            f"{m['true']:.1e}", f"{m['estimate']:.1e}",
+            f"{m['ratio_min']:.2f} to {m['ratio_max']:.2f}", f"{p['true']:.1e}",
+            f"{p['estimate']:.1e}", f"{p['ratio_min']:.2f} to {p['ratio_max']:.2f}",
+            r["fidelity"],
+        ])  # fmt: skip
+    head = ["run", "gradient evaluations", "shadow's", "wall (s)", "margin error",
+            "its estimate", "estimate / error", "parameter error", "its estimate",
+            "estimate / error", "fidelity"]  # fmt: skip
+    return _table(head, rows) + f"\n\n{_stamp(rec)}"
+
+
 def startup(rec: dict) -> str:
     med = rec["median"]
     n = rec["reps"]
@@ -198,7 +215,7 @@ RENDER = {
     "startup": startup,
     "gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds,
     "flow_accuracy-default": flow_accuracy, "flow_kinks-default": flow_kinks,
-    "flow_kinks-wide": flow_kinks,
+    "flow_kinks-wide": flow_kinks, "flow_estimate-default": flow_estimate,
 }  # fmt: skip
 
 

@@ -33,7 +33,8 @@ from gflow.models import LEAKY_SLOPE, Sequential
 from gflow.objective import Objective
 
 __all__ = ["KinkReport", "kink_model", "off_slope", "pattern", "field_with", "kink_report",
-           "kinks_along", "sliding_field", "CROSSING", "ATTRACTING", "REPELLING"]  # fmt: skip
+           "kinks_along", "sliding_field", "normal_speeds", "CROSSING", "ATTRACTING",
+           "REPELLING"]  # fmt: skip
 
 CROSSING, ATTRACTING, REPELLING, TANGENT = "crossing", "attracting", "repelling", "tangent"
 

@@ -178,8 +178,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "dynamics",
         "GD's options (--schedule, --lr, --alpha0, --loss-ub, --batch-size, "
         "--sharpness-every) and the flow's (--clock, --solver, --rtol, --atol, --dt, --cfl, "
-        "--kinks, --kink-fallback, --input-span) are an error where the part they set does "
-        "not run (--dynamics gd / flow), as is --lr under the loss-based schedule, --alpha0 "
+        "--kinks, --kink-fallback, --input-span, --accuracy) are an error where the part "
+        "they set does not run (--dynamics gd / flow), as is --lr under the loss-based "
+        "schedule, --alpha0 "
         "under the constant one, --loss-ub without mini-batches and --sharpness-every with "
         "them",
     )
@@ -306,6 +307,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "input size, and an error before any folder is made where it cannot apply (data of "
         "full rank, a model that is not an MLP, samples over several devices); under "
         "--kinks only auto; default: %(default)s)",
+    )
+    g.add_argument(
+        "--accuracy",
+        type=number(lo=0, hi=1, open_lo=True, open_hi=True),
+        help="the flow's error, relative to the normalized margin's scale, that the flow "
+        "fidelity verdict holds the run's error estimate to (a shadow run at twice the "
+        "steps, whose difference sees the kinks' errors; not under --kinks) "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--log-t-max",

@@ -69,6 +69,7 @@ class RunOptions:
     kinks: bool = False
     kink_fallback: float = 100.0  # KinkStepping.fallback; inf: never
     input_span: str = "auto"  # the flow's first layer in the inputs' span: auto, on, off
+    accuracy: float = 2e-4  # solvers.DEFAULT_ACCURACY: the error estimate's bound
     # how far and what is kept
     log_t_max: float = 100.0
     log_t_min: float = 0.0
@@ -248,7 +249,7 @@ _SPAN = {"auto": None, "on": True, "off": False}  # --input-span: run_flow's inp
 # options that only one part of ``--dynamics both`` reads (the rest apply to both)
 _GD_ONLY = ("schedule", "lr", "alpha0", "loss_ub", "batch_size", "sharpness_every")
 _FLOW_ONLY = ("clock", "solver", "rtol", "atol", "dt", "cfl", "kinks", "kink_fallback",
-              "input_span")  # fmt: skip
+              "input_span", "accuracy")  # fmt: skip
 
 
 class _Given(NamedTuple):
@@ -308,10 +309,13 @@ def _refuse_dropped(args: RunOptions, given: _Given) -> None:
         if not args.kinks:
             refuse(["kink_fallback"], "under --kinks only; give --kinks or leave it out",
                    ["kinks"])  # fmt: skip
-        elif args.input_span != "auto":
-            refuse(["input_span"], "to the flow's default stepping; --kinks integrates "
-                   "every parameter (its fallback decides by the data, as auto)",
-                   ["kinks"])  # fmt: skip
+        else:
+            if args.input_span != "auto":
+                refuse(["input_span"], "to the flow's default stepping; --kinks integrates "
+                       "every parameter (its fallback decides by the data, as auto)",
+                       ["kinks"])  # fmt: skip
+            refuse(["accuracy"], "to the flow's error estimate, which --kinks runs do not "
+                   "record yet", ["kinks"])  # fmt: skip
     if args.dynamics != "flow":
         if args.schedule == "loss-based":
             refuse(["lr"], "to --schedule constant; the loss-based schedule steps by "
@@ -393,7 +397,8 @@ def driver_args(args: RunOptions, kind: str) -> dict:
                     sharpness_every=args.sharpness_every)  # fmt: skip
     return dict(common, clock=args.clock, solver=args.solver, stepsize_controller=_kinks(args),
                 rtol=args.rtol, atol=args.atol, dt=args.dt, cfl=args.cfl,
-                input_span=_SPAN[args.input_span], max_steps=args.steps or 1_000_000)  # fmt: skip
+                input_span=_SPAN[args.input_span], accuracy=args.accuracy,
+                max_steps=args.steps or 1_000_000)  # fmt: skip
 
 
 def _kinks(args: RunOptions):

@@ -579,6 +579,7 @@ def fidelity(traj: Trajectory) -> Verdict:
             "sliding along kinks (autodiff's one-sided gradients overstate ||grad||^2 there) "
             "and does not fall with the step"
         )
+    estimate = _estimate_judged(traj, det)
     if bad:
         # a monitor that broke down (NaN) first, else the largest
         worst = max(bad, key=lambda c: (math.isnan(det[c]["max"]), np.nan_to_num(det[c]["max"])))
@@ -590,10 +591,60 @@ def fidelity(traj: Trajectory) -> Verdict:
             f"integration is not faithful there (try a smaller --cfl, --dt or --rtol); "
             f"{shown}{note}"
         )
+        if estimate is not None:
+            s += f"; {estimate[1]}"
         return Verdict(FIDELITY, False, s, det)
     names = ", ".join(c.replace("_", " ") for c in judged)
     s = f"every save point within tolerance {tol:.2g} (rtol) on {names}: {shown}{note}"
-    return Verdict(FIDELITY, True, s, det)
+    if estimate is None:
+        return Verdict(FIDELITY, True, s, det)
+    outcome, said = estimate
+    if outcome is False:
+        return Verdict(FIDELITY, False, f"invariants: {s}; {said}", det)
+    if outcome is None:
+        return inconclusive(
+            FIDELITY, f"invariants: {s}; {said}",
+            "a run at a third of the step (--cfl or --dt; --rtol for an adaptive run), or a "
+            "looser --accuracy", det,
+        )  # fmt: skip
+    return Verdict(FIDELITY, True, f"invariants: {s}; {said}", det)
+
+
+ESTIMATE_BAND = 10.0  # the error estimate is at most this many times the error (measured)
+
+
+def _estimate_judged(traj: Trajectory, det: dict) -> tuple[bool | None, str] | None:
+    """The flow's error estimate (``margin_error``, the envelope of the difference from
+    its shadow run, ``gflow.dynamics.driver``) relative to the margin's scale (its
+    largest ``|gamma_bar|`` along the run), held to the run's ``accuracy``: ``True``
+    when it stays within it at every save point (the estimate bounds the error from
+    above: docs/theory.md, "The flow's own error"); ``False`` when it exceeds
+    ``ESTIMATE_BAND`` times it somewhere (the estimate is at most that many times the
+    error, so the error exceeds the accuracy there); ``None`` (undecided) between; with
+    a line saying which. None when the run records no estimate or no accuracy."""
+    accuracy = traj.config.get("accuracy")
+    if "margin_error" not in traj.columns or accuracy is None:
+        return None
+    est = np.asarray(traj["margin_error"], np.float64)
+    scale = float(np.nanmax(np.abs(np.asarray(traj["normalized_margin"], np.float64))))
+    if not np.isfinite(est).any() or not scale > 0:
+        return None
+    rel = est / scale
+    if np.isnan(rel).any():  # the shadow failed: judged up to there
+        rel = rel[: int(np.argmax(np.isnan(rel)))]
+    i = int(np.argmax(rel))
+    worst, where = float(rel[i]), float(traj["log_t"][i])
+    det["error_estimate"] = {"max": worst, "at_log_t": where, "accuracy": float(accuracy),
+                             "param_error_max": float(np.nanmax(traj["param_error"]))}  # fmt: skip
+    said = (f"error estimate of the normalized margin {worst:.2g} of its scale (worst at "
+            f"log t = {where:.4g}), parameters {det['error_estimate']['param_error_max']:.2g} "
+            f"of rho")  # fmt: skip
+    if worst <= accuracy:
+        return True, f"{said}: within the accuracy {accuracy:.2g}"
+    if worst > ESTIMATE_BAND * accuracy:
+        return False, (f"{said}: more than {ESTIMATE_BAND:g} times the accuracy {accuracy:.2g}, "
+                       f"so the integration is not faithful there")  # fmt: skip
+    return None, f"{said}: above the accuracy {accuracy:.2g}, by less than the estimate's band"
 
 
 NOT_HOMOGENEOUS = "the model is not homogeneous (biases in every layer)"

@@ -29,16 +29,46 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.fixture(scope="session")
-def small():
-    """60 unit-norm digits 0/1, a width-8 ReLU MLP (L = 2), logistic loss."""
-    from gflow import data as D
-    from gflow.models import build_model
+def digits_problem(n: int, **fields):
+    """The tests' digits problem as a ``gflow.problem.Problem``: sklearn's digits
+    (``data="digits"``), classes 0/1, a sample of ``n`` seeded by ``seed``, unit-normalised;
+    ``fields``: any other of ``Problem``'s fields (its defaults otherwise: a ReLU MLP of
+    depth 2 without biases, the logistic loss, seed 0 for both the sample and the
+    initialisation, float64). ``n=360``: all the digits 0/1, in their order."""
+    from gflow.problem import Problem
+
+    return Problem(data="digits", n=n, **fields)
+
+
+def build_digits(n: int, *, init_seed: int | None = None, **fields):
+    """``(dataset, model, objective, params0)`` of ``digits_problem(n, **fields)``
+    (``Problem.build()``); ``init_seed``: the model initialised from this seed instead of
+    the problem's ``seed`` (which then draws the sample only)."""
+    p = digits_problem(n, **fields)
+    if init_seed is None:
+        return p.build()
     from gflow.objective import make_objective
 
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    model = build_model("mlp", ds.input_shape, 1, width=8)
-    return make_objective(model, ds, "logistic")
+    ds = p.dataset()
+    model = p.make_model(ds, seed=init_seed)
+    return ds, model, *make_objective(model, ds, p.loss, order=p.order)
+
+
+def digits_inits(seeds, n: int, **fields) -> list:
+    """The initial parameters of ``digits_problem(n, **fields)``'s model, one per seed of
+    ``seeds`` (its sample drawn by the problem's ``seed``)."""
+    from gflow.models import split_params
+
+    p = digits_problem(n, **fields)
+    ds = p.dataset()
+    return [split_params(p.make_model(ds, seed=s))[1] for s in seeds]
+
+
+@pytest.fixture(scope="session")
+def small():
+    """``(objective, params0)``: 60 unit-norm digits 0/1, a width-8 ReLU MLP (L = 2),
+    logistic loss."""
+    return build_digits(60, width=8)[2:]
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +76,7 @@ def smooth():
     """The same with linear activations: homogeneous (L = 2) and smooth, so that tight
     tolerances are cheap (on ReLU networks the flow slides along kinks and tight
     tolerances never end)."""
-    from gflow import data as D
-    from gflow.models import build_model
-    from gflow.objective import make_objective
-
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    model = build_model("mlp", ds.input_shape, 1, width=8, activation="linear")
-    return make_objective(model, ds, "logistic")
+    return build_digits(60, width=8, activation="linear")[2:]
 
 
 def svm(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -71,11 +95,7 @@ def svm(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def linear_problem():
-    """40 unit-norm digits 0/1 (subset seed 1), a linear model, the exponential loss."""
-    from gflow import data as D
-    from gflow.models import build_model
-    from gflow.objective import make_objective
-
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=1), "unit")
-    model = build_model("linear", ds.input_shape, 1, seed=0)
-    return ds, make_objective(model, ds, "exp")
+    """``(dataset, (objective, params0))``: 40 unit-norm digits 0/1 (sample seed 1), a
+    linear model (initialisation seed 0), the exponential loss."""
+    ds, _, obj, p0 = build_digits(40, seed=1, model="linear", loss="exp", init_seed=0)
+    return ds, (obj, p0)

@@ -113,10 +113,14 @@ RUN_FAST = [
     "--saves",
     "4",
     "--no-progress",
-    # a flow within its own tolerance (the fidelity verdict passes, so the run exits 0):
-    # the unscaled synthetic data's balance drift reaches about 1.3e-4 at rtol 1e-5
+    # a fast, coarse flow judged at its own coarse accuracy (the fidelity verdict passes,
+    # so the run exits 0): the unscaled synthetic data's balance drift reaches about
+    # 1.3e-4 at rtol 1e-5, and at rtol 1e-3 the error estimate is 6% of the margin's
+    # scale; the folders and the command are under test here, not the accuracy
     "--rtol",
     "1e-3",
+    "--accuracy",
+    "0.1",
 ]
 
 

@@ -16,7 +16,7 @@ from gflow.dynamics.flow import vector_field
 from gflow.losses import Exponential
 from gflow.models import build_model
 from gflow.objective import make_objective
-from tests.conftest import rel_err
+from tests.conftest import build_digits, rel_err
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -77,14 +77,12 @@ def test_float32_flow_matches_float64():
     float32 clock rounds a segment's end, and a comparison with the float64 target once
     looped forever; the loss clock's event failed on a dtype mismatch) and follows the
     float64 flow to float32 accuracy."""
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
 
     def obj(dtype):
-        model = build_model("mlp", ds.input_shape, 1, width=8, activation="linear", dtype=dtype)
-        return make_objective(model, ds, "logistic")
+        return build_digits(60, width=8, activation="linear", dtype=dtype)[2:]
 
-    o64, p64 = obj(jnp.float64)
-    o32, p32 = obj(jnp.float32)
+    o64, p64 = obj("float64")
+    o32, p32 = obj("float32")
     kw = dict(solver="tsit5", rtol=1e-5, atol=1e-7, log_t_max=4.0, saves=4)
     ref = run_flow(o64, p64, clock="loss", **kw)
     for clock in ("loss", "logt"):  # (the time clock ends its segments as log t's does)
@@ -138,9 +136,8 @@ def test_default_problem_flow_reaches_log_t_100(default_problem):
 
 
 def test_linear_model_reaches_log_t_1000():
-    ds = D.keep_classes(D.digits(), (0, 1))
-    model = build_model("linear", ds.input_shape, 1)
-    obj, p0 = make_objective(model, ds, "exp")
+    # all 360 digits 0/1 in their order (a sample of all keeps it), not normalised
+    _, _, obj, p0 = build_digits(360, scale="none", model="linear", loss="exp")
     tr = run_flow(obj, p0, clock="loss", rtol=1e-6, atol=1e-9, log_t_max=1000.0, saves=30)
     assert tr.status == "completed", tr.message
     assert tr["log_t"][-1] >= 1000 - 1e-9

@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gflow import data as D
 from gflow.dynamics import run_flow, run_gd
 from gflow.invariants import MONITOR_COLUMNS, Structure, balance_structure, unit_balances
 from gflow.models import build_model
 from gflow.objective import make_objective
 from gflow.theory import fidelity, fidelity_tolerance
+from gflow.verdict import INCONCLUSIVE, PASS
+from tests.conftest import digits_problem
 
 EPS = float(np.finfo(np.float64).eps)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 24, seed=0), "unit")
+def digits_dataset():
+    """A ``Dataset``: 24 unit-norm digits 0/1 (the models are built on it below)."""
+    return digits_problem(24).dataset()
 
 
 def _cnn(ds, activation="relu", bias="none", outputs=1):
@@ -56,12 +58,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_unit_balance_is_conserved_by_the_field(digits, case):
+def test_every_unit_balance_is_conserved_by_the_field(digits_dataset, case):
     """d Q_j / dt = -<grad Q_j, grad Loss> = 0 for every hidden unit, to rounding: the
     field is autodiff's gradient, one Clarke selection, for which the identity is exact.
     Bound: the product's rounding, a few ulps of ||grad Q_j|| ||grad log Loss|| per term
     summed over P parameters (8 P eps)."""
-    obj, p0 = CASES[case](digits)
+    obj, p0 = CASES[case](digits_dataset)
     structure, why = balance_structure(obj.graphdef, p0)
     assert structure is not None, why
     p = jax.tree.map(lambda a: a * 1.7, p0)  # away from the initial scale
@@ -80,10 +82,10 @@ def _channel_major(structure, params):
     return good + [sq_in - sq_out]
 
 
-def test_a_wrong_unit_map_is_not_conserved(digits):
+def test_a_wrong_unit_map_is_not_conserved(digits_dataset):
     """The check above has power: reading a flattened channel's outgoing weights as
     contiguous blocks (channel-major) instead of every C-th row breaks it by O(1)."""
-    obj, p0 = _cnn(digits)
+    obj, p0 = _cnn(digits_dataset)
     structure, _ = balance_structure(obj.graphdef, p0)
     assert [kind for _, _, kind, _ in structure.pairs] == ["conv", "flatten"]
     dot, scale = _along_field(obj, p0, structure)
@@ -94,14 +96,14 @@ def test_a_wrong_unit_map_is_not_conserved(digits):
     assert bad.max() > 1e-3
 
 
-def test_tight_integration_keeps_the_balance_to_its_tolerance(digits):
+def test_tight_integration_keeps_the_balance_to_its_tolerance(digits_dataset):
     """A tight adaptive integration keeps every balance: each accepted step's error is at
     most rtol |y| + atol per entry (the controller's norm), which moves sum_j |Q_j| by at
     most 4 rho ||error|| (each parameter in at most two units), so the drift is at most
     4 N (rtol + sqrt(P) atol / rho_min) over N steps. Linear activations: a ReLU
     field's kinks make tight tolerances never end (docs/theory.md), and so do max-pooling's
     (the CNN's balances are checked on the field itself, above)."""
-    for obj, p0 in (_dense(digits, "linear", depth=3),):
+    for obj, p0 in (_dense(digits_dataset, "linear", depth=3),):
         rtol, atol = 1e-10, 1e-13
         tr = run_flow(obj, p0, rtol=rtol, atol=atol, log_t_min=-2.0, log_t_max=0.0, saves=3)
         assert tr.status == "completed", tr.message
@@ -112,13 +114,13 @@ def test_tight_integration_keeps_the_balance_to_its_tolerance(digits):
         assert np.all(tr["layer_balance_drift"] <= tr["balance_drift"] + 1e-300)
 
 
-def test_cnn_balance_drift_converges_to_zero_with_the_step(digits):
+def test_cnn_balance_drift_converges_to_zero_with_the_step(digits_dataset):
     """A ReLU CNN with max-pooling: tight adaptive tolerances never end here (the flow
     slides along kinks from the start), so fixed-step RK4 integrates it, and through the
     kinks every method is first order: the drift must fall at least 2x when the step
     falls 4x (first order gives 4x), towards 0. The channel-major map, on the same
     trajectory, stays put at a value orders of magnitude larger."""
-    obj, p0 = _cnn(digits)
+    obj, p0 = _cnn(digits_dataset)
     structure, _ = balance_structure(obj.graphdef, p0)
     t_end = 0.05
     drifts = []
@@ -135,13 +137,15 @@ def test_cnn_balance_drift_converges_to_zero_with_the_step(digits):
     assert drifts[1] * 1e3 < sum(wrong) / tr["rho"][-1] ** 2, (drifts, wrong)
 
 
-def test_dissipation_defect_shrinks_with_the_tolerance(digits):
+def test_dissipation_defect_shrinks_with_the_tolerance(digits_dataset):
     """On a smooth field (linear activations) log Loss + D is exactly constant; the
-    recorded defect falls with rtol and stays within it (the fidelity tolerance)."""
-    obj, p0 = _dense(digits, "linear", depth=2)
+    recorded defect falls with rtol and stays within it (the fidelity tolerance; the
+    verdict's invariants part: no error estimate, tests/test_error_estimate.py's)."""
+    obj, p0 = _dense(digits_dataset, "linear", depth=2)
     worst = []
     for rtol in (1e-4, 1e-6, 1e-8):
-        tr = run_flow(obj, p0, rtol=rtol, atol=rtol * 1e-3, log_t_max=5.0, saves=6)
+        tr = run_flow(obj, p0, rtol=rtol, atol=rtol * 1e-3, log_t_max=5.0, saves=6,
+                      error_estimate=False)  # fmt: skip
         assert tr.status == "completed"
         worst.append(tr["dissipation_defect"].max())
         assert fidelity(tr).passed is True, fidelity(tr)
@@ -149,8 +153,8 @@ def test_dissipation_defect_shrinks_with_the_tolerance(digits):
     assert all(w <= r for w, r in zip(worst, (1e-4, 1e-6, 1e-8), strict=True)), worst
 
 
-def test_gd_reports_its_drift_as_a_measurement(digits):
-    obj, p0 = _dense(digits, depth=2)
+def test_gd_reports_its_drift_as_a_measurement(digits_dataset):
+    obj, p0 = _dense(digits_dataset, depth=2)
     gd = run_gd(obj, p0, schedule="loss-based", log_t_max=6.0, saves=5)
     assert gd["balance_drift"][0] == 0 and gd["dissipation_defect"][0] == 0
     assert gd["balance_drift"][-1] > 1e-4  # GD breaks the balance by O(eta^2) a step
@@ -159,41 +163,45 @@ def test_gd_reports_its_drift_as_a_measurement(digits):
     assert v.details["balance_drift"]["max"] == gd["balance_drift"].max()
 
 
-def test_fidelity_fails_on_a_coarse_integration_and_passes_on_the_default(digits):
+def test_fidelity_fails_on_a_coarse_integration_and_passes_on_the_default(digits_dataset):
     """The default stepping of gflow run (Tsit5 warm-up, then Ralston at 0.14 of its
-    stability edge, rtol 3e-5) passes; RK4 at 0.9 of its edge, the former default, does
-    not reach the same requested accuracy, and the verdict says where."""
-    obj, p0 = _dense(digits, depth=2)
+    stability edge, rtol 3e-5) keeps its invariants within tolerance and is never failed
+    (on this small net its error estimate may not settle the accuracy: then
+    INCONCLUSIVE); RK4 at 0.9 of its edge, the former default, does not reach the same
+    requested accuracy, and the verdict says where."""
+    obj, p0 = _dense(digits_dataset, depth=2)
     kw = dict(rtol=3e-5, atol=3e-8, log_t_max=30.0, saves=16)
     good = run_flow(obj, p0, solver="ralston", cfl=0.14, **kw)
     coarse = run_flow(obj, p0, solver="rk4", cfl=0.9, **kw)
     v_good, v_coarse = fidelity(good), fidelity(coarse)
-    assert v_good.passed is True, v_good
+    assert v_good.outcome in (PASS, INCONCLUSIVE), v_good
+    tol = v_good.details["tolerance"]
+    assert all(v_good.details[c]["max"] <= tol for c in ("balance_drift", "layer_balance_drift"))
     assert v_coarse.passed is False, v_coarse
     assert "exceeds the run's tolerance" in v_coarse.summary
     assert fidelity_tolerance(good) == pytest.approx(3e-5, rel=1e-6)
 
 
-def test_empty_columns_say_why(digits):
+def test_empty_columns_say_why(digits_dataset):
     """A one-layer (linear) model has no hidden unit, so no balance invariant; SGD's
     mini-batch steps have no dissipation identity: NaN columns and the reason."""
-    model = build_model("linear", digits.input_shape, 1)
-    obj, p0 = make_objective(model, digits, "logistic")
+    model = build_model("linear", digits_dataset.input_shape, 1)
+    obj, p0 = make_objective(model, digits_dataset, "logistic")
     tr = run_flow(obj, p0, log_t_max=2.0, saves=3)
     assert np.all(np.isnan(tr["balance_drift"])) and np.all(np.isnan(tr["layer_balance_drift"]))
     assert "no hidden units" in tr.config["invariants"]["balance_drift"]
     assert np.all(np.isfinite(tr["dissipation_defect"]))
-    obj, p0 = _dense(digits, depth=2)
+    obj, p0 = _dense(digits_dataset, depth=2)
     sgd = run_gd(obj, p0, batch_size=8, lr=0.05, max_steps=20, saves=3)
     assert np.all(np.isnan(sgd["dissipation_defect"]))
     assert "mini-batch" in sgd.config["invariants"]["dissipation_defect"]
     assert np.all(np.isfinite(sgd["balance_drift"]))
 
 
-def test_monitor_columns_come_after_the_required_ones(digits, tmp_path):
+def test_monitor_columns_come_after_the_required_ones(digits_dataset, tmp_path):
     from gflow.trajectory import CSV_COLUMNS, Trajectory
 
-    obj, p0 = _dense(digits, depth=2)
+    obj, p0 = _dense(digits_dataset, depth=2)
     tr = run_flow(obj, p0, log_t_max=1.0, saves=2)
     names = tr.column_names
     assert names[: len(CSV_COLUMNS)] == list(CSV_COLUMNS)

@@ -11,18 +11,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gflow import data as D
-from gflow import make_objective, run_flow
-from gflow.kinks import ATTRACTING, CROSSING, _one_sided, _preacts, field_with, kink_report, pattern
-from gflow.models import build_model
+from gflow import run_flow
+from gflow.kinks import (
+    ATTRACTING,
+    CROSSING,
+    field_with,
+    kink_model,
+    kink_report,
+    normal_speeds,
+    pattern,
+)
 from gflow.objective import grad_log_loss
+from tests.conftest import build_digits
 
 
 @pytest.fixture(scope="module")
-def flow_run():
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=8, seed=3), ds,
-                             "logistic")  # fmt: skip
+def relu_seed3():
+    """``(objective, params0)``: 60 unit-norm digits 0/1, a width-8 ReLU MLP initialised
+    from seed 3, the logistic loss."""
+    return build_digits(60, width=8, init_seed=3)[2:]
+
+
+@pytest.fixture(scope="module")
+def flow_run(relu_seed3):
+    obj, p0 = relu_seed3
     tr = run_flow(obj, p0, solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8, log_t_max=9.0,
                   log_t_min=8.0, saves=2, save_params=True)  # fmt: skip
     return obj, p0, tr
@@ -66,7 +78,7 @@ def _euler_z(obj, params, n, j, h, steps):
     for _ in range(steps):
         g = grad_log_loss(obj, params)
         params = jax.tree.map(lambda a, b: a - h * b, params, g)
-        zs.append(float(_preacts(obj, params, pattern(obj, params))[0][n, j]))
+        zs.append(float(kink_model(obj, params).preactivations(obj.x)[0][n, j]))
     return np.asarray(zs)
 
 
@@ -81,7 +93,9 @@ def test_an_attracting_pair_is_one_the_flow_chatters_across(sliding):
     assert r.v_plus[i] < 0 < r.v_minus[i] and 0 < r.slope[i] < 1
     # the sliding slope zeroes the normal speed; v is affine in the slope on the surface,
     # and off it (|z| <= tol of its scale) by O(z_rel) relative
-    v_star = float(_one_sided(obj, p, pattern(obj, p), 0, n, j, float(r.slope[i])))
+    slopes = pattern(obj, p)
+    slopes[0] = slopes[0].at[n, j].set(float(r.slope[i]))
+    v_star = float(normal_speeds(obj, p, slopes, [(0, n, j)])[0])
     assert abs(v_star) <= tol * (abs(r.v_plus[i]) + abs(r.v_minus[i]))
     # Euler on autodiff's one-sided gradient, steps moving z by 1e-4 of its scale:
     # it chatters across the surface at nearly every step and stays within a step of it
@@ -93,12 +107,10 @@ def test_an_attracting_pair_is_one_the_flow_chatters_across(sliding):
     assert np.abs(z).max() <= 4e-4 * scale
 
 
-def test_a_crossing_pair_is_passed_once():
+def test_a_crossing_pair_is_passed_once(relu_seed3):
     """Early in training (log t ~ 0) sample 21 / unit 6 is near its surface and both
     sides move it the same way: Euler passes it and does not come back."""
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=8, seed=3), ds,
-                             "logistic")  # fmt: skip
+    obj, p0 = relu_seed3
     r = kink_report(obj, p0, tol=1e-3)
     assert set(r.kind) == {CROSSING}, r.counts()
     i = int(np.argmin(r.z_rel))
@@ -117,7 +129,7 @@ def test_the_sliding_field_keeps_the_flow_on_the_surface_to_rounding(sliding):
     integrate the Filippov field (its slope from ``sliding_field``) by RK4: its
     pre-activation stays zero to rounding while the weights move by about 1%. Autodiff's
     field at the same step leaves the surface at once (the chattering test above)."""
-    from gflow.kinks import normal_speeds, sliding_field
+    from gflow.kinks import sliding_field
 
     obj, _, p = sliding
     r = kink_report(obj, p, tol=1e-3)

@@ -7,11 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from gflow import data as D
 from gflow.kkt import gram_matrix, kkt_residual, nonneg_quadratic
-from gflow.models import build_model
-from gflow.objective import make_objective
-from tests.conftest import svm
+from tests.conftest import build_digits, svm
 
 
 def _brute_force(K, c):
@@ -86,9 +83,8 @@ def test_kkt_refuses_non_separated_data(linear_problem):
     ],
 )
 def test_layerwise_gram_equals_per_example_gradients(name, kw, classes, loss):
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), classes), 30, seed=1), "unit")
-    model = build_model(name, ds.input_shape, 1 if len(classes) == 2 else 3, seed=0, **kw)
-    obj, p = make_objective(model, ds, loss)
+    _, _, obj, p = build_digits(30, classes=classes, seed=1, model=name, loss=loss,
+                                init_seed=0, **kw)  # fmt: skip
     idx = np.arange(0, 30, 2)  # 15 samples in chunks of 4: the last chunk is padded
     K_rows = gram_matrix(obj, p, idx, method="rows")
     K_layers = gram_matrix(obj, p, idx, method="layers", chunk=4)
@@ -107,8 +103,7 @@ def test_kkt_pareto_points_are_optimal_and_trade_eps_for_delta():
     from gflow.dynamics import run_flow
     from gflow.kkt import kkt_pareto, scaled_params
 
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=0), "unit")
-    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=6), ds, "logistic")
+    _, _, obj, p0 = build_digits(40, width=6)
     p = run_flow(obj, p0, log_t_max=10, saves=2).final_params
     r = kkt_residual(obj, p)
     rows = kkt_pareto(obj, p, weights=(0.0, 0.03, 0.3, 3.0))

@@ -10,7 +10,7 @@ from gflow import data, objective
 from gflow.models import build_model
 from gflow.objective import make_objective
 from gflow.quantities import SUPPORT_DECADES, support_counts
-from tests.conftest import rel_err
+from tests.conftest import build_digits, rel_err
 
 
 def _problem(seed, loss="exp", name="mlp", n=40, depth=3, bias="none"):
@@ -71,10 +71,8 @@ def test_support_counts_brute_force(rng):
 
 
 def test_multiclass_objective_and_loss_checks():
-    ds = data.digits()
-    ds = data.sample(data.keep_classes(ds, (1, 4, 7)), 60, seed=0)
-    model = build_model("mlp", ds.input_shape, 3, width=8)
-    obj, p = make_objective(model, ds, "ce")
+    # 60 digits 1/4/7 (not normalised), a width-8 ReLU MLP with 3 outputs, cross-entropy
+    ds, model, obj, p = build_digits(60, classes=(1, 4, 7), scale="none", width=8, loss="ce")
     out = np.asarray(obj.outputs(p))
     y = ds.y
     q = [out[n, y[n]] - max(out[n, j] for j in range(3) if j != y[n]) for n in range(60)]

@@ -8,6 +8,7 @@ import pytest
 
 from gflow.checkpoint import Checkpointer
 from gflow.dynamics import run_flow, run_flow_seeds, run_gd, run_gd_seeds
+from tests.conftest import digits_inits
 
 
 class _Crash(Exception):
@@ -103,12 +104,8 @@ def test_flow_resumed_after_a_crash_equals_the_uninterrupted_run(kw, small, tmp_
 
 @pytest.fixture(scope="module")
 def inits():
-    from gflow import data as D
-    from gflow.models import build_model, split_params
-
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    return [split_params(build_model("mlp", ds.input_shape, 1, width=8, seed=s))[1]
-            for s in (3, 4, 5)]  # fmt: skip
+    """Three initialisations of ``small``'s model (seeds 3, 4, 5)."""
+    return digits_inits((3, 4, 5), 60, width=8)
 
 
 @pytest.mark.parametrize("dynamics", ["gd", "flow", "flow-span"])

@@ -4,15 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gflow import data as D
-from gflow.models import build_model, split_params
+from gflow.models import split_params
 from gflow.robustness import Attack, margins_at, minimal_eps, pgd, robust_accuracy
+from tests.conftest import digits_problem
 
 
 @pytest.fixture(scope="module")
 def linear():
-    ds = D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=0)
-    model = build_model("linear", ds.input_shape, 1, seed=3)
+    problem = digits_problem(40, scale="none", model="linear")
+    ds = problem.dataset()
+    model = problem.make_model(ds, seed=3)
     graphdef, params = split_params(model)
     w = np.asarray(params["layers"][0]["kernel"]).ravel()
     return ds, graphdef, params, w
@@ -34,9 +35,11 @@ def test_minimal_eps_of_a_linear_model_is_the_closed_form(linear, norm, dual):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_pgd_never_leaves_the_ball_or_the_box(norm):
-    ds = D.sample(D.keep_classes(D.digits(), (0, 1, 2)), 30, seed=1)
+    problem = digits_problem(30, classes=(0, 1, 2), seed=1, scale="none", model="cnn", width=4,
+                             depth=1, loss="ce")  # fmt: skip
+    ds = problem.dataset()
     x = np.asarray(ds.x) / 16.0  # digits are 0..16: into [0, 1]
-    model = build_model("cnn", ds.input_shape, 3, width=4, depth=1, seed=0)
+    model = problem.make_model(ds, seed=0)
     graphdef, params = split_params(model)
     eps = np.linspace(0.0, 0.5 if norm == "linf" else 3.0, 30)
     att = Attack(norm=norm, steps=20, step=0.25, restarts=2)

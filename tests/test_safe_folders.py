@@ -23,7 +23,6 @@ import jax
 import numpy as np
 import pytest
 
-from gflow import data as D
 from gflow import specs
 from gflow.cli import main
 from gflow.dynamics import run_gd
@@ -31,6 +30,7 @@ from gflow.errors import GflowWarning, UntrustedCode
 from gflow.models import build_model, split_params
 from gflow.objective import load_objective, make_objective, margins
 from gflow.trajectory import Trajectory
+from tests.conftest import digits_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,16 +45,14 @@ class _Plant:
         return (open, (self.path, "w"))
 
 
-def _ds():
-    return D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 30, seed=0), "unit")
+# 30 unit-norm digits 0/1, a width-5 ReLU MLP, the exponential loss
+PROBLEM = digits_problem(30, width=5, loss="exp")
 
 
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory):
     """A library run of one of gflow's models, saved: its objective is data."""
-    ds = _ds()
-    model = build_model("mlp", ds.input_shape, 1, width=5)
-    obj, p0 = make_objective(model, ds, "exp")
+    _, _, obj, p0 = PROBLEM.build()
     tr = run_gd(obj, p0, schedule="loss-based", log_t_max=3.0, saves=4, save_params=True)
     folder = tr.save(tmp_path_factory.mktemp("own") / "run")
     return folder, obj, tr
@@ -63,8 +61,8 @@ def own_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def code_run(tmp_path_factory):
     """A library run of a pure ``apply_fn``: no spec, so its objective is a pickle."""
-    ds = _ds()
-    w = split_params(build_model("mlp", ds.input_shape, 1, width=5))[1]
+    ds = PROBLEM.dataset()
+    w = split_params(PROBLEM.make_model(ds))[1]
 
     def apply_fn(params, x):
         h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["layers"][0]["kernel"])
@@ -201,8 +199,8 @@ def test_a_folder_without_objective_checks_without_the_model(own_run, tmp_path, 
 def test_a_spec_that_does_not_rebuild_the_model_is_refused():
     """``make_objective(spec=...)`` checks that the spec rebuilds the model given: same
     structure and parameter shapes (else a saved run would rebuild another model)."""
-    ds = _ds()
-    model = build_model("mlp", ds.input_shape, 1, width=5)
+    ds = PROBLEM.dataset()
+    model = PROBLEM.make_model(ds)
     wrong = dict(specs.sequential_spec(model))
     wrong["kwargs"] = {**wrong["kwargs"], "plan": [["F", 6]]}
     with pytest.raises(ValueError, match="another structure or other parameter shapes"):

@@ -166,9 +166,10 @@ def _same_columns(a, b):
 
 
 def test_traced_segments_are_kept_and_read_back(own_cache, monkeypatch):
-    """The flow's programs (warm-up and stable segments, Jacobian products, drift bound)
-    are exported once; a new process reads them without tracing, bit for bit the same run;
-    a damaged entry is traced and written anew."""
+    """The flow's programs (warm-up and stable segments, which the error estimate's
+    shadow shares at its own tolerances, Jacobian products, drift bound) are exported once;
+    a new process reads them without tracing, bit for bit the same run; a damaged entry
+    is traced and written anew."""
     first = _flow()
     kept = sorted(own_cache.glob("*.jaxexport"))
     assert len(kept) == 4

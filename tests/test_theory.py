@@ -10,12 +10,11 @@ import pytest
 import scipy.optimize
 from flax import nnx
 
-from gflow import data as D
 from gflow.models import build_model
 from gflow.objective import make_objective
 from gflow.theory import monotonicity, rates, threshold_index
 from gflow.trajectory import Trajectory
-from tests.conftest import svm
+from tests.conftest import build_digits, svm
 
 
 def _traj(log_t, log_loss, rho, margin, **config):
@@ -268,8 +267,7 @@ def test_alignment_passes_along_a_flow_and_fails_when_pushed_off_it():
     from gflow.dynamics import run_flow
     from gflow.theory import alignment
 
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 40, seed=0), "unit")
-    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=6), ds, "logistic")
+    _, _, obj, p0 = build_digits(40, width=6)
     tr = run_flow(obj, p0, log_t_max=30, saves=12, save_params=True)
     th = obj.loss.log_threshold
     assert alignment(tr, obj, th).passed is True

@@ -57,14 +57,8 @@ def test_load_rejects_a_folder_that_is_not_a_run(tmp_path):
         Trajectory.load(tmp_path)
 
 
-def test_gd_checkpoints_at_loss_marks_round_trip(tmp_path):
-    from gflow import data as D
-    from gflow.dynamics import run_gd
-    from gflow.models import build_model
-    from gflow.objective import make_objective
-
-    ds = D.normalize(D.sample(D.keep_classes(D.digits(), (0, 1)), 60, seed=0), "unit")
-    obj, p0 = make_objective(build_model("mlp", ds.input_shape, 1, width=8), ds, "logistic")
+def test_gd_checkpoints_at_loss_marks_round_trip(small, tmp_path):
+    obj, p0 = small
     marks = (-5.0, -20.0, -1e6)  # the last is never reached
     tr = run_gd(obj, p0, schedule="loss-based", log_t_max=30, saves=5, checkpoint_log_losses=marks)
     assert list(tr.checkpoints) == ["-5", "-20"]

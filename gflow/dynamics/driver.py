@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,13 @@ from gflow.dynamics.clock import (
     start,
     target_clock,
 )
-from gflow.dynamics.solvers import is_fixed_step, make_solver, solver_name, stability_edge
+from gflow.dynamics.solvers import (
+    DEFAULT_ACCURACY,
+    is_fixed_step,
+    make_solver,
+    solver_name,
+    stability_edge,
+)
 from gflow.dynamics.span import input_span as input_span_of
 from gflow.dynamics.span import span_from_arrays
 from gflow.dynamics.stability import LANCZOS, layout, stable_step, vmapped_stiffness
@@ -43,7 +50,7 @@ from gflow.objective import Objective
 from gflow.spectrum import lanczos_top_many
 from gflow.trajectory import Trajectory, TrajectoryRecorder
 
-__all__ = ["FlowSettings", "Handover", "Runs", "drive"]
+__all__ = ["FlowSettings", "Handover", "Runs", "drive", "ESTIMATE_COLUMNS", "shadow_settings"]
 
 
 class FlowSettings(NamedTuple):
@@ -68,6 +75,8 @@ class FlowSettings(NamedTuple):
     max_steps: int = 1_000_000
     input_span: bool | None = None
     save_params: bool = False
+    error_estimate: bool = True
+    accuracy: float = DEFAULT_ACCURACY
 
 
 class Handover(NamedTuple):
@@ -88,6 +97,7 @@ class _Plan(NamedTuple):
     edge: float | None  # the solver's stability edge (cfl only)
     targets: list  # save points in log t
     z0: float  # log(1 + t) at the start
+    tols: tuple | None = None  # (rtol, atol) the first segments take (segments.tolerances)
 
 
 def _check_plan(s: FlowSettings, solver, name: str) -> None:
@@ -137,16 +147,20 @@ def _plan(s: FlowSettings, dtype, share: float = 1.0) -> _Plan:
     all_steps = int(min(s.max_steps, 2**31 - 1))
     stable = None
     dtype = np.dtype(dtype).name
+    tols = None
     if s.cfl is None:
         ctrl = segments.make_controller(
             s.stepsize_controller, s.dt is not None, s.rtol, s.atol, share
         )
         first = segments.kept(s.clock, solver, ctrl, all_steps, dtype)
+        tols = segments.tolerances(ctrl, solver)
     else:
         first = None
         if s.warmup is not None:
             ctrl = segments.make_controller(None, False, s.rtol, s.atol, share)
-            first = segments.kept(s.clock, make_solver(s.warmup), ctrl, all_steps, dtype)
+            warm_solver = make_solver(s.warmup)
+            first = segments.kept(s.clock, warm_solver, ctrl, all_steps, dtype)
+            tols = segments.tolerances(ctrl, warm_solver)
         stable = segments.kept(s.clock, solver, diffrax.ConstantStepSize(), int(s.refresh), dtype)
     settings = dict(
         dynamics="flow", clock=s.clock, solver=name, rtol=s.rtol, atol=s.atol, dt=s.dt,
@@ -154,6 +168,7 @@ def _plan(s: FlowSettings, dtype, share: float = 1.0) -> _Plan:
         warmup=solver_name(s.warmup) if (s.cfl is not None and s.warmup is not None) else None,
         refresh=s.refresh, drift=s.drift, log_t_max=s.log_t_max, log_loss_min=s.log_loss_min,
         saves=s.saves, log_t_min=s.log_t_min, log_t0=s.log_t0, max_steps=s.max_steps,
+        error_estimate=s.error_estimate, accuracy=s.accuracy if s.error_estimate else None,
     )  # fmt: skip
     if s.stepsize_controller is not None:
         settings["stepsize_controller"] = type(s.stepsize_controller).__name__
@@ -165,7 +180,7 @@ def _plan(s: FlowSettings, dtype, share: float = 1.0) -> _Plan:
     if s.log_t0 is not None:
         targets = [x for x in targets if x > s.log_t0]
     z0 = 0.0 if s.log_t0 is None else log1p_of_log_t(s.log_t0)
-    return _Plan(settings, first, stable, edge, targets, z0)
+    return _Plan(settings, first, stable, edge, targets, z0, tols)
 
 
 @dataclass
@@ -192,15 +207,15 @@ class Runs:
             status=self.status, message=self.message, totals=self.totals, done=self.done,
         )  # fmt: skip
 
-    def restore(self, arrays: dict, meta: dict) -> None:
-        """Back to a checkpoint's state (``meta()``'s, and the arrays)."""
-        self.y = unpack("y/", self.y, arrays)
+    def restore(self, arrays: dict, meta: dict, prefix: str = "") -> None:
+        """Back to a checkpoint's state (``meta()``'s, and the arrays under ``prefix``)."""
+        self.y = unpack(f"{prefix}y/", self.y, arrays)
         self.c = np.array(meta["c"], np.float64)
         self.stabilised, self.alive = np.array(meta["stabilised"]), np.array(meta["alive"])
         self.dt0, self.status, self.message = meta["dt0"], meta["status"], meta["message"]
         self.totals, self.done = meta["totals"], meta["done"]
         if self.warm is not None:
-            self.warm = [arrays.get(f"warm{i}") for i in range(len(self.warm))]
+            self.warm = [arrays.get(f"{prefix}warm{i}") for i in range(len(self.warm))]
 
 
 class _Setup(NamedTuple):
@@ -216,9 +231,82 @@ class _Setup(NamedTuple):
     recs: list
     progress: Callable | None
     stiffness: tuple | None  # (jac_many, drift_many, dim, sq_fixed) under stability stepping
+    shadow: Any = None  # the _Shadow whose runs estimate these runs' error, or None
 
     def full(self, params):
         return params if self.span is None else self.span.lift_many(params)
+
+
+# the error estimates a flow run records at every save point (``_estimates``): relative
+# errors, differences of two runs' states
+ESTIMATE_COLUMNS = ("param_error", "margin_error")
+SHADOW_STEP = 2.0  # the shadow's steps (cfl, dt) over the run's
+# the shadow's tolerances over the run's: an adaptive run's error grows as tol^(4/5) on a
+# smooth field (fifth order) to tol^1 where steps are cut at kinks, and as tol^0.71 was
+# measured through a ReLU net's kinks (tests/test_error_estimate.py); 4 times the
+# tolerances at least doubles the error at any of these
+SHADOW_TOL = 4.0
+
+
+class _Shadow(NamedTuple):
+    """The same runs at ``SHADOW_STEP`` times the steps (or a fraction of them), whose
+    difference from the runs estimates the runs' error (``_estimates``)."""
+
+    su: _Setup
+    runs: Runs
+    weight: float  # the estimate is weight * |run - shadow|
+
+
+def shadow_settings(s: FlowSettings) -> tuple[FlowSettings, float] | None:
+    """The settings of the shadow of a run with settings ``s``, and the weight of the
+    difference: ``SHADOW_STEP`` times its step (cfl, dt) and ``SHADOW_TOL`` times its
+    tolerances, so that its error is 2 to 4 times the run's (first order at kinks,
+    second on a smooth field; an adaptive run's 2.7 to 4 times) and ``|run - shadow|``
+    is 1 to 3 times the run's error (weight 1). Past a cfl of 1 / ``SHADOW_STEP`` the
+    shadow steps finer instead, its error a quarter to a half of the run's: weight 2, for
+    1 to 1.5 times. None: no
+    estimate (a step-size controller of the user's other than a ``PIDController``)."""
+    ctrl = s.stepsize_controller
+    if ctrl is not None and not isinstance(ctrl, diffrax.PIDController):
+        return None
+    m, tol, weight = SHADOW_STEP, SHADOW_TOL, 1.0
+    if s.cfl is not None and s.cfl * m > 1:
+        m, tol, weight = 1 / SHADOW_STEP, 1 / SHADOW_TOL, 2.0
+    if ctrl is not None:
+        ctrl = eqx.tree_at(lambda c: (c.rtol, c.atol), ctrl, (ctrl.rtol * tol, ctrl.atol * tol))
+    shadow = s._replace(
+        stepsize_controller=ctrl, rtol=s.rtol * tol, atol=s.atol * tol,
+        dt=None if s.dt is None else s.dt * m, cfl=None if s.cfl is None else s.cfl * m,
+    )  # fmt: skip
+    return shadow, weight
+
+
+def _estimates(su: _Setup, shadow: _Shadow, got: tuple, i: int, log_t: float) -> dict:
+    """Run ``i``'s error estimates at a save point from ``got`` (``_record``'s host copies
+    of the runs' and the shadow's quantities, states and parameters), each the largest
+    since the start (an envelope: a difference between two runs passes through zero
+    where the error need not): ``param_error``, weight times ``|theta - theta_shadow| /
+    rho``; ``margin_error``, weight times ``|gamma_bar - gamma_bar_shadow|``; NaN from
+    where the shadow failed or is not at the same time on. ``shadow_evals``: its
+    gradient evaluations."""
+    q, _, theta, q_s, y_s, theta_s = got
+    s, runs_s = su.settings, shadow.runs
+    out = dict(param_error=math.nan, margin_error=math.nan,
+               shadow_evals=float(runs_s.totals[i]["grad_evals"]))  # fmt: skip
+    there = log_t_of(s.clock, _lane(y_s, i), float(runs_s.c[i]))
+    at_save = not math.isfinite(log_t) or abs(there - log_t) <= 1e-9 * (1 + abs(log_t))
+    if runs_s.status[i] == "failed" or not at_save:
+        return out
+    diff = ravel_pytree(_lane(theta, i))[0] - ravel_pytree(_lane(theta_s, i))[0]
+    rho = float(_lane(q, i).rho)
+    margins = float(_lane(q, i).normalized_margin), float(_lane(q_s, i).normalized_margin)
+    now = dict(param_error=shadow.weight * float(np.linalg.norm(diff)) / rho,
+               margin_error=shadow.weight * abs(margins[0] - margins[1]))  # fmt: skip
+    before = su.recs[i].rows[-1] if su.recs[i].rows else {}
+    for key, value in now.items():
+        last = before.get(key, 0.0)
+        out[key] = math.nan if math.isnan(last) else max(last, value)
+    return out
 
 
 def _lane(tree, i):
@@ -226,9 +314,16 @@ def _lane(tree, i):
 
 
 def _record(su: _Setup, runs: Runs, which, log_t=None) -> list[dict]:
-    """Record the runs ``which`` at the state reached (at ``log_t`` if given)."""
+    """Record the runs ``which`` at the state reached (at ``log_t`` if given), with the
+    error estimate from ``su.shadow`` (``_estimates``)."""
+    shadow = su.shadow
     theta = su.full(runs.y[0])
-    q, host_y, host_theta = jax.device_get((quantities_many(su.objective, theta), runs.y, theta))
+    got = (quantities_many(su.objective, theta), runs.y, theta)
+    if shadow is not None:
+        theta_s = su.full(shadow.runs.y[0])
+        got += (quantities_many(su.objective, theta_s), shadow.runs.y, theta_s)
+    got = jax.device_get(got)
+    q, host_y, host_theta = got[:3]
     rows = []
     for i in which:
         totals = runs.totals[i]
@@ -237,10 +332,11 @@ def _record(su: _Setup, runs: Runs, which, log_t=None) -> list[dict]:
             if log_t is None
             else log_t
         )
+        extra = {} if shadow is None else _estimates(su, shadow, got, i, at)
         row = su.recs[i].add(
             totals["accepted"], at, _lane(q, i), _lane(host_theta, i),
             dissipation=float(host_y[-1][i]), grad_evals=float(totals["grad_evals"]),
-            solver_steps=float(totals["steps"]), rejected=float(totals["rejected"]),
+            solver_steps=float(totals["steps"]), rejected=float(totals["rejected"]), **extra,
         )  # fmt: skip
         if su.progress is not None and not su.single:
             su.progress({**row, "seed": int(su.seeds[i])})
@@ -286,9 +382,10 @@ def _segments(su: _Setup, runs: Runs, target: float, stable: bool) -> None:
         h0 = jnp.asarray([math.nan if runs.dt0[i] is None else runs.dt0[i] if todo[i] else 1.0
                           for i in range(k_runs)], dtype)  # fmt: skip
         with timing.phase("flow: stepping, stable" if stable else "flow: stepping"):
+            tols = None if stable or su.plan.tols is None else jnp.asarray(su.plan.tols, dtype)
             out = segment(
                 su.field, runs.y, jnp.asarray(c, dtype), jnp.asarray(c1, dtype), h0,
-                jnp.asarray(z_target, dtype),
+                jnp.asarray(z_target, dtype), tols,
             )  # fmt: skip
             y_new, c_new, result = out[0], out[1], out[2]
             ok = np.asarray(segments.segment_ok(result, stable))
@@ -316,7 +413,7 @@ def _segments(su: _Setup, runs: Runs, target: float, stable: bool) -> None:
             c[i] = c_new[i]
             if reached[i] or totals["steps"] >= s.max_steps:
                 todo[i] = False
-        if failed:
+        if failed and su.recs is not None:
             _record(su, runs, failed)  # keep what was reached: its last finite state
 
 
@@ -345,6 +442,11 @@ def _at_save_point(su: _Setup, runs: Runs) -> None:
             runs.status[i], runs.message[i] = stop
             runs.alive[i] = False
     runs.done += 1
+    if su.shadow is not None:  # the shadow switches and stops where its run does
+        shade = su.shadow.runs
+        shade.stabilised[:] = runs.stabilised
+        shade.alive &= runs.alive
+        shade.done = runs.done
 
 
 def _save_checkpoint(su: _Setup, runs: Runs, checkpoint: Checkpointer | None) -> None:
@@ -356,7 +458,15 @@ def _save_checkpoint(su: _Setup, runs: Runs, checkpoint: Checkpointer | None) ->
         arrays.update(su.span.arrays())
     if runs.warm is not None:
         arrays.update({f"warm{i}": np.asarray(w) for i, w in enumerate(runs.warm) if w is not None})
-    checkpoint.save(runs.done + 1, arrays, dict(recorders=metas, **runs.meta()))
+    meta = dict(recorders=metas, **runs.meta())
+    if su.shadow is not None:
+        shade = su.shadow.runs
+        arrays.update(pack("shadow/y/", shade.y))
+        if shade.warm is not None:
+            arrays.update({f"shadow/warm{i}": np.asarray(w) for i, w in enumerate(shade.warm)
+                           if w is not None})  # fmt: skip
+        meta["shadow"] = shade.meta()
+    checkpoint.save(runs.done + 1, arrays, meta)
 
 
 def _recorders(objective, params0, seeds, single, s: FlowSettings, plan, span, config, progress):
@@ -396,6 +506,28 @@ def _start_runs(su: _Setup, starts0: list, handover: Handover | None) -> Runs:
     )
 
 
+def _vmapped(plan: _Plan) -> _Plan:
+    """``plan`` with its segments over a batch of runs (``segments.vmapped``)."""
+    return plan._replace(
+        first=segments.vmapped(plan.first) if plan.first is not None else None,
+        stable=segments.vmapped(plan.stable) if plan.stable is not None else None,
+    )
+
+
+def _make_shadow(su: _Setup, starts0: list, share: float, handover) -> _Shadow | None:
+    """The shadow of ``su``'s runs from the same start (``shadow_settings``)."""
+    got = shadow_settings(su.settings)
+    if got is None:
+        return None
+    s, weight = got
+    plan = _vmapped(_plan(s, su.objective.dtype, share))
+    shadow_su = su._replace(settings=s, plan=plan, recs=None, progress=None)
+    runs = _start_runs(shadow_su, starts0, None)
+    if handover is not None:  # the same start as the run's (its dissipation is not read)
+        runs.y = (*runs.y[:-1], runs.y[-1] + jnp.asarray(handover.dissipation, runs.y[-1].dtype))
+    return _Shadow(shadow_su, runs, weight)
+
+
 def drive(
     objective: Objective, params0: list, seeds: list, settings: FlowSettings, *,
     single: bool, config: dict | None = None, progress: Callable[[dict], None] | None = None,
@@ -414,11 +546,7 @@ def drive(
         else span_from_arrays(objective, params0, got[0])
     )
     share = 1.0 if span is None else span.share(s.clock)
-    plan = _plan(s, objective.dtype, share)
-    plan = plan._replace(
-        first=segments.vmapped(plan.first) if plan.first is not None else None,
-        stable=segments.vmapped(plan.stable) if plan.stable is not None else None,
-    )
+    plan = _vmapped(_plan(s, objective.dtype, share))
     starts0 = params0 if span is None else [span.restrict(p) for p in params0]
     stiffness = None
     if s.cfl is not None:
@@ -433,6 +561,8 @@ def drive(
         progress=progress, stiffness=stiffness,
     )  # fmt: skip
     runs = _start_runs(su, starts0, handover)
+    if s.error_estimate and (got is None or "shadow" in got[1]):
+        su = su._replace(shadow=_make_shadow(su, starts0, share, handover))
     if got is None:
         if handover is None:
             _record(su, runs, range(len(seeds)), -math.inf if s.log_t0 is None else s.log_t0)
@@ -440,6 +570,8 @@ def drive(
         arrays, meta = got
         restore_recorders(su.recs, arrays, meta["recorders"])
         runs.restore(arrays, meta)
+        if su.shadow is not None:
+            su.shadow.runs.restore(arrays, meta["shadow"], "shadow/")
     blas = one_blas_thread()
     try:
         for target in plan.targets[runs.done :]:
@@ -447,6 +579,10 @@ def drive(
                 break
             for stable in (False, True):  # warm-up / error-controlled runs, then stabilised
                 _segments(su, runs, target, stable)
+            if su.shadow is not None:
+                with timing.phase("flow: error estimate"):
+                    for stable in (False, True):
+                        _segments(su.shadow.su, su.shadow.runs, target, stable)
             _at_save_point(su, runs)
             with timing.phase("flow: checkpoints"):
                 _save_checkpoint(su, runs, checkpoint)

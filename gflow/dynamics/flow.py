@@ -31,6 +31,7 @@ from gflow.dynamics.clock import CLOCKS, log_t_of_log1p, vector_field
 from gflow.dynamics.driver import FlowSettings, drive
 from gflow.dynamics.sliding import KinkStepping, check_kink_stepping, run_flow_kinks
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
+    DEFAULT_ACCURACY,
     RK4,
     SOLVERS,
     check_controller,
@@ -104,6 +105,8 @@ def run_flow(
     max_steps: int = 1_000_000,
     input_span: bool | None = None,
     save_params: bool = False,
+    error_estimate: bool = True,
+    accuracy: float = DEFAULT_ACCURACY,
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
@@ -149,15 +152,25 @@ def run_flow(
       inputs and the data's rank is at most half the input size (the default problem's
       300 images of 784 pixels); True: whenever the rank is below it; False: never.
       The config's ``input_span`` is the rank used, or None.
+    - ``error_estimate``: integrate a shadow of the run beside it, at twice its steps
+      (cfl, dt) and 4 times its tolerances, and record at every save point the
+      envelope of their difference: ``param_error`` (relative to rho) and
+      ``margin_error`` (of the normalized margin), an estimate of the run's global error
+      that sees the kinks (docs/theory.md, "The flow's own error"), and the shadow's
+      evaluations (``shadow_evals``). Not for ``KinkStepping`` runs yet, nor a step-size
+      controller of one's own other than a ``PIDController``.
+    - ``accuracy``: the margin's error, relative to its scale, that the flow fidelity
+      verdict holds the estimate to (``gflow.theory.fidelity``).
     - ``progress``: called with each recorded row.
     - ``checkpoint`` / ``resume``: as in ``run_gd``; the ODE state, clock, step size,
-      Lanczos vector and counters are saved at every save point.
+      Lanczos vector and counters are saved at every save point (the shadow's too).
     """
     settings = FlowSettings(
         clock=clock, solver=solver, stepsize_controller=stepsize_controller, rtol=rtol,
         atol=atol, dt=dt, cfl=cfl, warmup=warmup, refresh=refresh, drift=drift,
         log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
         log_t0=log_t0, max_steps=max_steps, input_span=input_span, save_params=save_params,
+        error_estimate=error_estimate, accuracy=accuracy,
     )  # fmt: skip
     (tr,) = _dispatch(objective, [params0], [0], settings, True, config, progress,
                       checkpoint, resume)  # fmt: skip
@@ -186,6 +199,8 @@ def run_flow_seeds(
     max_steps: int = 1_000_000,
     input_span: bool | None = None,
     save_params: bool = False,
+    error_estimate: bool = True,
+    accuracy: float = DEFAULT_ACCURACY,
     config: dict | None = None,
     progress: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
@@ -211,6 +226,7 @@ def run_flow_seeds(
         atol=atol, dt=dt, cfl=cfl, warmup=warmup, refresh=refresh, drift=drift,
         log_t_max=log_t_max, log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min,
         max_steps=max_steps, input_span=input_span, save_params=save_params,
+        error_estimate=error_estimate, accuracy=accuracy,
     )  # fmt: skip
     return _dispatch(objective, list(params0), list(seeds), settings, False, config, progress,
                      checkpoint, resume)  # fmt: skip

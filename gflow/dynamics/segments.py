@@ -22,7 +22,7 @@ from gflow.dynamics.solvers import evals_per_step
 from gflow.objective import Objective
 
 __all__ = [
-    "LOSS_SPAN", "ThetaNorm", "make_controller", "segment_fn", "kept", "vmapped",
+    "LOSS_SPAN", "ThetaNorm", "make_controller", "segment_fn", "kept", "tolerances", "vmapped",
     "gflow_program", "all_finite", "select_runs", "segment_ok", "reached",
     "failure_message", "count_steps",
 ]  # fmt: skip
@@ -78,27 +78,54 @@ class _DtFromArgs(diffrax.AbstractStepSizeController):
     """``inner`` with its first step taken from ``args[2]`` rather than ``dt0``: with a
     traced ``dt0`` diffrax adds a run-time sign check (an ``equinox.error_if``, a host
     callback), and a program with a host callback is never written to JAX's persistent
-    compilation cache. Integration forwards only, so the sign needs no check."""
+    compilation cache. Integration forwards only, so the sign needs no check. A
+    ``PIDController`` takes its ``rtol``, ``atol`` from ``args[3]`` where given: one
+    program for a run and its error estimate's shadow (``tolerances``)."""
 
     inner: diffrax.AbstractStepSizeController
 
     def wrap(self, direction):
         return _DtFromArgs(self.inner.wrap(direction))
 
+    def _at(self, args):
+        tols = args[3]
+        if tols is None or not isinstance(self.inner, diffrax.PIDController):
+            return self.inner
+        return eqx.tree_at(lambda c: (c.rtol, c.atol), self.inner, tuple(tols))
+
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        h = args[2]
-        if h is None or isinstance(self.inner, diffrax.ConstantStepSize):
-            return self.inner.init(terms, t0, t1, y0, h, args, func, error_order)
+        h, inner = args[2], self._at(args)
+        if h is None or isinstance(inner, diffrax.ConstantStepSize):
+            return inner.init(terms, t0, t1, y0, h, args, func, error_order)
         # NaN: let the controller choose (as dt0=None would): one program for the first
         # segment and the later ones, which go on with the step reached
         return jax.lax.cond(
             jnp.isnan(h),
-            lambda: self.inner.init(terms, t0, t1, y0, None, args, func, error_order),
-            lambda: self.inner.init(terms, t0, t1, y0, h, args, func, error_order),
+            lambda: inner.init(terms, t0, t1, y0, None, args, func, error_order),
+            lambda: inner.init(terms, t0, t1, y0, h, args, func, error_order),
         )
 
-    def adapt_step_size(self, *args, **kwargs):
-        return self.inner.adapt_step_size(*args, **kwargs)
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
+        return self._at(args).adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, state
+        )
+
+
+def tolerances(controller, solver) -> tuple[float, float] | None:
+    """``(rtol, atol)`` of gflow's own ``PIDController`` with an explicit solver, which a
+    segment then takes as arguments (``kept`` compiles it with placeholders): None for
+    any other controller, whose values stay in its program."""
+    if _shared(controller, solver):
+        return float(controller.rtol), float(controller.atol)
+    return None
+
+
+def _shared(controller, solver) -> bool:
+    return (
+        type(controller) is diffrax.PIDController
+        and isinstance(controller.norm, ThetaNorm)
+        and not isinstance(solver, diffrax.AbstractImplicitSolver)
+    )
 
 
 def _with_controller_tols(solver, controller):
@@ -161,15 +188,15 @@ def _segment_cached(clock: str, the_solver, controller, steps: int, dtype: str):
         event = diffrax.Event(event_fn, root_finder=optx.Bisection(rtol=tol, atol=tol, flip=False))
 
     @eqx.filter_jit
-    def segment(obj, y0, c0, c1, dt0, z_target):
+    def segment(obj, y0, c0, c1, dt0, z_target, tols=None):
         sol = diffrax.diffeqsolve(
             term,
             the_solver,
             c0,
             c1,
-            None,  # the first step is in args (_DtFromArgs)
+            None,  # the first step (and the tolerances) are in args (_DtFromArgs)
             y0,
-            (obj, z_target, dt0),
+            (obj, z_target, dt0, tols),
             saveat=diffrax.SaveAt(t1=True),
             stepsize_controller=_DtFromArgs(controller),
             event=event,
@@ -229,11 +256,15 @@ def count_steps(totals: dict, n_steps: int, n_acc: int, evals) -> None:
 def kept(clock: str, solver, controller, steps: int, dtype: str) -> tuple:
     """``(segment, evals, static)``: ``segment_fn``'s, and the text that (with its
     arguments) determines its program, for keeping it traced (``gflow.cache.Traced``);
-    None for a solver or controller of the user's own, whose code the key cannot hold."""
+    None for a solver or controller of the user's own, whose code the key cannot hold.
+    gflow's own ``PIDController`` is compiled with placeholder tolerances, the call's
+    ``tols`` (``tolerances``) in their place: a run and its shadow share one program."""
     static = None
     ours = isinstance(controller, diffrax.ConstantStepSize) or (
         type(controller) is diffrax.PIDController and isinstance(controller.norm, ThetaNorm)
     )
+    if _shared(controller, solver):
+        controller = eqx.tree_at(lambda c: (c.rtol, c.atol), controller, (1.0, 1.0))
     if ours and type(solver).__module__.split(".")[0] in ("diffrax", "gflow"):
         static = f"flow segment|{clock}|{solver!r}|{controller!r}|{steps}|{dtype}|vmapped"
     return (*segment_fn(clock, solver, controller, steps, dtype), static)
@@ -271,7 +302,7 @@ def vmapped(segment_evals_static: tuple):
     from gflow.cache import Traced
 
     segment, evals, static = segment_evals_static
-    batched = jax.vmap(segment.__wrapped__, in_axes=(None, 0, 0, 0, 0, None))
+    batched = jax.vmap(segment.__wrapped__, in_axes=(None, 0, 0, 0, 0, None, None))
     if static is None:
         return eqx.filter_jit(batched), evals
     return Traced(batched, static=static, out_tree=_segment_out, trusted=gflow_program), evals

@@ -512,7 +512,7 @@ def _handover(run: _KinkRun, log_t: float, ratio: float, s: FlowSettings, progre
     settings = s._replace(
         solver=_STABLE, rtol=DEFAULT_TOL[0], atol=DEFAULT_TOL[1], cfl=default_cfl(_STABLE),
         warmup=warmup, refresh=st.refresh, drift=st.drift, log_t0=log_t,
-        max_steps=max(1, s.max_steps - count["steps"]),
+        max_steps=max(1, s.max_steps - count["steps"]), error_estimate=False,
     )  # fmt: skip
     (tr,) = drive(run.objective, [run.y[0]], [0], settings, single=True, progress=each,
                   handover=Handover(run.rec.monitor, float(run.y[2])))  # fmt: skip
