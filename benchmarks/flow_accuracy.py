@@ -16,12 +16,11 @@ no reference, with the flow fidelity verdict.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 from common import write_result  # same folder
-from flow_diagnose import PROBLEMS, build
+from flow_diagnose import build, problem_parser
 
 from gflow.dynamics import run_flow
 from gflow.theory import fidelity
@@ -74,12 +73,7 @@ def margin_errors(run, ref) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--problem", choices=sorted(PROBLEMS), default="default")
-    ap.add_argument("--log-t-max", type=float, default=30.0)
-    ap.add_argument("--quick", action="store_true", help="log t = 5, two candidates")
+    ap = problem_parser(__doc__, "log t = 5, two candidates")
     args = ap.parse_args()
     refs, cands = dict(REFERENCES), dict(CANDIDATES)
     if args.quick:

@@ -42,6 +42,18 @@ PROBLEMS = {
 }
 
 
+def problem_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The flow benchmarks' command line: ``--problem``, ``--log-t-max`` (30) and
+    ``--quick`` (its help: ``quick``)."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--problem", choices=sorted(PROBLEMS), default="default")
+    ap.add_argument("--log-t-max", type=float, default=30.0)
+    ap.add_argument("--quick", action="store_true", help=quick)
+    return ap
+
+
 def build(problem: str, seed: int = 0):
     cfg = PROBLEMS[problem]
     ds = D.keep_classes(D.mnist5k(), (0, 1))

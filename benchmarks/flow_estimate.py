@@ -16,12 +16,11 @@ ratio's range; the run's and the shadow's gradient evaluations; the fidelity ver
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 from common import write_result  # same folder
-from flow_diagnose import PROBLEMS, build
+from flow_diagnose import build, problem_parser
 from jax.flatten_util import ravel_pytree
 
 from gflow.dynamics import KinkStepping, run_flow
@@ -56,12 +55,7 @@ def envelopes(tr, ref) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--problem", choices=sorted(PROBLEMS), default="default")
-    ap.add_argument("--log-t-max", type=float, default=30.0)
-    ap.add_argument("--quick", action="store_true", help="log t = 5")
+    ap = problem_parser(__doc__, "log t = 5")
     args = ap.parse_args()
     if args.quick:
         args.log_t_max = 5.0

@@ -16,14 +16,13 @@ every run, so an interrupted table keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from common import RESULTS, write_result  # same folder
 from flow_accuracy import margin_errors, summary
-from flow_diagnose import PROBLEMS, build
+from flow_diagnose import build, problem_parser
 
 from gflow.dynamics import KinkStepping, StabilityStepping, run_flow
 from gflow.trajectory import Trajectory
@@ -57,12 +56,7 @@ WIDE = ("kinks bosh3 rtol 1e-9", "ralston cfl 0.14 (gflow run)", "tsit5 rtol 1e-
 
 
 def main():
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--problem", choices=sorted(PROBLEMS), default="default")
-    ap.add_argument("--log-t-max", type=float, default=30.0)
-    ap.add_argument("--quick", action="store_true", help="log t = 3, three runs")
+    ap = problem_parser(__doc__, "log t = 3, three runs")
     ap.add_argument("--only", action="append", choices=sorted(RUNS), help="these runs only")
     args = ap.parse_args()
     names = list(RUNS)
