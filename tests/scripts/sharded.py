@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from gflow import data as D  # noqa: E402
 from gflow.dynamics import run_flow, run_gd  # noqa: E402
+from gflow.dynamics.driver import ESTIMATE_COLUMNS  # noqa: E402
 from gflow.invariants import MONITOR_COLUMNS  # noqa: E402
 from gflow.kkt import gram_matrix  # noqa: E402
 from gflow.models import build_model  # noqa: E402
@@ -29,11 +30,12 @@ def rel(a, b):
 
 
 def col_diff(t1, t8, c):
-    """A column's difference: relative, except for the invariant monitors, which are
-    already relative errors (of invariants scaled by rho^2, or of the log-loss change)
-    and near zero, so that the rounding of the sharded sums shows up in them as an
-    absolute difference of a few ulps times the number of steps."""
-    if c in MONITOR_COLUMNS:
+    """A column's difference: relative, except for the invariant monitors and the error
+    estimates, which are already relative errors (of invariants scaled by rho^2, of the
+    log-loss change, of the parameters against their shadow's) and near zero, so that
+    the rounding of the sharded sums shows up in them as an absolute difference of a
+    few ulps times the number of steps."""
+    if c in MONITOR_COLUMNS + ESTIMATE_COLUMNS:
         a, b = np.asarray(t1[c]), np.asarray(t8[c])
         return float(np.nanmax(np.abs(a - b), initial=0.0))
     return rel(t1[c], t8[c])
