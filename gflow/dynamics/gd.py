@@ -55,6 +55,7 @@ from gflow.checkpoint import (
     restore_recorders,
     unpack,
 )
+from gflow.dynamics.clock import log_t_grid, one_blas_thread, quantities_many
 from gflow.models import check_finite_params
 from gflow.objective import Objective
 from gflow.quantities import sq_norm
@@ -66,7 +67,6 @@ __all__ = [
     "run_gd",
     "run_gd_seeds",
     "LossBased",
-    "log_t_grid",
     "UP",
     "DOWN",
     "ALPHA_MIN",
@@ -105,23 +105,6 @@ class GDState(NamedTuple):
     step_sharpness_max: jax.Array  # max eta_t lambda_t over the steps since the last save
     step_condition_max: jax.Array  # max eta_t lambda_t log(1/L_t) over the same steps
     sharpness_steps: jax.Array  # steps whose eta_t lambda_t entered those maxima
-
-
-def log_t_grid(log_t_min: float, log_t_max: float, saves: int) -> np.ndarray:
-    """Save points evenly spaced in log t."""
-    return np.linspace(log_t_min, log_t_max, max(int(saves), 2))
-
-
-def log_t_of_log1p(z: float) -> float:
-    """``log t`` from ``z = log(1 + t)``: ``z + log(-expm1(-z))``, exact for every z."""
-    if z <= 0:
-        return -math.inf
-    return z + math.log(-math.expm1(-z))
-
-
-def log1p_of_log_t(log_t: float) -> float:
-    """``log(1 + t)`` from ``log t`` without overflow."""
-    return float(np.logaddexp(0.0, log_t))
 
 
 SHARPNESS_COLUMNS = (
@@ -601,24 +584,6 @@ def run_gd(
         checkpoint=checkpoint, resume=resume, sharpness_every=sharpness_every,
     )  # fmt: skip
     return tr
-
-
-def one_blas_thread():
-    """NumPy's BLAS held to one thread for a driver's loop (undo with
-    ``.restore_original_limits()``). After each call OpenBLAS's idle threads spin for a
-    while and take the cores that XLA's next kernels need; the loops' NumPy work is on
-    single vectors, which one thread does as fast. Measured on the default flow (2
-    cores): its stable steps took 2.34 ms with the spinning threads, 1.69 ms without."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-@jax.jit
-def quantities_many(obj: Objective, params):
-    """The quantities of a batch of parameter pytrees (leading axis), in one call;
-    module-level so that every batched run reuses one compiled kernel."""
-    return jax.vmap(lambda p: obj.quantities(p))(params)
 
 
 def run_gd_seeds(
