@@ -183,7 +183,7 @@ def test_constant_step_non_finite_stops_with_message():
     model = build_model("linear", ds.input_shape, 1, seed=1)
     obj, p0 = make_objective(model, ds, _Trap(wall=2.0))
     tr = run_gd(obj, p0, schedule="constant", lr=0.5, max_steps=10_000, saves=5)
-    assert tr.status == "failed" and "non-finite loss or gradient at step" in tr.message
+    assert tr.status == "failed" and "non-finite loss, gradient or clock at step" in tr.message
     assert "loss-based" in tr.message
     assert np.all(np.isfinite(tr["log_loss"]))
 

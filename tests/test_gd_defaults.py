@@ -41,3 +41,18 @@ def test_one_seed_with_defaults_is_run_gd():
     for a, b in zip(jax.tree.leaves(alone.final_params), jax.tree.leaves(together.final_params),
                     strict=True):  # fmt: skip
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_a_nan_clock_ends_the_run_with_a_message():
+    """An optax schedule whose step makes the flow's clock NaN (0 / 0 on it) while the
+    loss stays finite used to leave the run neither moving nor ending: the host loop
+    spun. Now the step fails as a non-finite loss does, and the run says so."""
+    import optax
+
+    from tests.conftest import build_digits
+
+    _, _, obj, p0 = build_digits(40, width=4, seed=1)
+    tr = run_gd(obj, p0, seed=1, lr=optax.linear_schedule(0.1, 0.5, 10), max_steps=20,
+                saves=3)  # fmt: skip
+    assert tr.status == "failed" and "non-finite loss, gradient or clock" in tr.message
+    assert np.all(np.isfinite(tr["log_t"][1:]))  # the last good state is what is kept

@@ -380,11 +380,13 @@ def _full_batch(st: _Stepper, obj: Objective, s: GDState, due) -> _Proposal:
     else:
         ell_new, g_new, lam, vec = _step_and_sharpness(obj, params, s.sharp_vec)
         lam, vec = jnp.where(due, lam.astype(ell.dtype), jnp.nan), jnp.where(due, vec, s.sharp_vec)
-    finite = jnp.isfinite(ell_new) & _finite_tree(g_new)
     sq = sq_norm(g)
     dissipated = s.dissipation + jnp.exp(log_eta + ell) * sq  # d tau = eta * Loss
     maxima = _step_condition(s, log_eta) if st.sharpness else None
     log_t = jnp.logaddexp(s.log_t, log_eta)
+    # a NaN clock (an optimizer's step of 0 / 0 on the flow's clock) fails the step as a
+    # non-finite loss does: otherwise the run would neither move nor end
+    finite = jnp.isfinite(ell_new) & _finite_tree(g_new) & ~jnp.isnan(log_t)
     return _Proposal(
         sharpness=lam, sharp_vec=vec, maxima=maxima, params=params, opt_state=opt_state,
         log_loss=ell_new, grad=g_new, finite=finite, log_eta=log_eta, steps=1, log_t=log_t,
@@ -426,7 +428,8 @@ def _mini_batch(st: _Stepper, obj: Objective, s: GDState, due) -> _Proposal:
     )
     ell_new = obj.log_loss(params)
     # a batch past loss_ub fails the epoch as a non-finite one does (official code)
-    finite = jnp.isfinite(ell_new) & _finite_tree(params) & ~(st.loss_based & over)
+    finite = (jnp.isfinite(ell_new) & _finite_tree(params) & ~(st.loss_based & over)
+              & ~jnp.isnan(log_t))  # fmt: skip
     return _Proposal(
         sharpness=s.sharpness, sharp_vec=s.sharp_vec, maxima=None, params=params,
         opt_state=opt_state, log_loss=ell_new, grad=s.grad, finite=finite,
@@ -558,9 +561,9 @@ def _reasons(objective: Objective, params, batch_size) -> dict:
 
 def _nonfinite_message(step: int, lr) -> str:
     if lr is None:
-        return f"non-finite loss or gradient at step {step} with the given optax optimizer"
+        return f"non-finite loss, gradient or clock at step {step} with the given optax optimizer"
     return (
-        f"non-finite loss or gradient at step {step} with constant lr {lr:g}; "
+        f"non-finite loss, gradient or clock at step {step} with constant lr {lr:g}; "
         "try --schedule loss-based or a smaller --lr"
     )
 
