@@ -148,9 +148,11 @@ threshold, then Ralston's two-stage method at 0.14 of its stability edge over th
 Hessian eigenvalue (stability stepping; chosen from measured accuracy: to log t = 30 the
 normalized margin stays within 1e-4 of a tight reference at every save point, and the
 balance drift below 1e-6; benchmarks/RESULTS.md). Every save point records exact
-invariants of the flow (per-unit and layer balance drift, dissipation defect), and the
-flow fidelity verdict holds the drift to --rtol. About 25 s on a 2-core CPU the first
-time, 11 s after (compiled and traced programs are kept: --compilation-cache). At
+invariants of the flow (per-unit and layer balance drift, dissipation defect) and an
+estimate of its error from a shadow run at twice the steps, which sees the kinks'
+errors; the flow fidelity verdict holds the drift to --rtol and the estimate to
+--accuracy. About 32 s on a 2-core CPU the first time, 15 s after (compiled and traced
+programs are kept: --compilation-cache). At
 the end the theory checks run (gflow check). Files go to --out: gd/ and flow/ run folders
 (config.json, trajectory.npz, trajectory.csv, params_final.npz, checks.json), run.json
 and plots.png. While it runs, each run folder holds a checkpoint of its last save point:
