@@ -264,8 +264,8 @@ def shadow_settings(s: FlowSettings) -> tuple[FlowSettings, float] | None:
     second on a smooth field; an adaptive run's 2.7 to 4 times) and ``|run - shadow|``
     is 1 to 3 times the run's error (weight 1). Past a cfl of 1 / ``SHADOW_STEP`` the
     shadow steps finer instead, its error a quarter to a half of the run's: weight 2, for
-    1 to 1.5 times. None: no
-    estimate (a step-size controller of the user's other than a ``PIDController``)."""
+    1 to 1.5 times. None: no estimate (a step-size controller of the user's other than a
+    ``PIDController``)."""
     ctrl = s.stepsize_controller
     if ctrl is not None and not isinstance(ctrl, diffrax.PIDController):
         return None
@@ -490,7 +490,7 @@ def _start_runs(su: _Setup, starts0: list, handover: Handover | None) -> Runs:
     first = [start(s.clock, p, su.plan.z0, dtype) for p in starts0]
     y = jax.tree.map(lambda *a: jnp.stack(a), *[st[0] for st in first])
     if handover is not None:
-        for rec in su.recs:
+        for rec in su.recs or ():  # a shadow has no recorders
             rec.monitor = handover.monitor
         y = (*y[:-1], y[-1] + jnp.asarray(handover.dissipation, dtype))
     return Runs(
@@ -522,10 +522,7 @@ def _make_shadow(su: _Setup, starts0: list, share: float, handover) -> _Shadow |
     s, weight = got
     plan = _vmapped(_plan(s, su.objective.dtype, share))
     shadow_su = su._replace(settings=s, plan=plan, recs=None, progress=None)
-    runs = _start_runs(shadow_su, starts0, None)
-    if handover is not None:  # the same start as the run's (its dissipation is not read)
-        runs.y = (*runs.y[:-1], runs.y[-1] + jnp.asarray(handover.dissipation, runs.y[-1].dtype))
-    return _Shadow(shadow_su, runs, weight)
+    return _Shadow(shadow_su, _start_runs(shadow_su, starts0, handover), weight)
 
 
 def drive(
