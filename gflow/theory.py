@@ -630,8 +630,10 @@ def _estimate_judged(traj: Trajectory, det: dict) -> tuple[bool | None, str] | N
     if not np.isfinite(est).any() or not scale > 0:
         return None
     rel = est / scale
-    if np.isnan(rel).any():  # the shadow failed: judged up to there
-        rel = rel[: int(np.argmax(np.isnan(rel)))]
+    lost = None  # where the shadow failed: the save points past it are not seen
+    if np.isnan(rel).any():
+        k = int(np.argmax(np.isnan(rel)))
+        rel, lost = rel[:k], float(traj["log_t"][k])
     i = int(np.argmax(rel))
     worst, where = float(rel[i]), float(traj["log_t"][i])
     det["error_estimate"] = {"max": worst, "at_log_t": where, "accuracy": float(accuracy),
@@ -639,11 +641,14 @@ def _estimate_judged(traj: Trajectory, det: dict) -> tuple[bool | None, str] | N
     said = (f"error estimate of the normalized margin {worst:.2g} of its scale (worst at "
             f"log t = {where:.4g}), parameters {det['error_estimate']['param_error_max']:.2g} "
             f"of rho")  # fmt: skip
-    if worst <= accuracy:
-        return True, f"{said}: within the accuracy {accuracy:.2g}"
     if worst > ESTIMATE_BAND * accuracy:
         return False, (f"{said}: more than {ESTIMATE_BAND:g} times the accuracy {accuracy:.2g}, "
                        f"so the integration is not faithful there")  # fmt: skip
+    if lost is not None:  # within it where seen, which a PASS would claim for every point
+        return None, (f"{said}: the shadow run failed at log t = {lost:.4g}, and no estimate "
+                      f"covers the save points from there")  # fmt: skip
+    if worst <= accuracy:
+        return True, f"{said}: within the accuracy {accuracy:.2g}"
     return None, f"{said}: above the accuracy {accuracy:.2g}, by less than the estimate's band"
 
 

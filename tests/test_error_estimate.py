@@ -7,6 +7,8 @@ second on the smooth pieces), so their difference is 1 to 3 times the run's erro
 estimate bounds it from above, which the invariants cannot (they are blind to the
 kinks' errors: docs/theory.md)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
@@ -82,6 +84,11 @@ def test_a_coarse_run_fails_and_a_fine_one_passes(relu):
     fine = run_flow(obj, p0, solver="ralston", cfl=0.02, rtol=1e-7, atol=1e-10,
                     accuracy=accuracy, **LOG_T)  # fmt: skip
     assert fidelity(fine).passed is True, fidelity(fine)
+    # where the shadow failed (NaN from there on) the rest is unseen: not a PASS
+    cols = dict(fine.columns, margin_error=np.where(np.arange(len(fine)) >= len(fine) - 2,
+                                                    np.nan, fine["margin_error"]))  # fmt: skip
+    blind = fidelity(dataclasses.replace(fine, columns=cols))
+    assert blind.passed is None and blind.decide and "shadow run failed" in blind.summary
     coarse = run_flow(obj, p0, solver="ralston", cfl=0.9, rtol=1e-3, atol=1e-6,
                       accuracy=accuracy, **LOG_T)  # fmt: skip
     v = fidelity(coarse)
