@@ -144,15 +144,16 @@ RUN_HELP = """The default run: a bias-free 2-layer ReLU MLP (width 50, L = 2) on
 digits 0 vs 1 from mnist5k, each image scaled to unit norm, logistic loss, float64;
 GD with the paper's loss-based schedule and the gradient flow on the loss clock, both to
 log t = 100 (t = e^100). The flow runs adaptive Tsit5 (rtol 3e-5) until the loss
-threshold, then Ralston's two-stage method at 0.14 of its stability edge over the top
-Hessian eigenvalue (stability stepping; chosen from measured accuracy: to log t = 30 the
-normalized margin stays within 1e-4 of a tight reference at every save point, and the
-balance drift below 1e-6; benchmarks/RESULTS.md). Every save point records exact
+threshold, then Ralston's two-stage method at a fraction (cfl) of its stability edge over
+the top Hessian eigenvalue (stability stepping). Every save point records exact
 invariants of the flow (per-unit and layer balance drift, dissipation defect) and an
 estimate of its error from a shadow run at twice the steps, which sees the kinks'
-errors; the flow fidelity verdict holds the drift to --rtol and the estimate to
---accuracy. About 32 s on a 2-core CPU the first time, 15 s after (compiled and traced
-programs are kept: --compilation-cache). At
+errors; the cfl is chosen at every save point to hold that estimate to --accuracy
+(starting at 0.14; a segment past it is redone at a smaller cfl), and the flow fidelity
+verdict holds the drift to --rtol and the estimate to --accuracy (to log t = 30 the
+normalized margin stays within 1e-4 of a tight reference at every save point;
+benchmarks/RESULTS.md). About 32 s on a 2-core CPU the first time, 15 s after
+(compiled and traced programs are kept: --compilation-cache). At
 the end the theory checks run (gflow check). Files go to --out: gd/ and flow/ run folders
 (config.json, trajectory.npz, trajectory.csv, params_final.npz, checks.json), run.json
 and plots.png. While it runs, each run folder holds a checkpoint of its last save point:
@@ -273,11 +274,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cfl",
         type=number(lo=0, hi=1, open_lo=True),
-        help="stability stepping: after the loss threshold, step the solver at this "
-        "fraction of its stability edge over the top Hessian eigenvalue (Lanczos); before "
-        "it, adaptive Tsit5 at --rtol. Default (chosen from measured accuracy, "
-        "benchmarks/RESULTS.md): 0.14 for ralston, midpoint and heun, 0.2 for rk4, 0.9 for "
-        "euler, 0.5 for rkcS; off for tsit5 and other solvers without a known edge",
+        help="stability stepping at this cfl all along: after the loss threshold, step "
+        "the solver at this fraction of its stability edge over the top Hessian eigenvalue "
+        "(Lanczos); before it, adaptive Tsit5 at --rtol. Default, for a solver with a known "
+        "edge: the cfl chosen at every save point from the error estimate to hold it to "
+        "--accuracy, within 1/64 to 0.45, starting at 0.14 for ralston, midpoint and heun, "
+        "0.2 for rk4, 0.45 for euler and rkcS (benchmarks/RESULTS.md); off for tsit5 and "
+        "other solvers without a known edge",
     )
     g.add_argument(
         "--kinks",
@@ -315,8 +318,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         type=number(lo=0, hi=1, open_lo=True, open_hi=True),
         help="the flow's error, relative to the normalized margin's scale, that the flow "
         "fidelity verdict holds the run's error estimate to (a shadow run at twice the "
-        "steps, whose difference sees the kinks' errors; not under --kinks) "
-        "(default: %(default)s)",
+        "steps, whose difference sees the kinks' errors; not under --kinks), and that the "
+        "default stepping chooses its cfl for (default: %(default)s)",
     )
     g.add_argument(
         "--log-t-max",

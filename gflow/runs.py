@@ -232,9 +232,10 @@ def _validate(args: RunOptions) -> None:
         if args.solver in IMPLICIT and (args.dt is not None or args.cfl is not None):
             raise ValueError(f"--solver {args.solver} is implicit: it runs under error "
                              "control (--rtol / --atol), not with --dt or --cfl")  # fmt: skip
-        if args.dt is None and args.cfl is None:
-            args.cfl = default_cfl(args.solver)
-        if is_fixed_step(args.solver) and args.dt is None and args.cfl is None:
+        # neither: the solver's default stepping (run_flow's), for one with a default cfl
+        # the cfl the error estimate holds to --accuracy
+        stepped = args.dt is not None or args.cfl is not None
+        if is_fixed_step(args.solver) and not stepped and default_cfl(args.solver) is None:
             raise ValueError(f"--solver {args.solver} needs a fixed step --dt or a --cfl")
         if args.cfl is not None:
             stability_edge(args.solver)  # raises for solvers without a known edge
@@ -395,20 +396,24 @@ def driver_args(args: RunOptions, kind: str) -> dict:
                     loss_ub=args.loss_ub, batch_size=args.batch_size,
                     max_steps=args.steps or 100_000,
                     sharpness_every=args.sharpness_every)  # fmt: skip
-    return dict(common, clock=args.clock, solver=args.solver, stepsize_controller=_kinks(args),
-                rtol=args.rtol, atol=args.atol, dt=args.dt, cfl=args.cfl,
-                input_span=_SPAN[args.input_span], accuracy=args.accuracy,
+    controller, dt0 = _stepping(args)
+    return dict(common, clock=args.clock, solver=args.solver, stepsize_controller=controller,
+                dt0=dt0, input_span=_SPAN[args.input_span], accuracy=args.accuracy,
                 max_steps=args.steps or 1_000_000)  # fmt: skip
 
 
-def _kinks(args: RunOptions):
-    """``--kinks``: the flow's step-size controller (else None: the solver's own)."""
-    from gflow.dynamics import KinkStepping
+def _stepping(args: RunOptions) -> tuple:
+    """The flow's ``(stepsize_controller, dt0)``: ``--kinks``' ``KinkStepping``, else what
+    ``--dt`` / ``--cfl`` / ``--rtol`` / ``--atol`` stand for (``gflow.dynamics.stepping``,
+    the library's own translation: the solver's default with none of them)."""
+    from gflow.dynamics import KinkStepping, stepping
 
-    if not args.kinks:
-        return None
-    fallback = None if math.isinf(args.kink_fallback) else args.kink_fallback
-    return KinkStepping(rtol=args.rtol, atol=args.atol, fallback=fallback)
+    if args.kinks:
+        fallback = None if math.isinf(args.kink_fallback) else args.kink_fallback
+        return KinkStepping(rtol=args.rtol, atol=args.atol, fallback=fallback), None
+    if args.dt is not None:
+        return stepping(args.solver, dt=args.dt)
+    return stepping(args.solver, rtol=args.rtol, atol=args.atol, cfl=args.cfl)
 
 
 def run(args: RunOptions) -> int:

@@ -64,6 +64,14 @@ def digits_inits(seeds, n: int, **fields) -> list:
     return [split_params(p.make_model(ds, seed=s))[1] for s in seeds]
 
 
+def adaptive(rtol: float, atol: float, solver: str = "tsit5") -> dict:
+    """``run_flow``'s arguments for ``solver`` under error control at ``rtol``, ``atol``
+    all along (gflow's own ``PIDController``)."""
+    import diffrax
+
+    return dict(solver=solver, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol))
+
+
 @pytest.fixture(scope="session")
 def small():
     """``(objective, params0)``: 60 unit-norm digits 0/1, a width-8 ReLU MLP (L = 2),

@@ -60,7 +60,8 @@ def test_gd_constant_step_equals_diffrax_euler(small):
 
 def test_loss_clock_and_time_clock_follow_the_same_path(smooth):
     obj, p0 = smooth
-    kw = dict(rtol=1e-10, atol=1e-12, log_t_min=-1.0, log_t_max=2.0, saves=4, save_params=True)
+    kw = dict(solver="tsit5", stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12),
+              log_t_min=-1.0, log_t_max=2.0, saves=4, save_params=True)  # fmt: skip
     a = run_flow(obj, p0, clock="time", **kw)
     b = run_flow(obj, p0, clock="loss", **kw)
     c = run_flow(obj, p0, clock="logt", **kw)
@@ -270,7 +271,8 @@ def test_flow_bad_arguments(small):
     with pytest.raises(ValueError, match="clock must be one of"):
         run_flow(obj, p0, clock="wall")
     with pytest.raises(ValueError, match="euler' has no error estimate"):
-        run_flow(obj, p0, solver="euler")
+        run_flow(obj, p0, solver="euler",
+                 stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-9))  # fmt: skip
 
 
 def test_rk4_converges_at_order_4():
@@ -287,9 +289,16 @@ def test_rk4_converges_at_order_4():
     assert abs(slope - 4) < 0.2, slope
 
 
-def test_rk4_in_run_flow_needs_dt(small):
+def test_rk4_in_run_flow_steps_by_stability_or_a_fixed_step(small):
+    """RK4 has no error estimate: error control is refused; by default it steps by
+    stability (its default cfl, chosen from the estimate), or at a fixed ``dt0``."""
     obj, p0 = small
     with pytest.raises(ValueError, match="solver 'rk4' has no error estimate"):
-        run_flow(obj, p0, solver="rk4")
-    tr = run_flow(obj, p0, solver="rk4", dt=0.05, clock="logt", log_t_max=1.0, saves=2)
+        run_flow(obj, p0, solver="rk4",
+                 stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-9))  # fmt: skip
+    short = dict(clock="logt", log_t_max=1.0, saves=2)
+    tr = run_flow(obj, p0, solver="rk4", **short)
+    assert tr.config["cfl_control"] == "estimate" and tr.status == "completed"
+    tr = run_flow(obj, p0, solver="rk4", stepsize_controller=diffrax.ConstantStepSize(),
+                  dt0=0.05, **short)  # fmt: skip
     assert tr.status == "completed" and tr["grad_evals"][-1] > 0

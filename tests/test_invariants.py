@@ -15,7 +15,7 @@ from gflow.models import build_model
 from gflow.objective import make_objective
 from gflow.theory import fidelity, fidelity_tolerance
 from gflow.verdict import INCONCLUSIVE, PASS
-from tests.conftest import digits_problem
+from tests.conftest import adaptive, digits_problem
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -144,7 +144,7 @@ def test_dissipation_defect_shrinks_with_the_tolerance(digits_dataset):
     obj, p0 = _dense(digits_dataset, "linear", depth=2)
     worst = []
     for rtol in (1e-4, 1e-6, 1e-8):
-        tr = run_flow(obj, p0, rtol=rtol, atol=rtol * 1e-3, log_t_max=5.0, saves=6,
+        tr = run_flow(obj, p0, **adaptive(rtol, rtol * 1e-3), log_t_max=5.0, saves=6,
                       error_estimate=False)  # fmt: skip
         assert tr.status == "completed"
         worst.append(tr["dissipation_defect"].max())

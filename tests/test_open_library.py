@@ -132,7 +132,8 @@ def test_own_model_momentum_gd_and_dopri5_flow_through_everything(problem, tmp_p
                     log_t_max=6.0, saves=12, save_params=True, accuracy=3e-3)  # fmt: skip
     assert gd.status == "completed" and flow.status == "completed", (gd.message, flow.message)
     assert flow.config["solver"] == "dopri5"
-    assert flow.config["stepsize_controller"] == "PIDController"
+    # a PIDController with only its tolerances set is gflow's own error control
+    assert (flow.config["rtol"], flow.config["atol"], flow.config["cfl"]) == (1e-5, 1e-8, None)
     for tr in (gd, flow):
         assert np.all(np.isfinite(tr["normalized_margin"]))
         assert tr["log_loss"][-1] < losses.Logistic.log_threshold  # separated, past t0
@@ -217,14 +218,17 @@ def test_layer_balances_only_where_they_are_invariants(problem):
 
 
 def test_stability_stepping_is_a_controller_object(problem):
-    """``stepsize_controller=StabilityStepping(cfl)`` is ``cfl=`` (and its defaults): the
-    same run to the bit."""
+    """``stepsize_controller=StabilityStepping(cfl, rtol=, atol=)`` is the flat ``cfl=``,
+    ``rtol=``, ``atol=`` of old (which warn): the same run to the bit."""
     from gflow import StabilityStepping
 
     model, data = problem
     obj, p0 = make_objective(model, data, "logistic", order=3)
-    kw = dict(solver="ralston", log_t_max=2.0, saves=3, rtol=1e-4, atol=1e-7)
-    a = run_flow(obj, p0, cfl=0.14, **kw)
-    b = run_flow(obj, p0, stepsize_controller=StabilityStepping(), **kw)
+    kw = dict(solver="ralston", log_t_max=2.0, saves=3)
+    with pytest.warns(FutureWarning, match="StabilityStepping"):
+        a = run_flow(obj, p0, cfl=0.14, rtol=1e-4, atol=1e-7, **kw)
+    b = run_flow(obj, p0, stepsize_controller=StabilityStepping(cfl=0.14, rtol=1e-4, atol=1e-7),
+                 **kw)  # fmt: skip
     np.testing.assert_array_equal(a["log_loss"], b["log_loss"])
     assert b.config["cfl"] == 0.14 and b.config["warmup"] == "tsit5"
+    assert b.config["cfl_control"] is None

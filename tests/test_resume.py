@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gflow.checkpoint import Checkpointer
-from gflow.dynamics import run_flow, run_flow_seeds, run_gd, run_gd_seeds
+from gflow.dynamics import StabilityStepping, run_flow, run_flow_seeds, run_gd, run_gd_seeds
 from tests.conftest import digits_inits
 
 
@@ -84,8 +84,10 @@ def test_gd_resumed_after_a_crash_equals_the_uninterrupted_run(case, small, tmp_
         dict(solver="tsit5", rtol=1e-5, atol=1e-8, clock="time"),
         # in the span of the inputs (60 digits span fewer than their 64 pixels)
         dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7, input_span=True),
+        # the cfl chosen from the error estimate (its cfl and peak are checkpointed)
+        dict(stepsize_controller=StabilityStepping(), accuracy=1e-3),
     ],
-    ids=["stability-stepping", "tsit5-time", "input-span"],
+    ids=["stability-stepping", "tsit5-time", "input-span", "cfl-from-estimate"],
 )
 def test_flow_resumed_after_a_crash_equals_the_uninterrupted_run(kw, small, tmp_path):
     obj, p0 = small

@@ -9,7 +9,7 @@ import pytest
 from gflow.dynamics import run_flow, run_flow_seeds, run_gd, run_gd_seeds
 from gflow.dynamics.driver import ESTIMATE_COLUMNS
 from gflow.invariants import MONITOR_COLUMNS
-from tests.conftest import digits_inits
+from tests.conftest import adaptive, digits_inits
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_vmapped_flow_seeds_equal_separate_runs(problem, smooth_problem, case):
 def test_vmapped_flow_seeds_stop_each_on_its_own(smooth_problem):
     """A step budget ends each run at its own save point while the others go on."""
     obj, inits = smooth_problem
-    kw = dict(clock="loss", solver="tsit5", log_t_max=10.0, saves=10, max_steps=60)
+    kw = dict(clock="loss", **adaptive(1e-6, 1e-9), log_t_max=10.0, saves=10, max_steps=60)
     together = run_flow_seeds(obj, inits, seeds=[3, 4, 5], **kw)
     alone = [run_flow(obj, p0, **kw) for p0 in inits]
     _same_runs(together, alone, 1e-10)

@@ -136,8 +136,8 @@ def test_run_flow_takes_kink_stepping_as_its_controller(two_units):
     obj, p = two_units
     from gflow import KinkStepping as Exported
 
-    a = run_flow(obj, p, stepsize_controller=Exported(rtol=1e-9, atol=1e-12), log_t_min=0,
-                 log_t_max=3, saves=3)  # fmt: skip
+    a = run_flow(obj, p, solver="tsit5", stepsize_controller=Exported(rtol=1e-9, atol=1e-12),
+                 log_t_min=0, log_t_max=3, saves=3)  # fmt: skip
     b = run_flow_kinks(obj, p, stepping=KinkStepping(rtol=1e-9, atol=1e-12), log_t_min=0,
                        log_t_max=3, saves=3)  # fmt: skip
     np.testing.assert_array_equal(a["normalized_margin"], b["normalized_margin"])
@@ -335,12 +335,15 @@ def test_gflow_run_kinks_takes_its_own_default_tolerances():
 
 def test_gflow_run_kink_fallback_reaches_the_stepping():
     from gflow.cli import build_parser
-    from gflow.runs import RunOptions, _kinks
+    from gflow.runs import RunOptions, driver_args
+
+    def stepping(options):
+        return driver_args(options, "flow")["stepsize_controller"]
 
     for text, want in [("250", 250.0), ("inf", None)]:
         ns = build_parser().parse_args(["run", "--kinks", "--kink-fallback", text])
-        assert _kinks(RunOptions.from_namespace(ns)).fallback == want
-    assert _kinks(RunOptions(kinks=True)).fallback == KinkStepping().fallback == 100.0
+        assert stepping(RunOptions.from_namespace(ns)).fallback == want
+    assert stepping(RunOptions(kinks=True)).fallback == KinkStepping().fallback == 100.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--kinks", "--kink-fallback", "-1"])
 

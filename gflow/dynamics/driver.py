@@ -38,6 +38,7 @@ from gflow.dynamics.clock import (
 )
 from gflow.dynamics.solvers import (
     DEFAULT_ACCURACY,
+    DEFAULT_TOL,
     is_fixed_step,
     make_solver,
     solver_name,
@@ -45,7 +46,13 @@ from gflow.dynamics.solvers import (
 )
 from gflow.dynamics.span import input_span as input_span_of
 from gflow.dynamics.span import span_from_arrays
-from gflow.dynamics.stability import LANCZOS, layout, stable_step, vmapped_stiffness
+from gflow.dynamics.stability import (
+    ADAPTIVE_CFL,
+    LANCZOS,
+    layout,
+    stable_step,
+    vmapped_stiffness,
+)
 from gflow.objective import Objective
 from gflow.spectrum import lanczos_top_many
 from gflow.trajectory import Trajectory, TrajectoryRecorder
@@ -60,8 +67,8 @@ class FlowSettings(NamedTuple):
     clock: str = "loss"
     solver: Any = "tsit5"
     stepsize_controller: diffrax.AbstractStepSizeController | None = None
-    rtol: float = 1e-6
-    atol: float = 1e-9
+    rtol: float = DEFAULT_TOL[0]
+    atol: float = DEFAULT_TOL[1]
     dt: float | None = None
     cfl: float | None = None
     warmup: str | None = "tsit5"
@@ -77,6 +84,9 @@ class FlowSettings(NamedTuple):
     save_params: bool = False
     error_estimate: bool = True
     accuracy: float = DEFAULT_ACCURACY
+    # stability stepping's cfl held to ``accuracy`` by the error estimate (``_control``),
+    # from ``cfl`` within ``ADAPTIVE_CFL``; False: ``cfl`` all along
+    adapt: bool = False
 
 
 class Handover(NamedTuple):
@@ -121,7 +131,8 @@ def _check_plan(s: FlowSettings, solver, name: str) -> None:
     if s.stepsize_controller is not None and (s.dt is not None or s.cfl is not None):
         raise ValueError("give a stepsize_controller, or a fixed step dt, or a cfl: one of them")
     if s.dt is None and s.cfl is None and s.stepsize_controller is None and is_fixed_step(solver):
-        raise ValueError(f"solver {name!r} has no error estimate: give a fixed step dt or a cfl")
+        raise ValueError(f"solver {name!r} has no error estimate: step it by stability "
+                         "(StabilityStepping) or at a fixed dt0")  # fmt: skip
     ctrl = s.stepsize_controller
     fixed = s.dt is not None or s.cfl is not None
     if isinstance(solver, diffrax.AbstractImplicitSolver) and (
@@ -136,6 +147,11 @@ def _check_plan(s: FlowSettings, solver, name: str) -> None:
         )
     if s.cfl is not None and s.warmup is not None and is_fixed_step(s.warmup):
         raise ValueError(f"warmup solver {solver_name(s.warmup)!r} has no error estimate")
+
+
+def _adapts(s: FlowSettings) -> bool:
+    """Is the cfl held to the accuracy (stability stepping with an error estimate)?"""
+    return s.adapt and s.cfl is not None and s.error_estimate
 
 
 def _plan(s: FlowSettings, dtype, share: float = 1.0) -> _Plan:
@@ -169,6 +185,7 @@ def _plan(s: FlowSettings, dtype, share: float = 1.0) -> _Plan:
         refresh=s.refresh, drift=s.drift, log_t_max=s.log_t_max, log_loss_min=s.log_loss_min,
         saves=s.saves, log_t_min=s.log_t_min, log_t0=s.log_t0, max_steps=s.max_steps,
         error_estimate=s.error_estimate, accuracy=s.accuracy if s.error_estimate else None,
+        cfl_control="estimate" if _adapts(s) else None,
     )  # fmt: skip
     if s.stepsize_controller is not None:
         settings["stepsize_controller"] = type(s.stepsize_controller).__name__
@@ -197,6 +214,9 @@ class Runs:
     totals: list  # per run: steps, accepted, rejected, grad_evals
     done: int = 0  # save points reached
     warm: list | None = None  # per run: the Lanczos vector of the last stable step
+    cfl: np.ndarray | None = None  # per run: stability stepping's cfl now
+    gap: np.ndarray | None = None  # per run: |gamma_bar - shadow's| at the last save point
+    bound: list | None = None  # per run: what bounds its stable step now (_set_stable_steps)
 
     def meta(self) -> dict:
         """The checkpoint's metadata (the arrays go apart: ``y``, ``warm``)."""
@@ -205,6 +225,8 @@ class Runs:
             alive=[bool(v) for v in self.alive],
             dt0=[None if h is None else float(h) for h in self.dt0],
             status=self.status, message=self.message, totals=self.totals, done=self.done,
+            cfl=None if self.cfl is None else [float(v) for v in self.cfl],
+            gap=None if self.gap is None else [float(v) for v in self.gap],
         )  # fmt: skip
 
     def restore(self, arrays: dict, meta: dict, prefix: str = "") -> None:
@@ -214,6 +236,9 @@ class Runs:
         self.stabilised, self.alive = np.array(meta["stabilised"]), np.array(meta["alive"])
         self.dt0, self.status, self.message = meta["dt0"], meta["status"], meta["message"]
         self.totals, self.done = meta["totals"], meta["done"]
+        for key in ("cfl", "gap"):
+            if meta.get(key) is not None:
+                setattr(self, key, np.array(meta[key], np.float64))
         if self.warm is not None:
             self.warm = [arrays.get(f"{prefix}warm{i}") for i in range(len(self.warm))]
 
@@ -313,16 +338,38 @@ def _lane(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
 
 
-def _record(su: _Setup, runs: Runs, which, log_t=None) -> list[dict]:
-    """Record the runs ``which`` at the state reached (at ``log_t`` if given), with the
-    error estimate from ``su.shadow`` (``_estimates``)."""
-    shadow = su.shadow
+def _observe(su: _Setup, runs: Runs) -> tuple:
+    """Host copies of the runs' quantities, states and parameters, and the shadow's."""
     theta = su.full(runs.y[0])
     got = (quantities_many(su.objective, theta), runs.y, theta)
-    if shadow is not None:
-        theta_s = su.full(shadow.runs.y[0])
-        got += (quantities_many(su.objective, theta_s), shadow.runs.y, theta_s)
-    got = jax.device_get(got)
+    if su.shadow is not None:
+        theta_s = su.full(su.shadow.runs.y[0])
+        got += (quantities_many(su.objective, theta_s), su.shadow.runs.y, theta_s)
+    return jax.device_get(got)
+
+
+# what bounds a stability-stepping run's steps, counted in its columns ``steps_<bound>``
+# (they add up to ``solver_steps``): the warm-up's error control, the stability edge at
+# the largest cfl, the cfl the error estimate holds below it (``_control``), the drift
+# bound, the save points (a step cut short there)
+BOUNDS = ("tolerance", "stability", "accuracy", "drift", "save")
+
+
+def _step_columns(runs: Runs, i: int) -> dict:
+    """Run ``i``'s stability-stepping columns: its cfl now, what bound its steps, and how
+    many segments the controller redid (``_control``)."""
+    totals = runs.totals[i]
+    out = {f"steps_{b}": float(totals.get(f"steps_{b}", 0)) for b in BOUNDS}
+    out.update(cfl=float(runs.cfl[i]), redone=float(totals.get("redone", 0)))
+    return out
+
+
+def _record(su: _Setup, runs: Runs, which, log_t=None, got=None) -> list[dict]:
+    """Record the runs ``which`` at the state reached (at ``log_t`` if given), with the
+    error estimate from ``su.shadow`` (``_estimates``); ``got``: ``_observe``'s, if
+    already taken there."""
+    shadow = su.shadow
+    got = _observe(su, runs) if got is None else got
     q, host_y, host_theta = got[:3]
     rows = []
     for i in which:
@@ -333,6 +380,8 @@ def _record(su: _Setup, runs: Runs, which, log_t=None) -> list[dict]:
             else log_t
         )
         extra = {} if shadow is None else _estimates(su, shadow, got, i, at)
+        if runs.cfl is not None:
+            extra.update(_step_columns(runs, i))
         row = su.recs[i].add(
             totals["accepted"], at, _lane(q, i), _lane(host_theta, i),
             dissipation=float(host_y[-1][i]), grad_evals=float(totals["grad_evals"]),
@@ -358,17 +407,26 @@ def _set_stable_steps(su: _Setup, runs: Runs, todo: np.ndarray) -> None:
     for i in np.flatnonzero(todo):
         runs.warm[i] = eigs[i].vector
         runs.totals[i]["grad_evals"] += 2 * eigs[i].matvecs + 1
-        runs.dt0[i] = stable_step(eigs[i].value, float(ratios[i]), s.cfl, su.plan.edge, s.drift)
+        cfl = float(runs.cfl[i])
+        runs.dt0[i] = stable_step(eigs[i].value, float(ratios[i]), cfl, su.plan.edge, s.drift)
+        if runs.dt0[i] < stable_step(eigs[i].value, math.inf, cfl, su.plan.edge, s.drift):
+            runs.bound[i] = "drift"
+        elif _adapts(s) and cfl < ADAPTIVE_CFL[1]:
+            runs.bound[i] = "accuracy"  # the controller holds the cfl below its largest
+        else:
+            runs.bound[i] = "stability"
 
 
-def _segments(su: _Setup, runs: Runs, target: float, stable: bool) -> None:
-    """Every live run of this phase (warm-up or error-controlled; or ``stable``) to the
-    save point ``target``, segment by segment; a run that fails is recorded at its last
-    finite state and ends."""
+def _segments(su: _Setup, runs: Runs, target: float, stable: bool, only=None) -> None:
+    """Every live run of this phase (warm-up or error-controlled; or ``stable``), or those
+    of them in the mask ``only``, to the save point ``target``, segment by segment; a
+    run that fails is recorded at its last finite state and ends."""
     s, dtype = su.settings, su.objective.dtype
     k_runs = len(su.seeds)
     z_target, c1_all = target_clock(s.clock, target)
     todo = runs.alive & (runs.stabilised == stable)
+    if only is not None:
+        todo &= only
     while todo.any():
         segment, evals = su.plan.stable if stable else su.plan.first
         if stable:
@@ -398,6 +456,11 @@ def _segments(su: _Setup, runs: Runs, target: float, stable: bool) -> None:
         for i in np.flatnonzero(todo):
             totals = runs.totals[i]
             segments.count_steps(totals, int(n_steps[i]), int(n_acc[i]), evals)
+            if runs.cfl is not None:  # what bound the steps (BOUNDS)
+                save = int(stable and bool(reached[i]) and n_steps[i] > 0)
+                key = runs.bound[i] if stable else "tolerance"
+                totals[f"steps_{key}"] = totals.get(f"steps_{key}", 0) + int(n_steps[i]) - save
+                totals["steps_save"] = totals.get("steps_save", 0) + save
             if not (ok[i] and finite[i]):
                 runs.status[i] = "failed"
                 runs.message[i] = segments.failure_message(
@@ -417,6 +480,103 @@ def _segments(su: _Setup, runs: Runs, target: float, stable: bool) -> None:
             _record(su, runs, failed)  # keep what was reached: its last finite state
 
 
+def _advance(su: _Setup, runs: Runs, target: float) -> tuple:
+    """The runs and their shadow to the save point ``target``, the segments of runs whose
+    cfl the controller cut redone (``_control``); ``_observe``'s copies there."""
+    shadow = su.shadow
+    adapt = shadow is not None and _adapts(su.settings)
+    kept = (_Kept.of(runs), _Kept.of(shadow.runs)) if adapt else None
+    only = None
+    for _ in range(1 + REDO_MAX):
+        for stable in (False, True):  # warm-up / error-controlled runs, then stabilised
+            _segments(su, runs, target, stable, only)
+        if shadow is not None:
+            with timing.phase("flow: error estimate"):
+                for stable in (False, True):
+                    _segments(shadow.su, shadow.runs, target, stable, only)
+        got = _observe(su, runs)
+        if not adapt:
+            return got
+        only = _control(su, runs, got, kept[0].stabilised)
+        if not only.any():
+            return got
+        kept[0].back(runs, only)
+        kept[1].back(shadow.runs, only)
+    return got
+
+
+# the most times a save point's segment is redone at a smaller cfl (``_control``)
+REDO_MAX = 3
+
+
+class _Kept(NamedTuple):
+    """Runs' state at a save point, to go back to (``_advance``)."""
+
+    y: tuple
+    c: np.ndarray
+    dt0: list
+    warm: list
+    stabilised: np.ndarray
+
+    @classmethod
+    def of(cls, runs: Runs) -> _Kept:
+        return cls(runs.y, runs.c.copy(), list(runs.dt0), list(runs.warm),
+                   runs.stabilised.copy())  # fmt: skip
+
+    def back(self, runs: Runs, which: np.ndarray) -> None:
+        """The runs ``which`` back here (their evaluations stay counted)."""
+        runs.y = segments.select_runs(which, self.y, runs.y)
+        for i in np.flatnonzero(which):
+            runs.c[i], runs.dt0[i], runs.warm[i] = self.c[i], self.dt0[i], self.warm[i]
+
+
+def _control(su: _Setup, runs: Runs, got: tuple, stable: np.ndarray) -> np.ndarray:
+    """Stability stepping's cfl from the error estimate (docs/theory.md, "The flow's own
+    error"). Per run stepped stably to this save point, with its shadow there: the
+    difference ``|gamma_bar - gamma_bar_shadow|`` relative to the margin's scale so far
+    (``now``). Through kinks it does not add up from segment to segment but wanders at
+    a level in proportion to the cfl (measured on the default problem: rising and
+    falling by a factor 10 between save points at one cfl), so the controller tracks its
+    recent peak (``runs.gap``: the largest ``now``, fading by ``PEAK_FADE`` a segment,
+    rescaled with the cfl) and sets the next cfl to bring that peak to ``PEAK_AIM``
+    times the accuracy, within a factor 2 each way and ``ADAPTIVE_CFL``. Where ``now``
+    exceeds the accuracy, the segment is redone at the cfl cut to fit (the mask
+    returned). The shadow's cfl follows."""
+    q, _, _, q_s, y_s, _ = got
+    s, shadow = su.settings, su.shadow
+    lo, hi = ADAPTIVE_CFL
+    aim = PEAK_AIM * s.accuracy
+    redo = np.zeros(len(su.seeds), bool)
+    ratio = shadow.su.settings.cfl / s.cfl
+    for i in np.flatnonzero(runs.alive & stable & shadow.runs.alive):
+        at = log_t_of(s.clock, _lane(runs.y, i), float(runs.c[i]))
+        there = log_t_of(s.clock, _lane(y_s, i), float(shadow.runs.c[i]))
+        if abs(there - at) > 1e-9 * (1 + abs(at)):
+            continue  # not at the same save point (a run stopped by its step budget)
+        margin = float(q.normalized_margin[i])
+        scale = max([abs(margin)] + [abs(r["normalized_margin"]) for r in su.recs[i].rows])
+        now = shadow.weight * abs(margin - float(q_s.normalized_margin[i])) / scale
+        if not (scale > 0 and math.isfinite(now)):
+            continue
+        cfl = float(runs.cfl[i])
+        peak = max(now, PEAK_FADE * float(runs.gap[i]))
+        if now > s.accuracy and cfl > lo:
+            new = max(lo, cfl * min(0.5, aim / now))
+            runs.totals[i]["redone"] = runs.totals[i].get("redone", 0) + 1
+            redo[i] = True
+        else:
+            new = min(hi, max(lo, cfl * min(2.0, max(0.5, aim / max(peak, 1e-300)))))
+        runs.gap[i] = peak * new / cfl
+        runs.cfl[i], shadow.runs.cfl[i] = new, ratio * new
+    return redo
+
+
+# the controller's aim for the estimate's recent peak, as a fraction of the accuracy, and
+# the fraction of that peak kept from one segment to the next (``_control``)
+PEAK_AIM = 0.5
+PEAK_FADE = 0.7
+
+
 def _stop_reason(row, log_t, steps, max_steps, log_loss_min) -> tuple[str, str] | None:
     """``(status, message)`` when a run ends at this save point (before its horizon)."""
     if steps >= max_steps:
@@ -426,13 +586,14 @@ def _stop_reason(row, log_t, steps, max_steps, log_loss_min) -> tuple[str, str] 
     return None
 
 
-def _at_save_point(su: _Setup, runs: Runs) -> None:
-    """Record the live runs at the save point reached; switch to stability stepping
-    below the loss threshold; end the runs whose stop condition holds."""
+def _at_save_point(su: _Setup, runs: Runs, got=None) -> None:
+    """Record the live runs at the save point reached (``got``: ``_observe``'s, if taken);
+    switch to stability stepping below the loss threshold; end the runs whose stop
+    condition holds."""
     s = su.settings
     live = np.flatnonzero(runs.alive)
     with timing.phase("flow: save points"):
-        rows = _record(su, runs, live)
+        rows = _record(su, runs, live, got=got)
     for i, row in zip(live, rows, strict=True):
         if s.cfl is not None and row["log_loss"] < su.objective.loss.log_threshold:
             runs.stabilised[i] = True
@@ -503,6 +664,9 @@ def _start_runs(su: _Setup, starts0: list, handover: Handover | None) -> Runs:
         message=[f"reached log t = {s.log_t_max:.6g}"] * k_runs,
         totals=[{"steps": 0, "accepted": 0, "rejected": 0, "grad_evals": 0} for _ in su.seeds],
         warm=[None] * k_runs if s.cfl is not None else None,
+        cfl=np.full(k_runs, s.cfl, np.float64) if s.cfl is not None else None,
+        gap=np.zeros(k_runs),
+        bound=["stability"] * k_runs,
     )
 
 
@@ -574,13 +738,7 @@ def drive(
         for target in plan.targets[runs.done :]:
             if not runs.alive.any():
                 break
-            for stable in (False, True):  # warm-up / error-controlled runs, then stabilised
-                _segments(su, runs, target, stable)
-            if su.shadow is not None:
-                with timing.phase("flow: error estimate"):
-                    for stable in (False, True):
-                        _segments(su.shadow.su, su.shadow.runs, target, stable)
-            _at_save_point(su, runs)
+            _at_save_point(su, runs, _advance(su, runs, target))
             with timing.phase("flow: checkpoints"):
                 _save_checkpoint(su, runs, checkpoint)
     except KeyboardInterrupt:

@@ -320,8 +320,10 @@ def check_controller(controller) -> None:
 
 
 def default_cfl(solver) -> float | None:
-    """The stability fraction ``gflow run`` uses for ``solver`` when given no ``--dt``;
-    ``None`` for error-controlled solvers. Chosen from measured accuracy on the default
+    """The stability fraction ``gflow run`` (and ``run_flow``'s ``StabilityStepping()``)
+    starts ``solver`` at when given no ``--dt`` or ``--cfl``, to choose it from there by the
+    error estimate (within ``stability.ADAPTIVE_CFL``); ``None`` for error-controlled
+    solvers. Chosen from measured accuracy on the default
     problem (``benchmarks/flow_accuracy.py``, every save point to log t = 30 against
     three references): the two-stage methods (``ralston``, ``midpoint``, ``heun``) at
     0.14 and RK4 at 0.2 keep the normalized margin within 1e-4 of its scale. On a ReLU

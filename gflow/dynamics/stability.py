@@ -17,27 +17,37 @@ from jax.flatten_util import ravel_pytree
 
 from gflow.dynamics.clock import vector_field
 from gflow.dynamics.segments import gflow_program
-from gflow.dynamics.solvers import finite_positive, positive_int, real_scalar
+from gflow.dynamics.solvers import DEFAULT_TOL, finite_positive, positive_int, real_scalar
 
 __all__ = [
     "StabilityStepping", "check_stability", "stiffness_fns", "vmapped_stiffness", "LANCZOS",
-    "stable_step", "layout",
+    "stable_step", "layout", "ADAPTIVE_CFL",
 ]  # fmt: skip
 
 LANCZOS = dict(iters=12, tol=1e-3)  # the cfl step's eigenvalue: 3 digits are enough
+# the range the error estimate holds an adaptive cfl in (gflow.dynamics.driver._control):
+# at most 0.45, so that its shadow, at twice the cfl, stays within the stability edge
+# with a margin for Lanczos' estimate of the top eigenvalue (from below)
+ADAPTIVE_CFL = (1 / 64, 0.45)
 
 
 class StabilityStepping(NamedTuple):
     """gflow's stability stepping as a ``stepsize_controller`` for ``run_flow``: the
-    adaptive ``warmup`` solver until the loss threshold, then the solver's steps at
-    ``cfl`` of its stability edge over the field's top eigenvalue, bounded by ``drift``
-    relative parameter change, re-set every ``refresh`` steps (``run_flow``'s ``cfl``).
-    ``cfl=None``: the solver's default (``solvers.default_cfl``, e.g. 0.14 for Ralston)."""
+    adaptive ``warmup`` solver at ``rtol``, ``atol`` until the loss threshold, then the
+    solver's steps at ``cfl`` of its stability edge over the field's top eigenvalue,
+    bounded by ``drift`` relative parameter change, re-set every ``refresh`` steps.
+    ``cfl=None`` (``gflow run``'s default): from the solver's default
+    (``solvers.default_cfl``, e.g. 0.14 for Ralston), then chosen at every save point
+    from the flow's error estimate to hold it to the run's accuracy, within
+    ``ADAPTIVE_CFL``; a number: that cfl all along. ``warmup=None``: stability stepping
+    from the start."""
 
     cfl: float | None = None
     warmup: str | None = "tsit5"
     refresh: int = 48
     drift: float = 0.05
+    rtol: float = DEFAULT_TOL[0]
+    atol: float = DEFAULT_TOL[1]
 
 
 def check_stability(cfl, refresh, drift, owner: str | None = None) -> None:
