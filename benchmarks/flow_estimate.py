@@ -12,23 +12,30 @@ ratio's range; the run's and the shadow's gradient evaluations; the fidelity ver
 
     python benchmarks/flow_estimate.py                 # default problem, log t = 30
     python benchmarks/flow_estimate.py --quick         # log t = 5
+    python benchmarks/flow_estimate.py --reference DIR # the reference kept in DIR (made
+                                                       # there the first time)
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from common import write_result  # same folder
 from flow_diagnose import build, problem_parser
 from jax.flatten_util import ravel_pytree
 
-from gflow.dynamics import KinkStepping, run_flow
+from gflow.dynamics import KinkStepping, StabilityStepping, run_flow
 from gflow.theory import fidelity
+from gflow.trajectory import Trajectory
 
 REFERENCE = dict(solver="bosh3", stepsize_controller=KinkStepping(rtol=1e-9, atol=1e-12))
 CANDIDATES = {
-    "ralston cfl 0.14 (gflow run)": dict(solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8),
+    "ralston, cfl from the estimate (gflow run)": dict(
+        solver="ralston", stepsize_controller=StabilityStepping(), rtol=3e-5, atol=3e-8
+    ),
+    "ralston cfl 0.14 (before)": dict(solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8),
     "ralston cfl 0.07": dict(solver="ralston", cfl=0.07, rtol=3e-5, atol=3e-8),
     "ralston cfl 0.035": dict(solver="ralston", cfl=0.035, rtol=3e-5, atol=3e-8),
     "rk4 cfl 0.9 (former default)": dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7),
@@ -54,21 +61,37 @@ def envelopes(tr, ref) -> dict:
     return out
 
 
+def _reference(obj, p0, common, folder):
+    """The reference run, or the one kept in ``folder`` (made there if absent)."""
+    if folder is not None and Path(folder, "config.json").exists():
+        ref = Trajectory.load(folder)
+        if ref.config["log_t_max"] == common["log_t_max"]:
+            print(f"reference: kept in {folder}")
+            return ref
+    t = time.perf_counter()
+    ref = run_flow(obj, p0, **REFERENCE, **common)
+    print(f"reference: {ref['grad_evals'][-1]:.0f} evals, {time.perf_counter() - t:.0f} s")
+    if folder is not None:
+        ref.save(folder)
+    return ref
+
+
 def main():
     ap = problem_parser(__doc__, "log t = 5")
+    ap.add_argument("--reference", default=None,
+                    help="a folder to keep the reference in (read from it when there)")
     args = ap.parse_args()
     if args.quick:
         args.log_t_max = 5.0
     obj, p0 = build(args.problem)
     common = dict(log_t_max=args.log_t_max, saves=50, save_params=True)
-    t = time.perf_counter()
-    ref = run_flow(obj, p0, **REFERENCE, **common)
-    print(f"reference: {ref['grad_evals'][-1]:.0f} evals, {time.perf_counter() - t:.0f} s")
+    ref = _reference(obj, p0, common, args.reference)
     rows = []
     for name, kw in CANDIDATES.items():
         t = time.perf_counter()
         tr = run_flow(obj, p0, **kw, **common)
         wall = time.perf_counter() - t
+        kw = {k: (v._asdict() if k == "stepsize_controller" else v) for k, v in kw.items()}
         row = dict(name=name, **kw, status=tr.status, wall_s=wall,
                    grad_evals=int(tr["grad_evals"][-1]),
                    shadow_evals=int(tr["shadow_evals"][-1]),

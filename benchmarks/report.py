@@ -181,6 +181,36 @@ def flow_estimate(rec: dict) -> str:
     return _table(head, rows) + f"\n\n{_stamp(rec)}"
 
 
+def flow_control(rec: dict) -> str:
+    rows = []
+    for prob in rec["problems"]:
+        for r in prob["rows"]:
+            steps = r["steps"]
+            stable = sum(steps[b] for b in ("stability", "accuracy", "drift"))
+            binds = ", ".join(f"{b} {100 * steps[b] / stable:.0f}%"
+                              for b in ("stability", "accuracy", "drift") if steps[b]) or "-"
+            true = f"{r['true']:.1e}" if r.get("true") is not None else "-"
+            ratio = f"{r['ratio_min']:.2f}" if r.get("ratio_min") is not None else "-"
+            rows.append([
+                f"{prob['problem']} (log t {prob['log_t_max']:g})", r["name"],
+                f"{r['grad_evals']:,}", f"{r['shadow_evals']:,}", f"{r['wall_s']:.1f}",
+                f"{r['estimate']:.1e}",
+                "-" if "quarter" in r["name"] else f"{r['diff_quarter']:.1e}", ratio, true,
+                f"{r['cfl_min']:.3f} to {r['cfl_max']:.2f}", binds, str(r["redone"]),
+                r["fidelity"],
+            ])  # fmt: skip
+        for r in prob["others"]:
+            true = f"{r['true']:.1e}" if r.get("true") is not None else "-"
+            rows.append([f"{prob['problem']} (log t {prob['log_t_max']:g})", r["name"],
+                         f"{r['grad_evals']:,}", "-", f"{r['wall_s']:.1f}", "-", "-", "-", true,
+                         "-", "-", "-", "-"])  # fmt: skip
+    head = ["problem", "run", "gradient evaluations", "shadow's", "flow wall (s)",
+            "estimate", "difference to a quarter of the tolerances", "estimate / difference",
+            "true error", "cfl", "stable steps bound by", "segments redone",
+            "fidelity"]  # fmt: skip
+    return _table(head, rows) + f"\n\n{_stamp(rec)}"
+
+
 def startup(rec: dict) -> str:
     med = rec["median"]
     n = rec["reps"]
@@ -216,6 +246,7 @@ RENDER = {
     "gd_step": gd_step, "kernels": kernels, "flow_seeds": flow_seeds,
     "flow_accuracy-default": flow_accuracy, "flow_kinks-default": flow_kinks,
     "flow_kinks-wide": flow_kinks, "flow_estimate-default": flow_estimate,
+    "flow_control": flow_control,
 }  # fmt: skip
 
 

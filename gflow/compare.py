@@ -173,6 +173,8 @@ def gd_flow_gap(
     where the model has them. Returns the per-step gaps (relative parameter distance,
     log loss, smoothed margin) and their fitted orders in the step.
     """
+    import diffrax
+
     from gflow.dynamics import KinkStepping, run_flow, run_gd
     from gflow.kinks import kink_model
 
@@ -197,8 +199,9 @@ def gd_flow_gap(
                        log_t_min=log_t_end - 1.0, log_t_max=log_t_end)  # fmt: skip
     else:
         ref_kw = dict(solver="rk4", dt=float(lrs[0]) / ref_substeps)
-        ref = run_flow(objective, params0, clock="time", solver="rk4", dt=ref_kw["dt"],
-                       log_t_max=log_t_end, saves=2)  # fmt: skip
+        ref = run_flow(objective, params0, clock="time", solver="rk4", dt0=ref_kw["dt"],
+                       stepsize_controller=diffrax.ConstantStepSize(), log_t_max=log_t_end,
+                       saves=2)  # fmt: skip
     if ref.status != "completed":
         raise RuntimeError(f"flow reference failed: {ref.message}")
     th_ref = _flat(ref.final_params)
