@@ -539,7 +539,8 @@ def _control(su: _Setup, runs: Runs, got: tuple, stable: np.ndarray) -> np.ndarr
     falling by a factor 10 between save points at one cfl), so the controller tracks its
     recent peak (``runs.gap``: the largest ``now``, fading by ``PEAK_FADE`` a segment,
     rescaled with the cfl) and sets the next cfl to bring that peak to ``PEAK_AIM``
-    times the accuracy, within a factor 2 each way and ``ADAPTIVE_CFL``. Where ``now``
+    times the accuracy, growing by at most ``PEAK_GROW`` and falling by at most 2 a
+    segment, within ``ADAPTIVE_CFL``. Where ``now``
     exceeds the accuracy, the segment is redone at the cfl cut to fit (the mask
     returned). The shadow's cfl follows."""
     q, _, _, q_s, y_s, _ = got
@@ -565,16 +566,19 @@ def _control(su: _Setup, runs: Runs, got: tuple, stable: np.ndarray) -> np.ndarr
             runs.totals[i]["redone"] = runs.totals[i].get("redone", 0) + 1
             redo[i] = True
         else:
-            new = min(hi, max(lo, cfl * min(2.0, max(0.5, aim / max(peak, 1e-300)))))
+            new = min(hi, max(lo, cfl * min(PEAK_GROW, max(0.5, aim / max(peak, 1e-300)))))
         runs.gap[i] = peak * new / cfl
         runs.cfl[i], shadow.runs.cfl[i] = new, ratio * new
     return redo
 
 
 # the controller's aim for the estimate's recent peak, as a fraction of the accuracy, and
-# the fraction of that peak kept from one segment to the next (``_control``)
+# the fraction of that peak kept from one segment to the next (``_control``): measured on
+# the default problem to log t = 100 against a fade of 0.7 and growth by up to 2 a
+# segment, which redid 9 segments and took 14,315 evaluations (10,506 here, 3 redone)
 PEAK_AIM = 0.5
-PEAK_FADE = 0.7
+PEAK_FADE = 0.9
+PEAK_GROW = 1.25  # the most the cfl grows in a segment (it falls by up to 2)
 
 
 def _stop_reason(row, log_t, steps, max_steps, log_loss_min) -> tuple[str, str] | None:
