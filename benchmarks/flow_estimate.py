@@ -33,12 +33,16 @@ from gflow.trajectory import Trajectory
 REFERENCE = dict(solver="bosh3", stepsize_controller=KinkStepping(rtol=1e-9, atol=1e-12))
 CANDIDATES = {
     "ralston, cfl from the estimate (gflow run)": dict(
-        solver="ralston", stepsize_controller=StabilityStepping(), rtol=3e-5, atol=3e-8
+        solver="ralston", stepsize_controller=StabilityStepping()
     ),
-    "ralston cfl 0.14 (before)": dict(solver="ralston", cfl=0.14, rtol=3e-5, atol=3e-8),
-    "ralston cfl 0.07": dict(solver="ralston", cfl=0.07, rtol=3e-5, atol=3e-8),
-    "ralston cfl 0.035": dict(solver="ralston", cfl=0.035, rtol=3e-5, atol=3e-8),
-    "rk4 cfl 0.9 (former default)": dict(solver="rk4", cfl=0.9, rtol=1e-4, atol=1e-7),
+    "ralston cfl 0.14 (before)": dict(solver="ralston",
+                                      stepsize_controller=StabilityStepping(cfl=0.14)),
+    "ralston cfl 0.07": dict(solver="ralston", stepsize_controller=StabilityStepping(cfl=0.07)),
+    "ralston cfl 0.035": dict(solver="ralston",
+                              stepsize_controller=StabilityStepping(cfl=0.035)),
+    "rk4 cfl 0.9 (former default)": dict(
+        solver="rk4", stepsize_controller=StabilityStepping(cfl=0.9, rtol=1e-4, atol=1e-7)
+    ),
 }
 
 

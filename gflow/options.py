@@ -152,7 +152,7 @@ errors; the cfl is chosen at every save point to hold that estimate to --accurac
 (starting at 0.14; a segment past it is redone at a smaller cfl), and the flow fidelity
 verdict holds the drift to --rtol and the estimate to --accuracy (to log t = 30 the
 normalized margin stays within 1e-4 of a tight reference at every save point;
-benchmarks/RESULTS.md). About 32 s on a 2-core CPU the first time, 15 s after
+benchmarks/RESULTS.md). About 31 s on a 2-core CPU the first time, 15 s after
 (compiled and traced programs are kept: --compilation-cache). At
 the end the theory checks run (gflow check). Files go to --out: gd/ and flow/ run folders
 (config.json, trajectory.npz, trajectory.csv, params_final.npz, checks.json), run.json
