@@ -125,17 +125,22 @@ def test_bad_stepping_is_one_line_before_any_work(tiny, kw, words):
 
 
 @pytest.mark.slow
-def test_run_flow_equals_gflow_run_to_the_bit(tmp_path):
-    """``run_flow(objective, params0, log_t_max=100)`` on the default problem is
-    ``gflow run --dynamics flow``'s trajectory, every column to the bit."""
+def test_the_library_defaults_equal_gflow_run_to_the_bit(tmp_path):
+    """``run_flow(objective, params0, log_t_max=100)`` and ``run_gd(objective, params0,
+    log_t_max=100)`` on the default problem are ``gflow run``'s two trajectories, every
+    column to the bit."""
+    from gflow.dynamics import run_gd
     from gflow.problem import Problem
     from gflow.trajectory import Trajectory
 
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "gflow.cli", "run", "--dynamics", "flow", "--no-plot",
-                    "--no-progress", "--out", str(out)], check=True)  # fmt: skip
-    cli = Trajectory.load(out)
+    subprocess.run([sys.executable, "-m", "gflow.cli", "run", "--no-plot", "--no-progress",
+                    "--out", str(out)], check=True)  # fmt: skip
     _, _, obj, p0 = Problem().build()
+    gd = run_gd(obj, p0, log_t_max=100)
+    _same(Trajectory.load(out / "gd"), gd)
+    assert gd.config["schedule"] == "loss-based"
+    cli = Trajectory.load(out / "flow")
     lib = run_flow(obj, p0, log_t_max=100)
     _same(cli, lib)
     settings = ("solver", "warmup", "cfl", "cfl_control", "rtol", "atol", "accuracy", "drift")

@@ -517,7 +517,13 @@ class LossBased(NamedTuple):
 
 
 def _resolve(optimizer, gradient, schedule, lr, alpha0):
-    """``(optimizer, schedule, lr, alpha0)`` from ``run_gd``'s ways of giving the steps."""
+    """``(optimizer, schedule, lr, alpha0)`` from ``run_gd``'s ways of giving the steps:
+    with no schedule, the paper's loss-based one (``gflow run``'s GD), or the constant
+    one where an ``lr`` is given (0.01 where none is)."""
+    if schedule is None:
+        schedule = "loss-based" if lr is None else "constant"
+    if lr is None:
+        lr = 0.01
     if callable(lr):  # an optax schedule
         optimizer, lr = optax.sgd(lr), None
     if isinstance(optimizer, LossBased):
@@ -574,8 +580,8 @@ def run_gd(
     *,
     optimizer: optax.GradientTransformation | LossBased | None = None,
     gradient: str = "loss",
-    schedule: str = "constant",
-    lr: float | Callable = 0.01,
+    schedule: str | None = None,
+    lr: float | Callable | None = None,
     alpha0: float = 0.1,
     loss_ub: float | None = None,
     batch_size: int | None = None,
@@ -606,7 +612,11 @@ def run_gd(
       which for plain GD is ``sum lr``. ``LossBased(alpha0)``: the paper's schedule.
       None: ``schedule``.
     - ``schedule``: ``"constant"`` (step ``lr``; an optax schedule as ``lr`` is
-      ``optimizer=optax.sgd(lr)``) or ``"loss-based"`` (``alpha0 / Loss``).
+      ``optimizer=optax.sgd(lr)``) or ``"loss-based"`` (``alpha0 / Loss``, with
+      roll-back). None (the default): ``"constant"`` where ``lr`` is given, else
+      ``"loss-based"``, ``gflow run``'s GD (``run_gd(objective, params0,
+      log_t_max=100)`` is its trajectory on the default problem).
+    - ``lr``: the constant schedule's step (None: 0.01).
     - ``batch_size``: ``None`` for full-batch GD, else mini-batch SGD.
     - ``loss_ub``: loss-based SGD rolls an epoch back as soon as a mini-batch's mean loss
       exceeds ``loss_ub`` times the data's mean loss at the epoch's start (the official
@@ -656,8 +666,8 @@ def run_gd_seeds(
     seeds: list[int],
     optimizer: optax.GradientTransformation | LossBased | None = None,
     gradient: str = "loss",
-    schedule: str = "constant",
-    lr: float | Callable = 0.01,
+    schedule: str | None = None,
+    lr: float | Callable | None = None,
     alpha0: float = 0.1,
     loss_ub: float | None = None,
     batch_size: int | None = None,
