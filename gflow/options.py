@@ -252,7 +252,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help=f"flow solver: {', '.join(sorted(SOLVERS))}, or rkcS for any S in 2..200 "
         "(Runge-Kutta-Chebyshev, S stages); the implicit kvaerno5 and implicit-euler run "
         "under error control only (--rtol, not --dt or --cfl) and form the field's dense "
-        "Jacobian: small models (default: %(default)s)",
+        "Jacobian: small models (default: ralston; rkc10 on a smooth model, linear "
+        "activations, where the stability edge binds the step; bosh3 under --kinks)",
     )
     g.add_argument(
         "--rtol",

@@ -61,7 +61,7 @@ class RunOptions:
     batch_size: int | None = None
     sharpness_every: int = 1  # full-batch GD's sharpness estimate: every K-th step; 0: off
     clock: str = "loss"
-    solver: str = "ralston"
+    solver: str | None = None  # None: solvers.default_solver (ralston; rkc10 if smooth)
     rtol: float | None = None  # 3e-5 / 3e-8; under kinks 1e-9 / 1e-12 (_validate)
     atol: float | None = None
     dt: float | None = None
@@ -220,9 +220,8 @@ def _validate(args: RunOptions) -> None:
         if args.dt is not None or args.cfl is not None or args.clock != "loss":
             raise ValueError("--kinks steps from event to event on the loss clock: leave "
                              "--dt, --cfl and --clock out")  # fmt: skip
-        if args.solver == "ralston":  # stability stepping's default: order 3 here instead
-            args.solver = "bosh3"
-        if is_fixed_step(args.solver) or args.solver in IMPLICIT:
+        named = args.solver is not None  # else the library's: bosh3 through the kinks
+        if named and (is_fixed_step(args.solver) or args.solver in IMPLICIT):
             raise ValueError(
                 f"--kinks needs an explicit adaptive solver, got --solver {args.solver}"
             )
@@ -235,9 +234,11 @@ def _validate(args: RunOptions) -> None:
         # neither: the solver's default stepping (run_flow's), for one with a default cfl
         # the cfl the error estimate holds to --accuracy
         stepped = args.dt is not None or args.cfl is not None
-        if is_fixed_step(args.solver) and not stepped and default_cfl(args.solver) is None:
+        named = args.solver is not None  # else the library's default, with a default cfl
+        if named and is_fixed_step(args.solver) and not stepped and \
+                default_cfl(args.solver) is None:  # fmt: skip
             raise ValueError(f"--solver {args.solver} needs a fixed step --dt or a --cfl")
-        if args.cfl is not None:
+        if named and args.cfl is not None:
             stability_edge(args.solver)  # raises for solvers without a known edge
     if args.dynamics != "gd" and args.clock == "time" and args.log_t_max > 700:
         raise ValueError(

@@ -119,7 +119,7 @@ def test_a_config_file_option_the_run_does_not_read_is_a_warning_and_not_recorde
     assert any("--solver, --kinks, --input-span apply to the flow" in w for w in warned), err
     saved = json.loads((out / "run.json").read_text())
     assert saved["kinks"] is False and saved["input_span"] == "auto"
-    assert saved["solver"] == "ralston" and saved["dynamics"] == "gd"
+    assert saved["solver"] is None and saved["dynamics"] == "gd"  # None: the default
 
 
 def test_input_span_on_from_a_config_file_records_off(tmp_path, capsys):

@@ -97,7 +97,7 @@ def _rel(a, b):
 def test_stability_stepping_follows_a_tight_reference_on_a_smooth_flow(smooth):
     obj, p0 = smooth
     kw = dict(clock="loss", log_t_max=20.0, saves=6)
-    ref = run_flow(obj, p0, rtol=1e-10, atol=1e-13, **kw)
+    ref = run_flow(obj, p0, **adaptive(1e-10, 1e-13), **kw)
     assert ref.status == "completed", ref.message
     errs = {}
     for solver, cfl in (("rkc10", 0.4), ("rkc10", 0.1), ("rk4", 0.4)):

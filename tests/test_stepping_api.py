@@ -56,6 +56,19 @@ def test_the_default_is_gflow_runs_flow(tiny):
                        **SHORT))  # fmt: skip
 
 
+def test_the_default_solver_follows_the_field(tiny):
+    """No solver named: RKC with 10 stages on a smooth field (a linear model: the stability
+    edge binds its steps), Ralston on a ReLU net, Bogacki-Shampine through the kinks."""
+    from gflow.dynamics import KinkStepping
+
+    linear = build_digits(30, model="linear", loss="exp", init_seed=2)[2:]
+    assert linear[0].smooth is True and tiny[0].smooth is False
+    assert run_flow(*linear, **SHORT).config["solver"] == "rkc10"
+    assert run_flow(*tiny, **SHORT).config["solver"] == "ralston"
+    kinks = run_flow(*tiny, stepsize_controller=KinkStepping(), log_t_max=0.5, saves=2)
+    assert kinks.config["solver"] == "bosh3"
+
+
 @pytest.mark.parametrize(
     "flat, objects",
     [

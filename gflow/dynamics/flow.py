@@ -35,11 +35,13 @@ from gflow.dynamics.sliding import KinkStepping, check_kink_stepping, run_flow_k
 from gflow.dynamics.solvers import (  # noqa: F401  (RK4, SOLVERS re-exported)
     DEFAULT_ACCURACY,
     DEFAULT_TOL,
+    KINK_SOLVER,
     RK4,
     SOLVERS,
     check_controller,
     check_tolerances,
     default_cfl,
+    default_solver,
     finite_positive,
     make_solver,
     real_scalar,
@@ -71,6 +73,8 @@ def stepping(
     defaults, ``solvers.DEFAULT_TOL``."""
     tols = dict(rtol=DEFAULT_TOL[0] if rtol is None else rtol,
                 atol=DEFAULT_TOL[1] if atol is None else atol)  # fmt: skip
+    # no solver named: the default one (default_solver), which has a default cfl
+    with_cfl = solver is None or default_cfl(solver) is not None
     stable = {k: v for k, v in dict(cfl=cfl, warmup=warmup, refresh=refresh, drift=drift).items()
               if v is not None}  # fmt: skip
     if dt is not None:
@@ -79,7 +83,7 @@ def stepping(
         if stable or rtol is not None or atol is not None:
             raise ValueError("a fixed step dt takes no cfl, warmup, refresh, drift, rtol or atol")
         return diffrax.ConstantStepSize(), dt
-    if stable or default_cfl(solver) is not None:
+    if stable or with_cfl:
         return StabilityStepping(**stable, **tols), None
     return diffrax.PIDController(**tols), None
 
@@ -143,12 +147,16 @@ def _default_pid(controller) -> bool:
     return bool(eqx.tree_equal(controller, plain))
 
 
-def _settings(solver, controller, dt0, flat: dict, **rest) -> FlowSettings:
+def _settings(objective, solver, controller, dt0, flat: dict, **rest) -> FlowSettings:
     """The one translation of ``run_flow``'s stepping (objects, or the flat arguments of
-    old) into the driver's settings, checked before any work: a ``ValueError`` naming
-    the controller and the value."""
+    old) and solver (None: ``KINK_SOLVER`` under ``KinkStepping``, else
+    ``default_solver``) into the driver's settings, checked before any work: a
+    ``ValueError`` naming the controller and the value."""
     if dt0 is not None and not finite_positive(dt0):
         raise ValueError(f"dt0 must be finite and positive, got dt0={dt0}")
+    if solver is None:
+        kinks = isinstance(controller, KinkStepping)
+        solver = KINK_SOLVER if kinks else default_solver(objective)
     controller, dt0 = _from_flat(solver, controller, dt0, flat)
     if controller is None:
         controller, dt0 = stepping(solver, dt=dt0)
@@ -197,7 +205,7 @@ def run_flow(
     params0,
     *,
     clock: str = "loss",
-    solver: str | diffrax.AbstractSolver = "ralston",
+    solver: str | diffrax.AbstractSolver | None = None,
     stepsize_controller=None,
     dt0: float | None = None,
     log_t_max: float = 10.0,
@@ -223,13 +231,16 @@ def run_flow(
     drift: float | None = None,
 ) -> Trajectory:
     """Integrate the gradient flow from ``params0`` up to ``log t = log_t_max``. With no
-    stepping given, the flow ``gflow run`` runs: Ralston under ``StabilityStepping()``.
+    solver or stepping given, the flow ``gflow run`` runs: Ralston (RKC on a smooth
+    field) under ``StabilityStepping()``.
 
     **Arguments:**
 
     - ``clock``: ``"loss"``, ``"time"`` or ``"logt"`` (module docstring).
     - ``solver``: any ``diffrax.AbstractSolver`` (e.g. ``diffrax.Dopri5()``), or a name
-      from ``SOLVERS`` (or ``rkcS``).
+      from ``SOLVERS`` (or ``rkcS``). None: ``gflow run``'s, Ralston, or RKC with 10
+      stages where the objective's field is smooth (linear activations), Bogacki-Shampine
+      under ``KinkStepping`` (``solvers.default_solver``).
     - ``stepsize_controller``: how the steps are set. None: the solver's default
       (``stepping``): ``StabilityStepping()`` for a solver with a default cfl (Ralston,
       RK4, the RKC family, ...), else ``diffrax.PIDController`` at ``solvers.DEFAULT_TOL``.
@@ -292,7 +303,7 @@ def run_flow(
       with a ``FutureWarning`` that names them.
     """
     settings = _settings(
-        solver, stepsize_controller, dt0, dict(rtol=rtol, atol=atol, dt=dt, cfl=cfl,
+        objective, solver, stepsize_controller, dt0, dict(rtol=rtol, atol=atol, dt=dt, cfl=cfl,
         warmup=warmup, refresh=refresh, drift=drift), clock=clock, log_t_max=log_t_max,
         log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min, log_t0=log_t0,
         max_steps=max_steps, input_span=input_span, save_params=save_params,
@@ -309,7 +320,7 @@ def run_flow_seeds(
     *,
     seeds: list[int],
     clock: str = "loss",
-    solver: str | diffrax.AbstractSolver = "ralston",
+    solver: str | diffrax.AbstractSolver | None = None,
     stepsize_controller=None,
     dt0: float | None = None,
     log_t_max: float = 10.0,
@@ -349,7 +360,7 @@ def run_flow_seeds(
     if len(params0) != len(seeds) or not seeds:
         raise ValueError(f"give one seed per initialisation, got {len(seeds)} and {len(params0)}")
     settings = _settings(
-        solver, stepsize_controller, dt0, dict(rtol=rtol, atol=atol, dt=dt, cfl=cfl,
+        objective, solver, stepsize_controller, dt0, dict(rtol=rtol, atol=atol, dt=dt, cfl=cfl,
         warmup=warmup, refresh=refresh, drift=drift), clock=clock, log_t_max=log_t_max,
         log_loss_min=log_loss_min, saves=saves, log_t_min=log_t_min, max_steps=max_steps,
         input_span=input_span, save_params=save_params, error_estimate=error_estimate,

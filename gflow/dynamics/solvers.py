@@ -37,6 +37,8 @@ __all__ = [
     "default_cfl",
     "DEFAULT_TOL",
     "DEFAULT_ACCURACY",
+    "DEFAULT_SOLVER",
+    "default_solver",
     "check_tolerances",
     "check_controller",
 ]
@@ -254,6 +256,21 @@ def stability_edge(solver) -> float:
 # gflow run's flow tolerances (rtol, atol): its adaptive solver's, and the warm-up's of
 # stability stepping before the loss threshold
 DEFAULT_TOL = (3e-5, 3e-8)
+# the flow's default solvers (``default_solver``): Ralston where kinks bind the step (there
+# every method is first order, so per evaluation the two-stage method's short steps win),
+# RKC with 10 stages on a smooth field, where the stability edge binds (its stable step
+# grows as S^2 for S evaluations): on a linear model to log t = 1000 it takes 10,472
+# evaluations against Ralston's 68,696, for the same error; on the default ReLU problem
+# 4,994 against 3,634, and its estimate past the accuracy (benchmarks/RESULTS.md, "The
+# cfl chosen from the estimate"). Through the kinks event by event: Bogacki-Shampine.
+DEFAULT_SOLVER, SMOOTH_SOLVER, KINK_SOLVER = "ralston", "rkc10", "bosh3"
+
+
+def default_solver(objective) -> str:
+    """The flow's solver for ``objective`` when none is named: ``SMOOTH_SOLVER`` where
+    its field is known to be smooth (``Objective.smooth``: linear activations), else
+    ``DEFAULT_SOLVER``."""
+    return SMOOTH_SOLVER if getattr(objective, "smooth", None) is True else DEFAULT_SOLVER
 # the flow's error, relative to the normalized margin's scale, that the fidelity verdict
 # holds a run's error estimate to (gflow.theory.fidelity): on the default problem to log
 # t = 30, gflow run's stepping is within 7e-5 of the references at every save point and
