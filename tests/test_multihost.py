@@ -118,6 +118,12 @@ def test_gflow_run_on_two_hosts_writes_the_single_host_run(tmp_path):
                     rtol, atol = 0, 1e-12
                 if k == "col/dissipation":  # moves with log Loss at a save event
                     rtol, atol = 0, 1e-12 * np.abs(b["col/log_loss"]).max()
+                if k == "col/cfl":  # the controller's answer to the estimate: it scales as
+                    # 1 / (a difference of two margins, each equal to 1e-12 absolutely), so
+                    # its rounding is that of the difference, relative (1.3e-10 measured);
+                    # the same decisions are all that "the same run" needs of it: the cfl
+                    # moves by factors of 1.25 to 2, so 1e-6 relative tells them apart
+                    rtol, atol = 1e-6, 0
                 np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=f"{kind} {k}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no stray folders
 
