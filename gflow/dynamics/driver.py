@@ -215,7 +215,7 @@ class Runs:
     done: int = 0  # save points reached
     warm: list | None = None  # per run: the Lanczos vector of the last stable step
     cfl: np.ndarray | None = None  # per run: stability stepping's cfl now
-    gap: np.ndarray | None = None  # per run: |gamma_bar - shadow's| at the last save point
+    gap: np.ndarray | None = None  # per run: the controller's recent peak (_control)
     bound: list | None = None  # per run: what bounds its stable step now (_set_stable_steps)
 
     def meta(self) -> dict:

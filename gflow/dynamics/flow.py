@@ -58,9 +58,6 @@ __all__ = [
 ]  # fmt: skip
 
 
-FLAT = ("rtol", "atol", "dt", "cfl", "warmup", "refresh", "drift")  # the old flat stepping
-
-
 def stepping(
     solver, *, rtol=None, atol=None, dt=None, cfl=None, warmup=None, refresh=None, drift=None
 ) -> tuple:
@@ -128,8 +125,6 @@ def _from_flat(solver, controller, dt0, flat: dict) -> tuple:
         )
     else:
         new, dt0 = stepping(solver, **given)
-    if isinstance(new, StabilityStepping):
-        check_stability(new.cfl, new.refresh, new.drift, "StabilityStepping")
     warnings.warn(
         f"run_flow's {', '.join(f'{k}=' for k in given)} are stepping objects now: "
         f"{_object_form(new, dt0)}; the flat arguments go in the next release",
